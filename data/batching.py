@@ -1,0 +1,241 @@
+"""
+Vocabularies, the prepared corpus, a toy task and token-bucketed batches for the trainer.
+
+    from data.batching import load_corpus, TokenBatcher, collate
+    corpus = load_corpus("data/multi30k")              # or make_toy_corpus() for a file-free run
+    src, tgt = corpus.splits["train"]                  # lists of int arrays, each ending with EOS
+    batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], max_tokens=4096, seed=1337)
+    for idx in batcher.batches(epoch):
+        src_b, tgt_in, tgt_out = collate(src, tgt, idx)   # (B, S), (B, T), (B, T) LongTensors
+
+Every sentence is stored as its token ids followed by EOS and without BOS; `collate` adds BOS to the decoder input.
+Shape letters: B = sentences in a batch, S = longest source (incl. EOS), T = longest target (incl. EOS).
+"""
+
+import json
+import os
+import re
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# The special symbols, in id order. mos.py's PAD/BOS/EOS/UNK constants must agree (tests check it).
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
+PAD, BOS, EOS, UNK = range(len(SPECIALS))
+BPE_SEPARATOR = "@@"  # subword-nmt's continuation marker: "walk@@ ing" is the word "walking"
+
+# -----------------------------------------------------------------------------
+# files
+
+
+@contextmanager
+def atomic_open(path, mode="w"):
+    """Open `path.tmp` for writing and rename it to `path` only if the block finishes; a failed or
+    interrupted write leaves the old `path` (if any) untouched and no `.tmp` behind."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        # newline="" keeps "\n" as is, so files are byte-identical across platforms
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
+            yield f
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_bpe(line):
+    """Undo subword-nmt segmentation ("walk@@ ing" -> "walking"), including a dangling final "@@"."""
+    return re.sub(f"({re.escape(BPE_SEPARATOR)} )|({re.escape(BPE_SEPARATOR)} ?$)", "", line)
+
+
+# -----------------------------------------------------------------------------
+# vocabulary
+
+
+class Vocab:
+    """Token <-> id mapping; ids 0..3 are SPECIALS, the rest are ordered by training count."""
+
+    def __init__(self, tokens=(), counts=None):
+        counts = [0] * len(tokens) if counts is None else counts
+        kept = [(t, c) for t, c in zip(tokens, counts) if t not in SPECIALS]
+        self.itos = list(SPECIALS) + [t for t, _ in kept]
+        self.stoi = {t: i for i, t in enumerate(self.itos)}
+        self.counts = [0] * len(SPECIALS) + [c for _, c in kept]  # training counts; 0 for the specials
+
+    @classmethod
+    def build(cls, lines):
+        """Count whitespace tokens; most frequent first, ties broken alphabetically so the ids are reproducible."""
+        counter = Counter(tok for line in lines for tok in line.split())
+        items = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
+        return cls([t for t, _ in items], [c for _, c in items])
+
+    @classmethod
+    def load(cls, path):
+        """Read "token count" lines. A fairseq dict.txt (specials implicit) loads too: SPECIALS are prepended."""
+        pairs = [line.rsplit(" ", 1) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+        return cls([t for t, _ in pairs], [int(c) for _, c in pairs])
+
+    def save(self, path):
+        """Write one "token count" line per id, SPECIALS first (count 0), atomically."""
+        with atomic_open(path) as f:
+            f.writelines(f"{tok} {cnt}\n" for tok, cnt in zip(self.itos, self.counts))
+
+    def __len__(self):
+        return len(self.itos)
+
+    def encode(self, line):
+        """Whitespace-split `line` into ids; unknown tokens map to UNK. No EOS is added."""
+        return [self.stoi.get(tok, UNK) for tok in line.split()]
+
+    def decode(self, ids, bpe=False):
+        """Ids -> text, stopping at the first EOS and skipping PAD/BOS. The BPE is undone unless `bpe=True`."""
+        tokens = []
+        for i in (int(i) for i in ids):
+            if i == EOS:
+                break
+            if i not in (PAD, BOS):
+                tokens.append(self.itos[i])
+        line = " ".join(tokens)
+        return line if bpe else remove_bpe(line)
+
+
+# -----------------------------------------------------------------------------
+# corpus
+
+
+@dataclass
+class Corpus:
+    """A source->target corpus held as id arrays: splits[name] = (src_seqs, tgt_seqs), each sentence ending in EOS."""
+
+    name: str
+    src_vocab: Vocab
+    tgt_vocab: Vocab
+    splits: dict  # split -> (list of np int arrays, list of np int arrays)
+    refs: dict = field(default_factory=dict)  # split -> tokenised, un-BPE'd target lines for BLEU
+
+
+def encode_corpus(name, lines, src_vocab, tgt_vocab, refs=None):
+    """Turn lines[split] = (src_lines, tgt_lines) of BPE'd text into a Corpus (ids + EOS). Refs default to the
+    un-BPE'd target lines."""
+    eos = np.array([EOS], dtype=np.int64)
+    splits = {split: ([np.concatenate([src_vocab.encode(s), eos]).astype(np.int64) for s in src],
+                      [np.concatenate([tgt_vocab.encode(t), eos]).astype(np.int64) for t in tgt])
+              for split, (src, tgt) in lines.items()}
+    refs = refs if refs is not None else {split: [remove_bpe(t) for t in tgt] for split, (_, tgt) in lines.items()}
+    return Corpus(name, src_vocab, tgt_vocab, splits, refs)
+
+
+def load_corpus(folder):
+    """Load what data/prepare.py wrote to `folder` (corpus.npz + vocab.{src,tgt}.txt + {split}.tok.{tgt})."""
+    folder = Path(folder)
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    src, tgt = summary["src_lang"], summary["tgt_lang"]
+    splits, refs = {}, {}
+    with np.load(folder / "corpus.npz", allow_pickle=False) as z:
+        for split in summary["pairs"]:
+            sides = []
+            for lang in (src, tgt):
+                # one flat array per split and side, cut into sentences by offsets (views, no copies)
+                ids, offsets = z[f"{split}.{lang}.ids"].astype(np.int64), z[f"{split}.{lang}.offsets"]
+                sides.append(np.split(ids, offsets[1:-1]))
+            splits[split] = tuple(sides)
+            ref_path = folder / f"{split}.tok.{tgt}"
+            if ref_path.exists():
+                refs[split] = ref_path.read_text(encoding="utf-8").split("\n")[:-1]
+    return Corpus(summary["dataset"], Vocab.load(folder / f"vocab.{src}.txt"), Vocab.load(folder / f"vocab.{tgt}.txt"),
+                  splits, refs)
+
+
+def make_toy_corpus(vocab_size=16, n_train=4000, n_valid=200, n_test=200, min_len=3, max_len=12, seed=0):
+    """A synthetic task that needs no files: translate a random sequence over symbols a0..a{vocab_size-1} into its
+    reversal. Source and target vocabularies hold the same symbols, so the ids line up too."""
+    rng = np.random.default_rng(seed)
+    symbols = [f"a{i}" for i in range(vocab_size)]
+    lines = {}
+    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
+        lengths = rng.integers(min_len, max_len + 1, size=n)
+        src = [" ".join(symbols[k] for k in rng.integers(0, vocab_size, size=L)) for L in lengths]
+        lines[split] = (src, [" ".join(reversed(s.split())) for s in src])
+    vocab = Vocab.build(lines["train"][0] + lines["train"][1])
+    return encode_corpus("toy-reverse", lines, vocab, vocab)
+
+
+# -----------------------------------------------------------------------------
+# batching
+
+
+class TokenBatcher:
+    """fairseq-style batches of sentence indices with at most `max_tokens` (padded) tokens each.
+
+    Sentences are sorted by length (ties broken randomly from seed+epoch) and packed greedily so that
+    batch_size * max(longest src, longest tgt) <= max_tokens; the batch order is then shuffled from (seed, epoch).
+    With world_size > 1 each rank takes every world_size-th batch; the last len % world_size batches of an epoch's
+    shuffled order are dropped so all ranks run the same number of steps (a different few each epoch).
+    A single sentence longer than max_tokens raises ValueError naming it: filter it out or raise max_tokens.
+    Lengths are the stored lengths, i.e. including EOS.
+    """
+
+    def __init__(self, src_lens, tgt_lens, max_tokens, seed=0, rank=0, world_size=1, shuffle=True):
+        assert 0 <= rank < world_size, f"rank {rank} not in [0, {world_size})"
+        self.src_lens, self.tgt_lens = np.asarray(src_lens, dtype=np.int64), np.asarray(tgt_lens, dtype=np.int64)
+        assert len(self.src_lens) == len(self.tgt_lens), "src_lens and tgt_lens differ in length"
+        self.max_tokens, self.seed, self.rank, self.world_size, self.shuffle = max_tokens, seed, rank, world_size, shuffle
+        lens = np.maximum(self.src_lens, self.tgt_lens)
+        too_long = np.flatnonzero(lens > max_tokens)
+        if len(too_long):
+            i = int(too_long[0])
+            raise ValueError(f"sentence {i} has {lens[i]} tokens > max_tokens={max_tokens} "
+                             f"({len(too_long)} such sentences): filter them out or raise max_tokens")
+        self._len = len(self.batches(0))  # the packing depends on lengths only, so it is the same every epoch
+
+    def batches(self, epoch):
+        """This rank's batches for `epoch`: a list of lists of sentence indices, deterministic in (seed, epoch)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        n = len(self.src_lens)
+        tiebreak = rng.random(n) if self.shuffle else np.arange(n)
+        order = np.lexsort((tiebreak, self.tgt_lens, self.src_lens))  # by src len, then tgt len, then tiebreak
+        batches, batch, width = [], [], 0  # width = longest sentence in the open batch
+        for i in order.tolist():
+            length = max(self.src_lens[i], self.tgt_lens[i])
+            if batch and (len(batch) + 1) * max(width, length) > self.max_tokens:  # i would overflow: close batch
+                batches.append(batch)
+                batch, width = [], 0
+            batch.append(i)
+            width = max(width, length)
+        if batch:
+            batches.append(batch)
+        if self.shuffle:
+            batches = [batches[k] for k in rng.permutation(len(batches))]
+        per_rank = len(batches) // self.world_size
+        return batches[: per_rank * self.world_size][self.rank :: self.world_size]
+
+    def __len__(self):
+        return self._len
+
+    def padding_fraction(self, batches):
+        """Share of PAD positions in the collated src + tgt tensors of `batches`."""
+        pad = total = 0
+        for b in batches:
+            for lens in (self.src_lens[b], self.tgt_lens[b]):
+                total += len(b) * int(lens.max())
+                pad += len(b) * int(lens.max()) - int(lens.sum())
+        return pad / max(total, 1)
+
+
+def collate(src_seqs, tgt_seqs, indices):
+    """Pad the chosen sentences into (src, tgt_in, tgt_out) LongTensors. tgt_in = BOS + y without its EOS,
+    tgt_out = y with EOS, so tgt_out[:, t] is the token predicted after reading tgt_in[:, :t+1]."""
+    srcs, tgts = [src_seqs[i] for i in indices], [tgt_seqs[i] for i in indices]
+    B, S, T = len(indices), max(len(s) for s in srcs), max(len(t) for t in tgts)
+    src = np.full((B, S), PAD, dtype=np.int64)
+    tgt_in = np.full((B, T), PAD, dtype=np.int64)
+    tgt_out = np.full((B, T), PAD, dtype=np.int64)
+    for b, (s, t) in enumerate(zip(srcs, tgts)):
+        src[b, : len(s)] = s
+        tgt_in[b, 0], tgt_in[b, 1 : len(t)] = BOS, t[:-1]  # shift right: drop EOS, prepend BOS
+        tgt_out[b, : len(t)] = t
+    return torch.from_numpy(src), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out)
