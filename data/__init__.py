@@ -1,0 +1,1 @@
+"""Data for mos: prepare.py builds corpora, batching.py loads and batches them."""
