@@ -183,13 +183,15 @@ class TokenBatcher:
         assert 0 <= rank < world_size, f"rank {rank} not in [0, {world_size})"
         self.src_lens, self.tgt_lens = np.asarray(src_lens, dtype=np.int64), np.asarray(tgt_lens, dtype=np.int64)
         assert len(self.src_lens) == len(self.tgt_lens), "src_lens and tgt_lens differ in length"
-        self.max_tokens, self.seed, self.rank, self.world_size, self.shuffle = max_tokens, seed, rank, world_size, shuffle
-        lens = np.maximum(self.src_lens, self.tgt_lens)
+        self.max_tokens, self.seed, self.shuffle = max_tokens, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        lens = np.maximum(self.src_lens, self.tgt_lens)  # a sentence pair costs its longer side in the budget
         too_long = np.flatnonzero(lens > max_tokens)
         if len(too_long):
             i = int(too_long[0])
             raise ValueError(f"sentence {i} has {lens[i]} tokens > max_tokens={max_tokens} "
                              f"({len(too_long)} such sentences): filter them out or raise max_tokens")
+        self.lens = lens.tolist()  # plain ints: the packing loop below is pure Python
         self._len = len(self.batches(0))  # the packing depends on lengths only, so it is the same every epoch
 
     def batches(self, epoch):
@@ -200,12 +202,11 @@ class TokenBatcher:
         order = np.lexsort((tiebreak, self.tgt_lens, self.src_lens))  # by src len, then tgt len, then tiebreak
         batches, batch, width = [], [], 0  # width = longest sentence in the open batch
         for i in order.tolist():
-            length = max(self.src_lens[i], self.tgt_lens[i])
-            if batch and (len(batch) + 1) * max(width, length) > self.max_tokens:  # i would overflow: close batch
+            if batch and (len(batch) + 1) * max(width, self.lens[i]) > self.max_tokens:  # i would overflow
                 batches.append(batch)
                 batch, width = [], 0
             batch.append(i)
-            width = max(width, length)
+            width = max(width, self.lens[i])
         if batch:
             batches.append(batch)
         if self.shuffle:

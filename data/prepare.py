@@ -12,7 +12,7 @@ Bad input raises DataError, a one-line message that the CLI prints as "error: ..
 """
 
 import argparse
-import io
+import functools
 import json
 import re
 import sys
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # so `python data/prepare.py` finds the data package
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python data/prepare.py` can import data.*
 from data.batching import EOS, SPECIALS, UNK, Vocab, atomic_open, remove_bpe  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -134,13 +134,18 @@ def extract_segs(lines):
     return [re.sub(r"\s*</seg>\s*", "", line).replace("\u2019", "'") for line in segs]
 
 
-def _tokenize_chunk(args):
-    """Moses-tokenise a list of lines like `tokenizer.perl -l lang` (default escaping of & < > ' " | [ ])."""
+@functools.lru_cache(maxsize=None)
+def moses(lang):
+    """One sacremoses tokenizer per language and process (loading its prefix lists takes a moment)."""
     from sacremoses import MosesTokenizer
 
+    return MosesTokenizer(lang=lang)
+
+
+def _tokenize_chunk(args):
+    """Moses-tokenise a list of lines like `tokenizer.perl -l lang` (default escaping of & < > ' " | [ ])."""
     lines, lang = args
-    tok = MosesTokenizer(lang=lang)
-    return [tok.tokenize(line, escape=True, return_str=True) for line in lines]
+    return [moses(lang).tokenize(line, escape=True, return_str=True) for line in lines]
 
 
 def tokenize(lines, lang, workers):
@@ -293,7 +298,8 @@ def prepare_multi30k(source=None, out=None, merges=MULTI30K_MERGES, force=False)
     t0, out = time.time(), Path(out or DATA_DIR / "multi30k")
     source = source or MULTI30K_URL
     is_url = re.match(r"https?://", str(source)) is not None
-    settings = dict(dataset="multi30k", source=str(source) if is_url else str(Path(source).resolve()), merges=merges)
+    source_id = str(source) if is_url else str(Path(source).resolve())
+    settings = dict(dataset="multi30k", source=source_id, merges=merges)
     if summary := start(out, settings, force):
         return dict(summary, reused=True)
     splits = {}
@@ -317,7 +323,8 @@ def prepare_iwslt14(source=None, out=None, merges=IWSLT14_MERGES, force=False, w
     settings = dict(dataset="iwslt14", source=source if is_url else str(Path(source).resolve()),
                     merges=None if prepared else merges)
     if prepared:
-        missing = [f"{split}.{lang}" for split in SPLITS for lang in (SRC, TGT) if not (Path(source) / f"{split}.{lang}").exists()]
+        names = [f"{split}.{lang}" for split in SPLITS for lang in (SRC, TGT)]
+        missing = [name for name in names if not (Path(source) / name).exists()]
         if missing:
             raise DataError(f"{source} is a prepared folder without {', '.join(missing)}; add them (fairseq "
                             f"prepare-iwslt14.sh output) or pass the raw de-en.tgz with --source")
@@ -339,7 +346,8 @@ def prepare_iwslt14(source=None, out=None, merges=IWSLT14_MERGES, force=False, w
 def build(out, name, splits, dropped, settings, merges, t0):
     """Learn joint BPE on train, apply it to every split and write all outputs."""
     learn_bpe(*splits["train"], merges, out / "bpe.codes")
-    bpe_splits = {split: tuple(apply_bpe(out / "bpe.codes", side) for side in pair) for split, pair in splits.items()}
+    bpe_splits = {split: (apply_bpe(out / "bpe.codes", de), apply_bpe(out / "bpe.codes", en))
+                  for split, (de, en) in splits.items()}
     refs = {split: en for split, (_, en) in splits.items()}
     return write_outputs(out, name, bpe_splits, refs, settings, dropped, t0)
 
