@@ -276,7 +276,10 @@ def reusable(out, settings):
     path = out / "summary.json"
     if not path.exists():
         return None
-    summary = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # unreadable: treat as unfinished
+        return None
     return summary if summary.get("settings") == settings and (out / "corpus.npz").exists() else None
 
 

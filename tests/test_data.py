@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data import prepare
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, whatever pytest's cwd
+from data import prepare  # noqa: E402
 from data.batching import (BOS, EOS, PAD, SPECIALS, UNK, TokenBatcher, Vocab, atomic_open, collate, encode_corpus,
-                           load_corpus, make_toy_corpus)
-from data.prepare import DataError
+                           load_corpus, make_toy_corpus)  # noqa: E402
+from data.prepare import DataError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
