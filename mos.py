@@ -126,6 +126,10 @@ class SearchSpace:
     def smallest(self) -> ArchConfig:
         return self._extreme(min)
 
+    def middle(self) -> ArchConfig:
+        """The median choice of every field: with largest and smallest, the representative subnets."""
+        return self._extreme(lambda options: sorted(options)[len(options) // 2])
+
     def validate(self, arch: ArchConfig) -> ArchConfig:
         """Raise a one-line ValueError naming the first field outside the space; return arch if valid."""
         for name, allowed in self.choices().items():
@@ -167,6 +171,10 @@ SPACES = {
     "cpu": SearchSpace("cpu", enc_embed_dims=(256, 192), dec_embed_dims=(256, 192), enc_ffn_dims=(1024, 512, 256),
                        dec_ffn_dims=(1024, 512, 256), enc_heads=(4, 2), dec_heads=(4, 2), dec_cross_heads=(4, 2),
                        enc_layers=(3,), dec_layers=(1, 2, 3), cross_spans=(1, 2, 3), qkv_dim=256),
+    # A toy space for tests and the file-free demo (the synthetic reversal task): trains in seconds.
+    "tiny": SearchSpace("tiny", enc_embed_dims=(64, 48), dec_embed_dims=(64, 48), enc_ffn_dims=(128, 64),
+                        dec_ffn_dims=(128, 64), enc_heads=(4, 2), dec_heads=(4, 2), dec_cross_heads=(4, 2),
+                        enc_layers=(2,), dec_layers=(1, 2), cross_spans=(1, 2), qkv_dim=64),
 }
 
 FEATURE_NAMES = ("enc_embed_dim", "enc_layers", "enc_ffn_dim_mean", "enc_heads_mean", "dec_embed_dim",

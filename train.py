@@ -1,0 +1,503 @@
+"""
+Train a Mixture-of-Supernets supernet, a standalone subnet, or finetune an extracted subnet; evaluate with BLEU.
+
+    python train.py                                        # neuron-wise MoS supernet, Multi30k, CPU preset
+    python train.py --router=none --num_experts=1 --sampling=random   # HAT's weight-sharing supernet
+    python train.py --arch=best.json                       # a standalone subnet from scratch (the baseline)
+    python train.py --arch=best.json --init=out/ckpt.pt    # finetune the subnet extracted from a supernet
+    python train.py --eval_only=True --init=out/ckpt.pt --arch=largest    # test BLEU of one (sub)net
+    echo "ein hund läuft ." | python train.py --translate=- --init=out/ckpt.pt --arch=largest
+    torchrun --nproc_per_node=2 train.py ...               # data-parallel, one shard per rank
+
+Settings are the TrainConfig fields below, changed with --key=value; --preset=NAME picks a named set first.
+"""
+
+import ast
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from sacrebleu.metrics import BLEU
+from tqdm import tqdm
+
+import mos
+from data.batching import TokenBatcher, Vocab, collate, load_corpus, make_toy_corpus, remove_bpe
+from mos import PAD, SPACES, ArchConfig, SuperTransformer, Transformer
+
+ROOT = Path(__file__).resolve().parent
+
+# -----------------------------------------------------------------------------
+# Settings
+
+
+@dataclass
+class TrainConfig:
+    """Every run setting. Defaults are the Multi30k CPU preset: bare `python train.py` runs it."""
+    preset: str = "multi30k"  # multi30k | iwslt14 | toy: a named set of the values below (PRESETS)
+    # data
+    data: str = "multi30k"  # multi30k | iwslt14 | toy
+    data_dir: str = ""  # prepared corpus; default data/<data>
+    data_source: str = ""  # where data/prepare.py reads the corpus if it is not prepared yet (folder/URL/tarball)
+    max_tokens: int = 4096  # tokens per batch (batch size * longest side, padding included)
+    # model
+    space: str = "cpu"  # search space in mos.SPACES: cpu | iwslt14 | tiny
+    router: str = "neuron"  # none (HAT weight sharing) | layer | neuron (MoS)
+    num_experts: int = 2  # m in the paper; 1 with router=none
+    router_hidden: int = 128
+    dropout: float = 0.3  # scaled with width per subnet (HAT)
+    # what to train: a supernet (arch empty), or one subnet (arch = JSON file | largest | smallest | middle)
+    arch: str = ""
+    init: str = ""  # supernet checkpoint to extract `arch` from (finetune); with eval_only/translate: the model
+    sampling: str = "sandwich"  # sandwich: largest + smallest + n_random random per step (MoS) | random: one (HAT)
+    n_random: int = 1
+    distill: bool = False  # in-place distillation: the largest subnet's distribution teaches the others
+    # optimisation
+    max_steps: int = 1500
+    lr: float = 1e-3
+    warmup: int = 500  # linear warm-up from warmup_init_lr, then inverse square root
+    warmup_init_lr: float = 1e-7
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    clip: float = 25.0  # gradient-norm clip (fairseq default); 0 = off
+    bf16: bool = False  # bfloat16 autocast for forward passes
+    # evaluation and output
+    out_dir: str = "out"
+    eval_interval: int = 500  # steps between validations (and checkpoints)
+    log_interval: int = 50
+    bleu_sentences: int = 0  # validation BLEU on the first N valid sentences; 0 = all, -1 = no BLEU during training
+    beam: int = 5
+    lenpen: float = 1.0
+    avg_last: int = 0  # average the last K evaluation checkpoints' weights before the final test (0 = off)
+    eval_only: bool = False  # score --init (with --arch for a supernet) on `split` and exit
+    translate: str = ""  # translate lines from this file ('-' = stdin) with --init and exit
+    split: str = "test"
+    # system
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda
+    seed: int = 1337
+    resume: bool = False  # continue out_dir/ckpt.pt exactly where it stopped
+    max_minutes: float = 0.0  # stop (and save) after this much training time; 0 = no limit
+
+
+PRESETS = {
+    # 2-core CPU, about 50 minutes (README): the scaled-down space on Multi30k
+    # (max_minutes is a guard so the run ends within the hour even on a slower or busy machine)
+    "multi30k": dict(data="multi30k", space="cpu", max_tokens=4096, lr=1e-3, warmup=500, max_steps=1500,
+                     dropout=0.3, eval_interval=500, max_minutes=55.0),
+    # HAT's IWSLT14 De-En recipe (METHOD 4.2): one GPU, 4096 tokens, 40K updates (MoS), lr 5e-4, 10K warm-up
+    "iwslt14": dict(data="iwslt14", space="iwslt14", max_tokens=4096, lr=5e-4, warmup=10000, max_steps=40000,
+                    dropout=0.375, weight_decay=1e-4, clip=25.0, eval_interval=4000, bleu_sentences=1000,
+                    avg_last=10),
+    # the synthetic reversal task: no files, seconds on a CPU (tests, demos)
+    "toy": dict(data="toy", space="tiny", max_tokens=1024, lr=2e-3, warmup=100, max_steps=300, dropout=0.1,
+                eval_interval=100, log_interval=20, bleu_sentences=100, router_hidden=32),
+}
+
+
+def parse_config(argv) -> TrainConfig:
+    """--preset=NAME first, then every --key=value on top (values parsed as Python literals, type-checked)."""
+    pairs = []
+    for arg in argv:
+        if not (arg.startswith("--") and "=" in arg):
+            raise SystemExit(f"error: bad argument {arg!r}; use --key=value (keys: {[f.name for f in fields(TrainConfig)]})")
+        pairs.append(arg[2:].split("=", 1))
+    preset = dict(pairs).get("preset", TrainConfig.preset)
+    if preset not in PRESETS:
+        raise SystemExit(f"error: unknown preset {preset!r}; choose one of {list(PRESETS)}")
+    cfg = TrainConfig(**{**PRESETS[preset], "preset": preset})
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    for key, text in pairs:
+        if key not in types:
+            raise SystemExit(f"error: unknown setting --{key}; settings are {list(types)}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word is a string
+        if types[key] is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not types[key]:
+            raise SystemExit(f"error: --{key}={text} should be a {types[key].__name__}")
+        setattr(cfg, key, value)
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# Data, models and checkpoints
+
+
+def load_data(cfg: TrainConfig):
+    """The corpus of cfg.data, preparing Multi30k/IWSLT14 first if their folder is missing."""
+    if cfg.data == "toy":
+        return make_toy_corpus(seed=cfg.seed)
+    folder = Path(cfg.data_dir or ROOT / "data" / cfg.data)
+    if not (folder / "summary.json").exists():
+        from data.prepare import DataError, prepare_iwslt14, prepare_multi30k
+        prepare = {"multi30k": prepare_multi30k, "iwslt14": prepare_iwslt14}[cfg.data]
+        print(f"{folder} is not prepared yet: running data/prepare.py {cfg.data}")
+        try:
+            prepare(source=cfg.data_source or None, out=folder)
+        except DataError as e:
+            raise SystemExit(f"error: {e} (from train.py: pass --data_source=PATH, e.g. "
+                             f"--data_source=../shared/data/multi30k/tok)")
+    return load_corpus(folder)
+
+
+def resolve_arch(spec: str, space) -> ArchConfig:
+    """'largest' | 'smallest' | 'middle' | a JSON file written by search.py or by hand."""
+    if spec in ("largest", "smallest", "middle"):
+        return getattr(space, spec)()
+    try:
+        return space.validate(ArchConfig.from_dict(json.loads(Path(spec).read_text())))
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: cannot read arch file {spec!r} ({e}); give largest|smallest|middle or a JSON file")
+    except ValueError as e:
+        raise SystemExit(f"error: arch file {spec}: {e}")
+
+
+def build_supernet(args: dict) -> SuperTransformer:
+    """A SuperTransformer from its init_args() dict (as stored in checkpoints)."""
+    return SuperTransformer(**{**args, "space": mos.SearchSpace.from_dict(args["space"])})
+
+
+def build_standalone(args: dict) -> Transformer:
+    """A plain Transformer from the standalone model_args dict stored in checkpoints."""
+    space, arch = mos.SearchSpace.from_dict(args["space"]), ArchConfig.from_dict(args["arch"])
+    pos_dims = (max(space.enc_embed_dims), max(space.dec_embed_dims))  # positions as a subnet of the space has
+    return Transformer(arch, args["src_vocab"], args["tgt_vocab"], space.qkv_dim,
+                       mos.scaled_dropout(args["dropout"], arch, space), args["max_len"], pos_dims)
+
+
+def load_checkpoint(path, device="cpu") -> dict:
+    """torch.load with weights_only=True (plain dicts and tensors only), with a one-line error for bad files."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"error: checkpoint {path} does not exist")
+    except Exception as e:  # truncated, corrupted, or carrying pickled objects
+        raise SystemExit(f"error: cannot load checkpoint {path} safely ({type(e).__name__}: {str(e)[:200]}); "
+                         f"it is corrupted, truncated, or not a mos checkpoint")
+
+
+def model_from_checkpoint(ckpt: dict):
+    """Rebuild the supernet or standalone model a checkpoint holds, with its weights."""
+    model = (build_supernet if ckpt["kind"] == "supernet" else build_standalone)(ckpt["model_args"])
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def save_checkpoint(obj: dict, path: Path):
+    """Write atomically: to a temporary file, then rename, so a crash never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# -----------------------------------------------------------------------------
+# Loss, schedule, evaluation
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """fairseq's inverse_sqrt: linear warm-up from warmup_init_lr to lr, then lr * sqrt(warmup / step)."""
+    if step < cfg.warmup:
+        return cfg.warmup_init_lr + (cfg.lr - cfg.warmup_init_lr) * step / cfg.warmup
+    return cfg.lr * math.sqrt(cfg.warmup / max(step, 1))
+
+
+def token_loss(logits, tgt_out, label_smoothing, soft_targets=None):
+    """Summed label-smoothed cross-entropy over the non-pad target tokens (nats); with soft_targets (B, T, V),
+    the cross-entropy against that distribution instead (in-place distillation)."""
+    logits = logits.float().flatten(0, 1)  # (B*T, V)
+    mask = tgt_out.flatten() != PAD
+    if soft_targets is not None:
+        return -(soft_targets.flatten(0, 1)[mask] * logits[mask].log_softmax(-1)).sum()
+    return F.cross_entropy(logits, tgt_out.flatten(), ignore_index=PAD, label_smoothing=label_smoothing,
+                           reduction="sum")
+
+
+def bleu_score(hyps, refs):
+    """Corpus BLEU the way MT papers quote these datasets: sacrebleu on BPE-removed, tokenised, lowercased text
+    with tokenize='none'. Returns (score, signature)."""
+    metric = BLEU(tokenize="none", force=True)  # force: the text is tokenised on purpose
+    score = metric.corpus_score([remove_bpe(h) for h in hyps], [[remove_bpe(r) for r in refs]])
+    return score.score, str(metric.get_signature())
+
+
+@torch.inference_mode()
+def evaluate(model, corpus, split, cfg, device, n_bleu=0, max_tokens=None):
+    """Validation loss (nats/token, no smoothing) of a plain model on a split, and BLEU of beam search on its
+    first n_bleu sentences (all if 0, none if < 0)."""
+    model.eval()
+    src, tgt = corpus.splits[split]
+    batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], max_tokens or cfg.max_tokens, shuffle=False)
+    total, ntok = 0.0, 0
+    for idx in batcher.batches(0):
+        s, ti, to = (x.to(device) for x in collate(src, tgt, idx))
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+            total += token_loss(model(s, ti), to, 0.0).item()
+        ntok += int((to != PAD).sum())
+    result = {"loss": total / ntok}
+    if n_bleu >= 0:
+        n = len(src) if n_bleu == 0 else min(n_bleu, len(src))
+        hyps = translate_ids(model, [src[i] for i in range(n)], cfg, device)
+        result["bleu"], result["bleu_signature"] = bleu_score([corpus.tgt_vocab.decode(h) for h in hyps],
+                                                              corpus.refs[split][:n])
+    return result
+
+
+def translate_ids(model, sentences, cfg, device, batch_size=64):
+    """Beam-search token ids for a list of source id arrays, batched by similar length, in input order."""
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    out = [None] * len(sentences)
+    for k in range(0, len(order), batch_size):
+        idx = order[k:k + batch_size]
+        src = collate(sentences, sentences, idx)[0].to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+            hyps, _ = mos.beam_search(model, src, beam=cfg.beam, lenpen=cfg.lenpen)
+        for i, h in zip(idx, hyps):
+            out[i] = h
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+
+def main(argv):
+    cfg = parse_config(argv)
+    # ---- system: data-parallel ranks under torchrun, device, threads
+    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / "ckpt.pt"
+    resumed = load_checkpoint(ckpt_path) if cfg.resume else None
+    if resumed:  # the stored config wins, except for how long to run
+        cfg = TrainConfig(**{**resumed["config"], "resume": True, "max_steps": cfg.max_steps,
+                             "max_minutes": cfg.max_minutes})
+    corpus = load_data(cfg)
+    src_vocab, tgt_vocab = len(corpus.src_vocab), len(corpus.tgt_vocab)
+    space = SPACES[cfg.space]
+
+    # ---- the model: supernet, standalone subnet, or subnet extracted from a supernet
+    if cfg.eval_only or cfg.translate:
+        return evaluate_or_translate(cfg, corpus, device)
+    if cfg.router == "none" and cfg.num_experts != 1:
+        raise SystemExit("error: --router=none is plain weight sharing with one expert: add --num_experts=1")
+    fixed_arch = resolve_arch(cfg.arch, space) if cfg.arch else None
+    if fixed_arch is None:
+        kind = "supernet"
+        model_args = dict(space=space.to_dict(), src_vocab=src_vocab, tgt_vocab=tgt_vocab,
+                          num_experts=cfg.num_experts, router=cfg.router, router_hidden=cfg.router_hidden,
+                          dropout=cfg.dropout, max_len=1024)
+        torch.manual_seed(cfg.seed)
+        model = build_supernet(model_args)
+    else:
+        kind = "standalone"
+        model_args = dict(arch=fixed_arch.to_dict(), space=space.to_dict(), src_vocab=src_vocab,
+                          tgt_vocab=tgt_vocab, dropout=cfg.dropout, max_len=1024)
+        torch.manual_seed(cfg.seed)
+        if cfg.init:  # finetune: the subnet's mixed, sliced weights from a trained supernet
+            supernet_ckpt = load_checkpoint(cfg.init)
+            check_vocab(supernet_ckpt, corpus, cfg.init)
+            model = model_from_checkpoint(supernet_ckpt).subnet(fixed_arch)
+            model_args["space"], model_args["max_len"] = supernet_ckpt["model_args"]["space"], model.max_len
+        else:
+            model = build_standalone(model_args)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8,
+                                 weight_decay=cfg.weight_decay)
+    step, epoch, batch_in_epoch, start_time = 0, 0, 0, 0.0
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        step, epoch, batch_in_epoch = resumed["step"], resumed["data"]["epoch"], resumed["data"]["batch"]
+        start_time = resumed["train_seconds"]
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "config.json", asdict(cfg))
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{kind} ({cfg.router} x{cfg.num_experts} experts)" if kind == "supernet" else f"standalone {fixed_arch}",
+              f"| {n_params / 1e6:.2f}M parameters | {cfg.data} | device {device} x{world} | "
+              f"{torch.get_num_threads()} threads | {'resuming at step ' + str(step) if resumed else 'from scratch'}")
+
+    src, tgt = corpus.splits["train"]
+    batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], cfg.max_tokens, seed=cfg.seed,
+                           rank=rank, world_size=world)
+    representative = {name: getattr(space, name)() for name in ("largest", "smallest", "middle")}
+
+    def subnets_for(step):
+        """This step's subnets; seeded by the step alone, so every rank (and a resumed run) samples the same."""
+        if fixed_arch is not None:
+            return [None]
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        if cfg.sampling == "random":
+            return [space.sample(rng)]
+        return [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(cfg.n_random)]
+
+    def checkpoint(path=ckpt_path):
+        save_checkpoint(dict(kind=kind, model=model.state_dict(), model_args=model_args, config=asdict(cfg),
+                             optimizer=optimizer.state_dict(), step=step, data=dict(epoch=epoch, batch=batch_in_epoch),
+                             vocab=dict(src=corpus.src_vocab.itos, tgt=corpus.tgt_vocab.itos),
+                             train_seconds=start_time + time.time() - t0, torch_version=torch.__version__), path)
+
+    def validate():
+        """Loss (and BLEU) on valid for the representative subnets (or the one model), logged to log.jsonl."""
+        record = {"step": step, "epoch": epoch, "train_seconds": round(start_time + time.time() - t0, 1)}
+        targets = {"model": model} if kind == "standalone" else {n: model.subnet(a) for n, a in representative.items()}
+        for name, net in targets.items():
+            n_bleu = cfg.bleu_sentences if name in ("model", "largest", "smallest") else -1
+            record[name] = evaluate(net, corpus, "valid", cfg, device, n_bleu=n_bleu)
+        model.train()
+        append_jsonl(out_dir / "log.jsonl", record)
+        tqdm.write(f"step {step} valid | " + " | ".join(
+            f"{n} loss {r['loss']:.3f}" + (f" bleu {r['bleu']:.2f}" if "bleu" in r else "")
+            for n, r in record.items() if isinstance(r, dict)))
+
+    # ---- the training loop: every step trains this step's subnets on one batch, one optimizer update
+    model.train()
+    t0, tokens_seen, log_t = time.time(), 0, time.time()
+    batches = batcher.batches(epoch)
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not master or None, dynamic_ncols=True)
+    while step < cfg.max_steps:
+        if batch_in_epoch >= len(batches):
+            epoch, batch_in_epoch = epoch + 1, 0
+            batches = batcher.batches(epoch)
+        s, ti, to = (x.to(device) for x in collate(src, tgt, batches[batch_in_epoch]))
+        batch_in_epoch += 1
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # dropout: reproducible per step and rank
+        archs, losses, teacher = subnets_for(step), {}, None
+        ntok = (to != PAD).sum()
+        for i, arch in enumerate(archs):  # sandwich rule: accumulate the gradients of all subnets, one update
+            with torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16):
+                logits = model(s, ti) if arch is None else model(s, ti, arch)
+            soft = teacher if (cfg.distill and i > 0) else None
+            loss = token_loss(logits, to, cfg.label_smoothing, soft) / ntok
+            (loss / len(archs)).backward()  # the mean over subnets, as MoS normalises by all passes' tokens
+            if cfg.distill and i == 0:
+                teacher = logits.detach().float().softmax(-1)
+            losses[i] = loss.item()
+        if ddp:  # data parallel: average the gradients over ranks (all ranks trained the same subnets)
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += int(ntok) * world
+        if master:
+            names = ["model"] if fixed_arch is not None else (["L", "S"] + [f"R{k}" for k in range(cfg.n_random)]
+                                                               if cfg.sampling == "sandwich" else ["R"])
+            record = {"step": step, "lr": lr, **{n: round(v, 4) for n, v in zip(names, losses.values())}}
+            bar.set_postfix(loss=f"{np.mean(list(losses.values())):.3f}", lr=f"{lr:.1e}",
+                            tok_s=f"{tokens_seen / (time.time() - t0):.0f}")
+            bar.update(1)
+            if step % cfg.log_interval == 0:
+                record["tok_per_s"] = round(tokens_seen / (time.time() - log_t))
+                tokens_seen, log_t = 0, time.time()
+                append_jsonl(out_dir / "train_log.jsonl", record)
+        out_of_time = cfg.max_minutes > 0 and (start_time + time.time() - t0) / 60 > cfg.max_minutes
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
+            if master:
+                if cfg.bleu_sentences >= 0 or step == cfg.max_steps:
+                    validate()
+                checkpoint()
+                if cfg.avg_last > 0:
+                    checkpoint(out_dir / f"ckpt_step{step}.pt")
+            if out_of_time:
+                tqdm.write(f"stopping at step {step}: max_minutes={cfg.max_minutes} reached")
+                break
+    bar.close()
+    if master:
+        final_test(cfg, model, kind, representative, corpus, device, out_dir)
+    if ddp:
+        dist.destroy_process_group()
+
+
+def final_test(cfg, model, kind, representative, corpus, device, out_dir):
+    """Test BLEU of the final (optionally checkpoint-averaged) model, written to results.json and log.jsonl."""
+    if cfg.avg_last > 0:
+        snapshots = sorted(out_dir.glob("ckpt_step*.pt"), key=lambda p: int(p.stem[len("ckpt_step"):]))[-cfg.avg_last:]
+        states = [load_checkpoint(p)["model"] for p in snapshots]
+        model.load_state_dict({k: sum(s[k].float() for s in states) / len(states) for k in states[0]})
+        print(f"averaged the last {len(states)} checkpoints")
+    targets = {"model": model} if kind == "standalone" else {n: model.subnet(a) for n, a in representative.items()}
+    results = {"split": cfg.split}
+    for name, net in targets.items():
+        t = time.time()
+        results[name] = evaluate(net, corpus, cfg.split, cfg, device)
+        results[name]["decode_seconds"] = round(time.time() - t, 1)
+        r = results[name]
+        print(f"{cfg.split} {name}: loss {r['loss']:.3f} | BLEU {r['bleu']:.2f} | {r['bleu_signature']}")
+    write_json(out_dir / "results.json", results)
+    append_jsonl(out_dir / "log.jsonl", {"final": results})
+
+
+def check_vocab(ckpt, corpus, path):
+    """Refuse a checkpoint trained with other vocabularies than this corpus's."""
+    if ckpt["vocab"]["src"] != corpus.src_vocab.itos or ckpt["vocab"]["tgt"] != corpus.tgt_vocab.itos:
+        raise SystemExit(f"error: checkpoint {path} was trained with other vocabularies than data "
+                         f"{corpus.name!r}; pass the --data/--data_dir it was trained on")
+
+
+def evaluate_or_translate(cfg, corpus, device):
+    """--eval_only: loss and BLEU of --init (a standalone model, or a supernet's --arch) on --split.
+    --translate: translate lines of tokenised, BPE'd (for the real corpora) source text to stdout."""
+    if not cfg.init:
+        raise SystemExit("error: --eval_only/--translate need --init=CHECKPOINT")
+    ckpt = load_checkpoint(cfg.init, device)
+    check_vocab(ckpt, corpus, cfg.init)
+    model = model_from_checkpoint(ckpt).to(device)
+    if ckpt["kind"] == "supernet":
+        space = model.space
+        model = model.subnet(resolve_arch(cfg.arch or "largest", space))
+    if cfg.translate:
+        lines = (sys.stdin if cfg.translate == "-" else open(cfg.translate, encoding="utf-8")).read().splitlines()
+        sentences = [np.array(corpus.src_vocab.encode(line) + [mos.EOS]) for line in lines]
+        for hyp in translate_ids(model.eval(), sentences, cfg, device):
+            print(corpus.tgt_vocab.decode(hyp))
+        return
+    r = evaluate(model, corpus, cfg.split, cfg, device)
+    print(f"{cfg.split}: loss {r['loss']:.3f} | BLEU {r['bleu']:.2f} | {r['bleu_signature']}")
+    print(json.dumps(r))
+
+
+def write_json(path: Path, obj):
+    """Write JSON atomically (temporary file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
