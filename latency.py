@@ -1,0 +1,390 @@
+"""
+Latency of a subnet as HAT defines it, timed carefully; a latency dataset; a latency predictor.
+
+HAT's protocol (METHOD 7, PRACTICE 1a): one dummy sentence of 23 tokens (IWSLT's mean length) at batch size 1, the
+encoder once, then 23 incremental decoder steps over `beam` = 5 hypotheses, output projection included, no search
+bookkeeping. Timed the way PRACTICE 1b asks, unlike HAT: the extracted standalone subnet (MoS's mixing is done once,
+at extraction), eval() and inference_mode() (HAT times dropout and autograd too), warm-up runs, perf_counter with
+CUDA synchronisation, a fixed and recorded thread count, and the median with the IQR beside HAT's 10%-trimmed mean.
+
+    python latency.py --space=cpu --arch=largest          # random weights: latency does not depend on their values
+    python latency.py --ckpt=out/ckpt.pt --arch=middle --repeats=3 --device=cpu
+    python latency.py depth --ckpt=out/ckpt.pt            # the same subnet with 1, 2, ... decoder layers
+    python latency.py dataset --space=cpu --n=300 --out=results/latency/cpu.csv   # appends: a rerun resumes
+    python latency.py fit --out=results/latency/cpu.csv   # linear vs HAT's MLP predictor: JSON, scatter plot, tau
+    python latency.py hat                                 # the same predictor recipe on HAT's published CSVs
+
+Settings are the LatencyConfig fields, changed with --key=value as in train.py; the first bare word is the command.
+"""
+
+import ast
+import csv
+import dataclasses
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import mos
+from mos import EOS, FEATURE_NAMES, SPACES, Transformer
+from train import load_checkpoint, model_from_checkpoint, resolve_arch, write_json
+
+ROOT = Path(__file__).resolve().parent
+SRC_LEN = TGT_LEN = 23  # HAT: the mean IWSLT sentence length (30 for WMT)
+BEAM = 5  # fairseq's default beam, which HAT's latency runs (and MoS's gold latency) use
+FILLER = mos.UNK + 1  # any ordinary token id fills the dummy sentence: latency does not depend on which one
+TRIM = 0.1  # HAT's statistic drops the fastest and the slowest 10% of the runs
+SPLIT = (0.7, 0.15)  # predictor data: train / valid (picks linear or MLP) / test (the rest, reported)
+MLP_WIDTH, MLP_HIDDEN_LAYERS, MLP_BATCH = 400, 3, 128  # HAT's latency_predictor.py: 10 -> 400 -> 3 x 400 -> 1
+
+# -----------------------------------------------------------------------------
+# Settings
+
+
+@dataclass
+class LatencyConfig:
+    """Every setting of the command line; the defaults measure on this 2-core CPU."""
+    command: str = "measure"  # measure | depth | dataset | fit | hat
+    # what to time
+    ckpt: str = ""  # supernet (or standalone) checkpoint; empty: random weights of `space`
+    space: str = "cpu"  # without a ckpt: cpu | iwslt14 | tiny
+    arch: str = "largest"  # largest | smallest | middle | a JSON arch file (search.py writes them)
+    src_vocab: int = 3187  # without a ckpt: the Multi30k BPE vocabularies data/prepare.py builds (de, en)
+    tgt_vocab: int = 2499
+    # protocol
+    device: str = "cpu"  # cpu | cuda
+    threads: int = 2  # intra-op threads, recorded with every figure (this machine has 2 cores)
+    src_len: int = SRC_LEN
+    tgt_len: int = TGT_LEN  # incremental decoder steps
+    beam: int = BEAM
+    warmup: int = 5  # untimed runs first (HAT: 5)
+    iters: int = 50  # timed runs (HAT: 300 for its README figures, 20 for its datasets)
+    repeats: int = 3  # `measure`: the whole measurement this many times, to show it repeats
+    log: str = ""  # also append every figure as one JSON line to this file
+    # dataset and predictor
+    n: int = 300  # `dataset`: random subnets to measure
+    out: str = "results/latency/cpu.csv"  # the latency dataset: `dataset` appends to it, `fit` reads it
+    predictor: str = "results/latency/predictor.json"  # `fit` writes it (and the .png beside it); search.py reads it
+    hat_dir: str = str(ROOT.parent / "shared" / "data" / "hat-latency")
+    mlp_steps: int = 2000  # HAT: 5000 steps at lr 1e-5; fewer, faster steps fit as well here
+    mlp_lr: float = 1e-4
+    seed: int = 0
+
+
+def parse_settings(cls, argv, command_field=None):
+    """--key=value pairs (Python literals, type-checked) onto dataclass `cls`, as train.py does. A first bare word
+    sets `command_field`. Lists become tuples, so `--budgets=[60,80]` fills a tuple field."""
+    types, values = {f.name: f.type for f in fields(cls)}, {}
+    for i, arg in enumerate(argv):
+        if command_field and i == 0 and not arg.startswith("--"):
+            values[command_field] = arg
+            continue
+        if not (arg.startswith("--") and "=" in arg):
+            raise SystemExit(f"error: bad argument {arg!r}; use --key=value (keys: {list(types)})")
+        key, text = arg[2:].split("=", 1)
+        if key not in types:
+            raise SystemExit(f"error: unknown setting --{key}; settings are {list(types)}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word is a string
+        if types[key] is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if types[key] is tuple and isinstance(value, list):
+            value = tuple(value)
+        if type(value) is not types[key]:
+            raise SystemExit(f"error: --{key}={text} should be a {types[key].__name__}")
+        values[key] = value
+    return cls(**values)
+
+
+# -----------------------------------------------------------------------------
+# Measuring
+
+
+@torch.inference_mode()
+def measure_latency(model: Transformer, src_len=SRC_LEN, tgt_len=TGT_LEN, beam=BEAM, warmup=5, iters=50,
+                    device="cpu", threads=2) -> dict:
+    """HAT's latency of a plain (extracted) Transformer in ms: encoder once on one sentence, then tgt_len cached
+    decoder steps over `beam` hypotheses. Returns the median, HAT's trimmed mean, the spread and the protocol."""
+    device, old_threads = torch.device(device), torch.get_num_threads()
+    torch.set_num_threads(threads)  # thread count changes CPU latency ~2x (PRACTICE 1b): fix it, record it
+    model = model.to(device).eval()  # HAT leaves dropout on; we time what would be deployed
+    src = torch.full((1, src_len), FILLER, device=device)  # (1, S) one sentence, no padding
+    src[0, -1] = EOS
+    token = torch.full((beam, 1), FILLER, device=device)  # (K, 1) the newest token of every hypothesis
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # GPU kernels run asynchronously
+
+    def run():
+        """One timed unit; returns (encoder ms, total ms)."""
+        sync()
+        t0 = time.perf_counter()
+        enc_outs, src_mask = model.encode(src)
+        sync()
+        t1 = time.perf_counter()
+        enc_outs = [m.expand(beam, -1, -1) for m in enc_outs]  # (1, S, C) -> (K, S, C): the beam's copies
+        src_mask, cache = src_mask.expand(beam, -1, -1, -1), {}
+        for _ in range(tgt_len):  # only the newest position is computed; keys/values of earlier ones are cached
+            model.decode(token, enc_outs, src_mask, cache)  # (K, 1, V), the output projection included
+        sync()
+        return (t1 - t0) * 1e3, (time.perf_counter() - t0) * 1e3
+
+    try:
+        for _ in range(warmup):  # first calls build oneDNN primitives and fill the allocator's caches
+            run()
+        encoder, total = (np.array(x) for x in zip(*[run() for _ in range(iters)]))
+    finally:
+        torch.set_num_threads(old_threads)
+    k = int(TRIM * iters)
+    q1, q3 = np.percentile(total, [25, 75])
+    return dict(median_ms=float(np.median(total)), trimmed_mean_ms=float(np.sort(total)[k:iters - k].mean()),
+                iqr_ms=float(q3 - q1), std_ms=float(total.std()), min_ms=float(total.min()),
+                encoder_ms=float(np.median(encoder)), iters=iters, threads=threads, device=str(device),
+                src_len=src_len, tgt_len=tgt_len, beam=beam)
+
+
+def subnet_maker(cfg: LatencyConfig):
+    """(space, make) where make(arch) is the plain Transformer to time: the checkpoint's extracted subnet, or
+    without a checkpoint a randomly initialised one of the same shapes (timing does not depend on weights)."""
+    if not cfg.ckpt:
+        space = SPACES[cfg.space]
+        return space, lambda arch: Transformer(space.validate(arch), cfg.src_vocab, cfg.tgt_vocab, space.qkv_dim)
+    ckpt = load_checkpoint(cfg.ckpt)
+    model = model_from_checkpoint(ckpt).eval()
+    space = mos.SearchSpace.from_dict(ckpt["model_args"]["space"])
+    if ckpt["kind"] == "standalone":  # one fixed arch: --arch cannot change it
+        return space, lambda arch: model
+    return space, model.subnet
+
+
+def protocol(cfg: LatencyConfig) -> dict:
+    """measure_latency's keyword arguments from the settings."""
+    return dict(src_len=cfg.src_len, tgt_len=cfg.tgt_len, beam=cfg.beam, warmup=cfg.warmup, iters=cfg.iters,
+                device=cfg.device, threads=cfg.threads)
+
+
+def with_dec_layers(arch, n):
+    """`arch` with n decoder layers, each like its first decoder layer."""
+    return dataclasses.replace(arch, dec_layers=n, **{name: (getattr(arch, name)[0],) * n for name in
+                                                      ("dec_ffn_dims", "dec_heads", "dec_cross_heads", "dec_cross_spans")})
+
+
+def measure_repeated(cfg, make, arch, label) -> dict:
+    """measure_latency `repeats` times; prints each, returns the median of the medians and their spread."""
+    model, runs = make(arch), []
+    for i in range(cfg.repeats):
+        r = measure_latency(model, **protocol(cfg))
+        runs.append(r)
+        print(f"{label} run {i + 1}: median {r['median_ms']:.1f} ms | trimmed mean {r['trimmed_mean_ms']:.1f} | "
+              f"IQR {r['iqr_ms']:.1f} | encoder {r['encoder_ms']:.1f}")
+    medians = [r["median_ms"] for r in runs]
+    summary = dict(label=label, arch=arch.to_dict(), median_ms=float(np.median(medians)),
+                   spread=(max(medians) - min(medians)) / float(np.median(medians)), runs=runs)
+    print(f"{label}: {summary['median_ms']:.1f} ms (median of {cfg.repeats} repeats, spread {summary['spread']:.1%}) "
+          f"| {cfg.device}, {cfg.threads} threads, batch 1, beam {cfg.beam}, {cfg.src_len}+{cfg.tgt_len} tokens")
+    if cfg.log:
+        with open(cfg.log, "a") as f:
+            f.write(json.dumps({**summary, "ckpt": cfg.ckpt, "space": cfg.space if not cfg.ckpt else None}) + "\n")
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# Predictor: linear least squares and HAT's MLP on the 10 architecture features, in plain dicts
+
+
+def fit_linear(X, y) -> dict:
+    """Least squares y ~ X w + b."""
+    coef = np.linalg.lstsq(np.c_[X, np.ones(len(X))], y, rcond=None)[0]
+    return {"kind": "linear", "weight": coef[:-1].tolist(), "bias": float(coef[-1])}
+
+
+def fit_mlp(X, y, steps, lr, seed) -> dict:
+    """HAT's MLP: MSE, Adam, batches of 128 drawn with replacement; features scaled by their maximum (HAT: fixed
+    feature_norm) and the target by its maximum (HAT: a fixed lat_norm)."""
+    torch.manual_seed(seed)
+    x_scale, y_scale = np.abs(X).max(0) + 1e-12, float(np.abs(y).max())
+    Xt, yt = torch.tensor(X / x_scale, dtype=torch.float32), torch.tensor(y / y_scale, dtype=torch.float32)
+    widths = [X.shape[1]] + [MLP_WIDTH] * (MLP_HIDDEN_LAYERS + 1) + [1]
+    layers = [nn.Linear(a, b) for a, b in zip(widths, widths[1:])]
+    net = nn.Sequential(*[m for layer in layers for m in (layer, nn.ReLU())][:-1])  # no ReLU after the last
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(len(Xt), (MLP_BATCH,))
+        loss = F.mse_loss(net(Xt[idx])[:, 0], yt[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {"kind": "mlp", "x_scale": x_scale.tolist(), "y_scale": y_scale,
+            "layers": [{"weight": l.weight.detach().numpy(), "bias": l.bias.detach().numpy()} for l in layers]}
+
+
+def predict(predictor: dict, X) -> np.ndarray:
+    """Latency (ms) of feature rows X (n, 10) from a fit_linear/fit_mlp dict, with numpy alone."""
+    X = np.atleast_2d(np.asarray(X, dtype=np.float64))
+    if predictor["kind"] == "linear":
+        return X @ np.asarray(predictor["weight"]) + predictor["bias"]
+    h = X / np.asarray(predictor["x_scale"])
+    for i, layer in enumerate(predictor["layers"]):
+        h = h @ np.asarray(layer["weight"]).T + np.asarray(layer["bias"])  # (n, in) -> (n, out)
+        h = np.maximum(h, 0) if i < len(predictor["layers"]) - 1 else h
+    return h[:, 0] * predictor["y_scale"]
+
+
+def kendall_tau(a, b) -> float:
+    """Kendall's tau-b (ties allowed): the share of pairs two rankings order alike, minus those they order unlike."""
+    sa, sb = np.sign(np.subtract.outer(a, a)), np.sign(np.subtract.outer(b, b))  # (n, n) pairwise orders
+    return float((sa * sb).sum() / np.sqrt((sa != 0).sum() * (sb != 0).sum()))
+
+
+def scores(y, p) -> dict:
+    """What PRACTICE 2 asks a latency predictor to report, on held-out subnets."""
+    rel = np.abs(p - y) / y
+    return dict(rmse_ms=float(np.sqrt(np.mean((p - y) ** 2))), mean_rel_error=float(rel.mean()),
+                within_10pct=float((rel <= 0.1).mean()), kendall_tau=kendall_tau(y, p), n=len(y))
+
+
+def fit_predictor(X, y, cfg: LatencyConfig):
+    """Shuffle and split train/valid/test, fit both predictors on train, keep the one with the lower valid RMSE.
+    Returns (chosen predictor, report with test scores of both, test indices)."""
+    order = np.random.default_rng(cfg.seed).permutation(len(y))
+    a, b = int(SPLIT[0] * len(y)), int((SPLIT[0] + SPLIT[1]) * len(y))
+    train, valid, test = order[:a], order[a:b], order[b:]
+    fitted = {"linear": fit_linear(X[train], y[train]),
+              "mlp": fit_mlp(X[train], y[train], cfg.mlp_steps, cfg.mlp_lr, cfg.seed)}
+    valid_rmse = {k: scores(y[valid], predict(p, X[valid]))["rmse_ms"] for k, p in fitted.items()}
+    chosen = min(valid_rmse, key=valid_rmse.get)
+    report = dict(chosen=chosen, valid_rmse_ms=valid_rmse, n_train=len(train), n_valid=len(valid),
+                  test={k: scores(y[test], predict(p, X[test])) for k, p in fitted.items()})
+    return fitted[chosen], report, test
+
+
+def read_latency_csv(path):
+    """(features (n, 10), latency ms (n,), space name) from our dataset CSV or from one of HAT's (whose latency is
+    encoder mean + decoder mean, and whose features are raw sizes; both predictors rescale them anyway)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if "median_ms" in rows[0]:
+        return (np.array([[float(r[n]) for n in FEATURE_NAMES] for r in rows]),
+                np.array([float(r["median_ms"]) for r in rows]), rows[0]["space"])
+    names = list(rows[0])[:len(FEATURE_NAMES)]
+    return (np.array([[float(r[n]) for n in names] for r in rows]),
+            np.array([float(r["latency_mean_encoder"]) + float(r["latency_mean_decoder"]) for r in rows]), "hat")
+
+
+def load_predictor(path) -> dict:
+    """A predictor JSON written by `fit`, with its weights as numpy arrays so that predict() is fast."""
+    predictor = json.loads(Path(path).read_text())
+    for layer in predictor.get("layers", []):
+        layer["weight"], layer["bias"] = np.array(layer["weight"]), np.array(layer["bias"])
+    return predictor
+
+
+def plot_predictor(y, p, test, title, path):
+    """Predicted vs measured latency, held-out subnets highlighted, with the y = x line."""
+    import matplotlib
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+    train = np.setdiff1d(np.arange(len(y)), test)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(y[train], p[train], s=8, c="lightgrey", label="train + valid")
+    ax.scatter(y[test], p[test], s=12, c="tab:blue", label="test (held out)")
+    lo, hi = min(y.min(), p.min()), max(y.max(), p.max())
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
+    ax.set(xlabel="measured latency, ms", ylabel="predicted latency, ms", title=title)
+    ax.legend()
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# Commands
+
+
+def cmd_dataset(cfg: LatencyConfig):
+    """Measure cfg.n random subnets into a CSV, one row each as soon as it is measured, so a rerun resumes."""
+    space, make = subnet_maker(cfg)
+    rng = random.Random(cfg.seed)
+    archs = [space.sample(rng) for _ in range(cfg.n)]  # the same list on every run: row i is always archs[i]
+    path = Path(cfg.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = list(csv.DictReader(open(path, newline=""))) if path.exists() else []
+    if [json.loads(r["arch"]) for r in done] != [a.to_dict() for a in archs[:len(done)]]:
+        raise SystemExit(f"error: {path} holds other subnets than --space={space.name} --seed={cfg.seed} draws; "
+                         f"pass those settings or another --out")
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if not done:
+            writer.writerow(["space", "arch", *FEATURE_NAMES, "median_ms", "trimmed_mean_ms", "iqr_ms",
+                             "encoder_ms", "threads", "iters"])
+        for arch in tqdm(archs[len(done):], initial=len(done), total=cfg.n, desc="latency dataset"):
+            r = measure_latency(make(arch), **protocol(cfg))
+            writer.writerow([space.name, json.dumps(arch.to_dict(), separators=(",", ":")),
+                             *[round(float(v), 6) for v in mos.arch_features(arch, space)],
+                             *[round(r[k], 3) for k in ("median_ms", "trimmed_mean_ms", "iqr_ms", "encoder_ms")],
+                             r["threads"], r["iters"]])
+            f.flush()
+    print(f"{cfg.n} subnets in {path}")
+
+
+def cmd_fit(cfg: LatencyConfig):
+    """Fit and choose a predictor on the dataset CSV; write it as JSON, its report, and the scatter plot."""
+    X, y, space = read_latency_csv(cfg.out)
+    predictor, report, test = fit_predictor(X, y, cfg)
+    t = report["test"][report["chosen"]]
+    out = Path(cfg.predictor)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for layer in predictor.get("layers", []):  # JSON wants lists
+        layer["weight"], layer["bias"] = layer["weight"].tolist(), layer["bias"].tolist()
+    write_json(out, {**predictor, "space": space, "feature_names": list(FEATURE_NAMES), "data": cfg.out, **report})
+    p = predict(load_predictor(out), X)
+    plot_predictor(y, p, test, f"{report['chosen']} predictor, {space} space: test tau {t['kendall_tau']:.3f}, "
+                               f"RMSE {t['rmse_ms']:.2f} ms", out.with_suffix(".png"))
+    for name, s in report["test"].items():
+        print(f"{name:6s} test ({s['n']} subnets): tau {s['kendall_tau']:.3f} | RMSE {s['rmse_ms']:.2f} ms | "
+              f"mean rel. error {s['mean_rel_error']:.1%} | within 10% {s['within_10pct']:.0%}")
+    print(f"chosen: {report['chosen']} (lower valid RMSE) -> {out}, {out.with_suffix('.png')}")
+
+
+def cmd_hat(cfg: LatencyConfig):
+    """The same recipe on HAT's published latency datasets (2000 subnets each) as an external benchmark."""
+    results = {}
+    for path in sorted(Path(cfg.hat_dir).glob("*.csv")):
+        X, y, _ = read_latency_csv(path)
+        _, report, _ = fit_predictor(X, y, cfg)
+        results[path.stem] = report
+        print(f"{path.stem:32s} " + " | ".join(f"{k} tau {s['kendall_tau']:.3f} RMSE {s['rmse_ms']:.1f} ms "
+                                               f"rel {s['mean_rel_error']:.1%}" for k, s in report["test"].items())
+              + f" | chosen {report['chosen']}")
+    if not results:
+        raise SystemExit(f"error: no CSV files in {cfg.hat_dir}; pass --hat_dir=FOLDER")
+    out = Path(cfg.predictor).with_name("hat_benchmark.json")
+    write_json(out, results)
+    print(f"-> {out}")
+
+
+def main(argv):
+    cfg = parse_settings(LatencyConfig, argv, command_field="command")
+    torch.set_num_threads(cfg.threads)
+    if cfg.command in ("measure", "depth"):
+        space, make = subnet_maker(cfg)
+        arch = resolve_arch(cfg.arch, space)
+        if cfg.command == "measure":
+            return measure_repeated(cfg, make, arch, cfg.arch)
+        return [measure_repeated(cfg, make, with_dec_layers(arch, n), f"{cfg.arch}, {n} decoder layers")
+                for n in sorted(space.dec_layers)]
+    commands = {"dataset": cmd_dataset, "fit": cmd_fit, "hat": cmd_hat}
+    if cfg.command not in commands:
+        raise SystemExit(f"error: unknown command {cfg.command!r}; use measure, depth, {', '.join(commands)}")
+    return commands[cfg.command](cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,337 @@
+"""
+HAT's evolutionary search for the best subnet of a trained supernet under a latency budget (METHOD 6, PRACTICE 3).
+
+    python search.py --ckpt=out/ckpt.pt --budgets=[40,50,60]                     # predictor latency (fast)
+    python search.py --ckpt=out/ckpt.pt --budgets=[50] --latency=measured        # time every candidate
+    python train.py --arch=results/search/arch_50ms.json --init=out/ckpt.pt      # then finetune a winner
+
+The loop, as HAT's evolution.py but on ArchConfig fields (no flat gene list): a random population that meets the
+budget; every iteration scores it, keeps the best `parents`, and refills it with `mutations` mutants of random
+parents and `crossovers` children of two parents. Every new subnet is accepted only if it meets the budget
+(rejection sampling: a hard constraint, never a penalty), and a budget nothing meets stops with a clear error.
+Fitness is the supernet's validation loss (nats/token, no label smoothing) of the subnet on a fixed subset of the
+valid split; the subnet is extracted once per arch (its MoS mixture computed once) and every score is cached per
+arch, in memory and in out_dir/cache.json, so a killed search reruns to the same point without rescoring.
+The chosen subnets are always re-measured carefully; results.json puts predicted and measured latency side by side.
+With --latency=predicted the search is deterministic for a seed; measured latencies carry timing noise, so a
+borderline candidate may be accepted in one run and not in another (their cache makes a resumed run agree).
+"""
+
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+import mos
+from data.batching import TokenBatcher, collate
+from latency import load_predictor, measure_latency, parse_settings, predict
+from mos import PAD, ArchConfig
+from train import TrainConfig, check_vocab, load_checkpoint, load_data, model_from_checkpoint, token_loss, write_json
+
+SCALARS = [f.name for f in fields(ArchConfig) if f.type is int]  # embedding widths and layer counts
+PER_LAYER = [f.name for f in fields(ArchConfig) if f.type is tuple]  # one value per active layer
+
+# -----------------------------------------------------------------------------
+# Settings
+
+
+@dataclass
+class SearchConfig:
+    """Every setting of the command line. Evolution: HAT's 125 = 25 parents + 50 mutants + 50 crossovers,
+    mutation probability 0.3, 30 iterations (MoS: 10), scaled to a third for a 2-core CPU with the same ratios."""
+    ckpt: str = "out/ckpt.pt"  # a supernet checkpoint from train.py
+    out_dir: str = "results/search"
+    budgets: tuple = (40.0, 50.0, 60.0)  # latency budgets in ms, one search each
+    latency: str = "predicted"  # predicted (latency.py fit's predictor) | measured (time every candidate)
+    predictor: str = "results/latency/predictor.json"
+    population: int = 40
+    parents: int = 8
+    mutations: int = 16
+    crossovers: int = 16
+    mutate_prob: float = 0.3
+    iterations: int = 10
+    max_tries: int = 500  # rejection-sampling draws per new subnet before the budget is declared unreachable
+    valid_sentences: int = 500  # fitness on the first N valid sentences (HAT: the whole valid split)
+    max_tokens: int = 4096  # per validation batch
+    # latency protocol (latency.py): quick for candidates, careful for the chosen subnets
+    threads: int = 2
+    device: str = "cpu"
+    search_warmup: int = 2
+    search_iters: int = 10
+    final_warmup: int = 5
+    final_iters: int = 50
+    final_repeats: int = 3
+    seed: int = 1
+
+
+class BudgetError(ValueError):
+    """No subnet of the space meets the latency budget."""
+
+
+# -----------------------------------------------------------------------------
+# Mutation and crossover on ArchConfig fields
+
+
+def _allowed(space, name, n_enc):
+    """The values field `name` may take; cross-attention can span at most the n_enc encoder layers."""
+    allowed = space.choices()[name]
+    return tuple(s for s in allowed if s <= n_enc) if name == "dec_cross_spans" else allowed
+
+
+def _fit_layers(values, n, allowed, rng):
+    """Per-layer `values` cut or extended to n layers, new layers drawn uniformly (HAT's genome holds such values for
+    inactive layers); a value no longer allowed (a span beyond a shorter encoder) is redrawn."""
+    values = [v if v in allowed else rng.choice(allowed) for v in values[:n]]
+    return values + [rng.choice(allowed) for _ in range(n - len(values))]
+
+
+def _layers(name, values):
+    """The layer count that per-layer field `name` follows."""
+    return values["enc_layers" if name.startswith("enc") else "dec_layers"]
+
+
+def mutate(arch: ArchConfig, space, prob, rng) -> ArchConfig:
+    """HAT's mutation: every choice (each scalar, each active layer's value) is redrawn uniformly with probability
+    `prob`; a redrawn layer count first cuts or extends the per-layer values."""
+    redraw = lambda value, allowed: rng.choice(allowed) if rng.random() < prob else value
+    new = {name: redraw(getattr(arch, name), space.choices()[name]) for name in SCALARS}
+    for name in PER_LAYER:
+        allowed = _allowed(space, name, new["enc_layers"])
+        new[name] = tuple(redraw(v, allowed) for v in _fit_layers(getattr(arch, name), _layers(name, new), allowed, rng))
+    return space.validate(ArchConfig(**new))
+
+
+def crossover(a: ArchConfig, b: ArchConfig, space, rng) -> ArchConfig:
+    """HAT's uniform crossover: every choice from either parent with probability 1/2. Layer i of a per-layer field
+    comes from a parent that has layer i (from the only one if the other is shallower)."""
+    pick = lambda x, y: x if rng.random() < 0.5 else y
+    new = {name: pick(getattr(a, name), getattr(b, name)) for name in SCALARS}
+    for name in PER_LAYER:
+        va, vb, n = getattr(a, name), getattr(b, name), _layers(name, new)
+        merged = [pick(va[i], vb[i]) if i < min(len(va), len(vb)) else (va if len(va) > i else vb)[i] for i in range(n)]
+        new[name] = tuple(_fit_layers(merged, n, _allowed(space, name, new["enc_layers"]), rng))
+    return space.validate(ArchConfig(**new))
+
+
+# -----------------------------------------------------------------------------
+# The evolutionary loop
+
+
+def evolve(space, fitness, latency, budget, cfg: SearchConfig, rng, log=print) -> dict:
+    """HAT's search for one budget. fitness(arch) -> validation loss (lower is better) and latency(arch) -> ms are
+    the caller's (cached) functions. Returns the best arch of the last scored population, its loss and latency,
+    the best loss after every iteration, and every arch scored."""
+    fastest = space.smallest()
+    fastest = ArchConfig(**{**asdict(fastest), "dec_cross_spans": (min(space.cross_spans),) * fastest.dec_layers})
+    unreachable = (f"no subnet of space '{space.name}' meets the {budget:g} ms budget: the smallest one (every "
+                   f"choice at its minimum) takes {latency(fastest):.1f} ms ({cfg.latency}); give a larger budget")
+    if latency(fastest) > budget:  # a lower bound by construction: skip the hopeless draws
+        raise BudgetError(unreachable)
+
+    def draw(make):
+        """Rejection sampling: make() until a subnet meets the budget, at most cfg.max_tries times."""
+        for _ in range(cfg.max_tries):
+            arch = make()
+            if latency(arch) <= budget:
+                return arch
+        raise BudgetError(f"{unreachable} (none of {cfg.max_tries} draws met it)")
+
+    population = [draw(lambda: space.sample(rng)) for _ in range(cfg.population)]
+    history, scored, t0 = [], {}, time.time()
+    for it in range(cfg.iterations):
+        ranked = sorted(population, key=fitness)  # stable: ties keep population order, so runs repeat exactly
+        scored.update(dict.fromkeys(ranked))
+        parents, best = ranked[:cfg.parents], ranked[0]
+        history.append(fitness(best))
+        log(f"budget {budget:g} ms | iter {it + 1}/{cfg.iterations} | best loss {fitness(best):.4f} | "
+            f"{latency(best):.1f} ms | {len(scored)} subnets scored | {time.time() - t0:.0f} s")
+        if it == cfg.iterations - 1:  # HAT's last new population is never scored: do not build it
+            break
+        mutants = [draw(lambda: mutate(rng.choice(parents), space, cfg.mutate_prob, rng)) for _ in range(cfg.mutations)]
+        children = [draw(lambda: crossover(*rng.sample(parents, 2), space, rng)) for _ in range(cfg.crossovers)]
+        population = parents + mutants + children
+    return dict(arch=best, valid_loss=fitness(best), latency_ms=latency(best), history=history, scored=list(scored))
+
+
+# -----------------------------------------------------------------------------
+# Fitness, latency and the persistent cache
+
+
+def arch_key(arch: ArchConfig) -> str:
+    """The arch as compact JSON text: a cache key that survives a JSON file."""
+    return json.dumps(arch.to_dict(), separators=(",", ":"))
+
+
+class Cache:
+    """Per-arch numbers, kept in memory and in a JSON file (rewritten atomically after every new entry). `tag` says
+    what they depend on; a file made under another tag is ignored."""
+
+    def __init__(self, path, tag):
+        self.path, self.tag, self.data = Path(path), tag, {}
+        if self.path.exists():
+            stored = json.loads(self.path.read_text())
+            if stored.get("tag") == tag:
+                self.data = stored["values"]
+                print(f"resuming from {self.path}: {sum(len(v) for v in self.data.values())} cached values")
+            else:
+                print(f"ignoring {self.path}: it was made with other settings or another checkpoint")
+
+    def wrap(self, kind, fn):
+        """fn(arch) -> float, computed once per arch and stored under `kind`."""
+        table = self.data.setdefault(kind, {})
+
+        def cached(arch):
+            key = arch_key(arch)
+            if key not in table:
+                table[key] = fn(arch)
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text(json.dumps({"tag": self.tag, "values": self.data}))
+                os.replace(tmp, self.path)
+            return table[key]
+        return cached
+
+
+def valid_batches(corpus, n, max_tokens, device):
+    """The fixed validation subset (the first n sentences), collated once into (src, tgt_in, tgt_out) batches."""
+    src, tgt = (side[:n] for side in corpus.splits["valid"])
+    batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], max_tokens, shuffle=False)
+    return [tuple(x.to(device) for x in collate(src, tgt, idx)) for idx in batcher.batches(0)]
+
+
+@torch.inference_mode()
+def valid_loss(model, batches) -> float:
+    """Validation loss of a plain model in nats per target token (HAT: label-smoothed, base 2; we use plain CE)."""
+    total, ntok = 0.0, 0
+    for src, tgt_in, tgt_out in batches:
+        total += token_loss(model(src, tgt_in), tgt_out, 0.0).item()
+        ntok += int((tgt_out != PAD).sum())
+    return total / ntok
+
+
+# -----------------------------------------------------------------------------
+# Outputs
+
+
+def pareto(points):
+    """The (latency, loss) points no other point beats on both, by latency."""
+    front, best = [], float("inf")
+    for lat, loss in sorted(points):
+        if loss < best:
+            front.append((lat, loss))
+            best = loss
+    return front
+
+
+def plot(results, candidates, cfg, protocol, out_dir):
+    """candidates.png: every scored subnet, the Pareto front, the budgets and the chosen subnets.
+    convergence.png: the best validation loss per iteration, per budget."""
+    import matplotlib
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.scatter(*zip(*candidates), s=6, c="lightgrey", label="scored subnets")
+    ax.plot(*zip(*pareto(candidates)), drawstyle="steps-post", c="k", lw=1, label="Pareto front")
+    for r, color in zip(results, plt.cm.tab10.colors):
+        ax.axvline(r["budget_ms"], ls="--", c=color, lw=1)
+        ax.scatter(r["search_latency_ms"], r["valid_loss"], marker="*", s=150, color=color, zorder=3,
+                   label=f"best for {r['budget_ms']:g} ms (re-measured {r['measured_ms']:.1f} ms)")
+    ax.set(xlabel=f"{cfg.latency} latency, ms ({protocol})", ylabel="valid loss, nats/token (supernet subnet)")
+    ax.legend(fontsize=8)
+    fig.savefig(out_dir / "candidates.png", dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        ax.plot(range(1, len(r["history"]) + 1), r["history"], marker="o", label=f"{r['budget_ms']:g} ms")
+    ax.set(xlabel="iteration", ylabel="best valid loss, nats/token", title="evolutionary search convergence")
+    ax.legend()
+    fig.savefig(out_dir / "convergence.png", dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+
+def main(argv):
+    cfg = parse_settings(SearchConfig, argv)
+    if cfg.population != cfg.parents + cfg.mutations + cfg.crossovers:  # HAT asserts the same
+        raise SystemExit(f"error: population {cfg.population} != parents + mutations + crossovers")
+    torch.set_num_threads(cfg.threads)
+    t_start, device, out_dir = time.time(), torch.device(cfg.device), Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = load_checkpoint(cfg.ckpt)
+    if ckpt["kind"] != "supernet":
+        raise SystemExit(f"error: {cfg.ckpt} holds a standalone model; search needs a supernet checkpoint")
+    supernet = model_from_checkpoint(ckpt).to(device).eval()
+    space, train_cfg = supernet.space, TrainConfig(**ckpt["config"])
+    corpus = load_data(train_cfg)
+    check_vocab(ckpt, corpus, cfg.ckpt)
+    batches = valid_batches(corpus, cfg.valid_sentences, cfg.max_tokens, device)
+    predictor = load_predictor(cfg.predictor) if Path(cfg.predictor).exists() else None
+    if predictor and predictor["space"] != space.name:
+        raise SystemExit(f"error: predictor {cfg.predictor} was fit on space '{predictor['space']}', the supernet's "
+                         f"is '{space.name}'")
+    if cfg.latency == "predicted" and predictor is None:
+        raise SystemExit(f"error: --latency=predicted needs {cfg.predictor}: run `python latency.py dataset` and "
+                         f"`python latency.py fit`, or pass --latency=measured")
+    if cfg.latency not in ("predicted", "measured"):
+        raise SystemExit(f"error: --latency={cfg.latency}; choose predicted or measured")
+
+    def timed(arch, warmup, iters):
+        """latency.py's measurement of the extracted subnet."""
+        return measure_latency(supernet.subnet(arch), warmup=warmup, iters=iters, device=device, threads=cfg.threads)
+
+    stat = Path(cfg.ckpt).stat()  # the cached numbers belong to this checkpoint, subset and protocol
+    cache = Cache(out_dir / "cache.json", dict(ckpt=str(Path(cfg.ckpt).resolve()), ckpt_bytes=stat.st_size,
+                                               ckpt_mtime=stat.st_mtime, valid_sentences=cfg.valid_sentences,
+                                               max_tokens=cfg.max_tokens, threads=cfg.threads, device=cfg.device,
+                                               search_iters=cfg.search_iters, search_warmup=cfg.search_warmup))
+    fitness = cache.wrap("valid_loss", lambda arch: valid_loss(supernet.subnet(arch), batches))
+    predicted = (lambda arch: float(predict(predictor, mos.arch_features(arch, space).numpy())[0])) if predictor else None
+    measured = cache.wrap("measured_ms", lambda arch: timed(arch, cfg.search_warmup, cfg.search_iters)["median_ms"])
+    latency = measured if cfg.latency == "measured" else predicted
+    protocol = f"{cfg.device}, {cfg.threads} threads, batch 1, beam 5, 23+23 tokens"
+    print(f"searching {space.name} space of {cfg.ckpt} | {len(batches)} valid batches ({cfg.valid_sentences} "
+          f"sentences) | {cfg.latency} latency | budgets {list(cfg.budgets)} ms")
+
+    results = []
+    for budget in cfg.budgets:
+        t0 = time.time()
+        try:
+            r = evolve(space, fitness, latency, float(budget), cfg, random.Random(cfg.seed))
+        except BudgetError as e:
+            raise SystemExit(f"error: {e}")
+        runs = [timed(r["arch"], cfg.final_warmup, cfg.final_iters)["median_ms"] for _ in range(cfg.final_repeats)]
+        final = sorted(runs)[len(runs) // 2]  # the median of the repeats
+        result = dict(budget_ms=float(budget), arch=r["arch"].to_dict(), valid_loss=r["valid_loss"],
+                      search_latency_ms=r["latency_ms"], measured_ms=final, measured_runs_ms=runs,
+                      predicted_ms=predicted(r["arch"]) if predicted else None,
+                      within_budget=final <= budget, over_budget_pct=max(0.0, 100 * (final / budget - 1)),
+                      params_no_emb=mos.num_params(r["arch"], space, 0, 0, embeddings=False),
+                      history=r["history"], n_scored=len(r["scored"]), seconds=round(time.time() - t0, 1))
+        results.append(result)
+        write_json(out_dir / f"arch_{budget:g}ms.json", result["arch"])  # ready for train.py --arch=FILE
+        pred = f"{result['predicted_ms']:.1f}" if predicted else "n/a"
+        verdict = "within budget" if final <= budget else f"{result['over_budget_pct']:.1f}% over"
+        print(f"budget {budget:g} ms: loss {r['valid_loss']:.4f} | predicted {pred} ms | re-measured {final:.1f} ms "
+              f"({verdict}) | {result['seconds']:.0f} s -> {out_dir / f'arch_{budget:g}ms.json'}")
+
+    losses = cache.data["valid_loss"]  # every subnet scored in this out_dir, under any budget
+    scored = [ArchConfig.from_dict(json.loads(k)) for k in losses]
+    candidates = [(latency(a), losses[arch_key(a)]) for a in scored]
+    plot(results, candidates, cfg, protocol, out_dir)
+    write_json(out_dir / "results.json", dict(settings=asdict(cfg), protocol=protocol, space=space.name,
+                                              seconds=round(time.time() - t_start, 1), results=results,
+                                              candidates=[dict(arch=a.to_dict(), latency_ms=lat, valid_loss=loss)
+                                                          for a, (lat, loss) in zip(scored, candidates)]))
+    print(f"done in {time.time() - t_start:.0f} s -> {out_dir}/results.json, candidates.png, convergence.png")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

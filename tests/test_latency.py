@@ -1,0 +1,100 @@
+"""Tests of latency.py: the measurement is sane and sees decoder depth, the dataset resumes, the predictor recipe
+ranks a known linear relation, the CLI runs (CPU, one thread so a busy machine does not stall them; seconds).
+Run: python -m pytest -q tests/test_latency.py"""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import latency
+from latency import fit_predictor, kendall_tau, measure_latency, predict, with_dec_layers
+from mos import FEATURE_NAMES, SPACES, Transformer
+
+QUICK = dict(warmup=1, iters=5, threads=1)
+FAST_CLI = ["--threads=1", "--warmup=1", "--iters=3", "--src_vocab=30", "--tgt_vocab=30"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: two spinning threads on a machine another job keeps busy slow down 100x."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_measure_latency_is_sane():
+    space = SPACES["tiny"]
+    r = measure_latency(Transformer(space.largest(), 30, 30, space.qkv_dim), **QUICK)
+    assert 0 < r["encoder_ms"] < r["min_ms"] <= r["median_ms"] < 1000
+    assert r["iqr_ms"] >= 0 and r["threads"] == 1 and (r["beam"], r["src_len"], r["tgt_len"]) == (5, 23, 23)
+
+
+def test_deeper_decoder_takes_longer():
+    # HAT's space at full width: 1 vs 6 decoder layers is a gap far beyond timing noise (HAT: ~4x on a GPU)
+    space = SPACES["iwslt14"]
+    shallow, deep = (with_dec_layers(space.smallest(), n) for n in (1, 6))
+    ms = [measure_latency(Transformer(a, 100, 100, space.qkv_dim), **QUICK)["median_ms"] for a in (shallow, deep)]
+    assert ms[1] > 2 * ms[0], ms
+
+
+def test_kendall_tau():
+    x = np.arange(10.0)
+    assert kendall_tau(x, x) == pytest.approx(1.0) and kendall_tau(x, -x) == pytest.approx(-1.0)
+    assert kendall_tau(x, np.r_[x[:5], x[5:][::-1]]) < 1.0
+
+
+def test_predictor_ranks_a_linear_relation():
+    rng = np.random.default_rng(0)
+    X = rng.uniform(0.3, 1.0, (300, len(FEATURE_NAMES)))
+    y = 20 + X @ rng.uniform(0, 10, len(FEATURE_NAMES)) + 60 * X[:, 5] + rng.normal(0, 0.5, 300)
+    cfg = latency.LatencyConfig(mlp_steps=200, mlp_lr=1e-3)
+    predictor, report, test = fit_predictor(X, y, cfg)
+    assert report["chosen"] == "linear" and report["test"]["linear"]["kendall_tau"] >= 0.9
+    assert report["test"]["linear"]["mean_rel_error"] < 0.02
+    assert set(report["test"]) == {"linear", "mlp"} and np.isfinite(predict(fit_predictor(X, y, cfg)[0], X)).all()
+
+
+def test_dataset_resumes_and_fit_writes_outputs(tmp_path):
+    out = tmp_path / "lat.csv"
+    latency.main(["dataset", "--space=tiny", "--n=3", f"--out={out}", *FAST_CLI])
+    first = out.read_text()
+    latency.main(["dataset", "--space=tiny", "--n=5", f"--out={out}", *FAST_CLI])  # appends rows 4 and 5 only
+    assert out.read_text().startswith(first) and len(list(csv.DictReader(open(out)))) == 5
+    with pytest.raises(SystemExit, match="other subnets"):
+        latency.main(["dataset", "--space=tiny", "--n=5", "--seed=1", f"--out={out}", *FAST_CLI])
+    # fit needs more rows than a quick test measures: append synthetic ones in the same format
+    rows = list(csv.DictReader(open(out)))
+    rng = np.random.default_rng(0)
+    with open(out, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        for _ in range(60):
+            feats = rng.uniform(0.5, 1.0, len(FEATURE_NAMES))
+            writer.writerow({**rows[0], **dict(zip(FEATURE_NAMES, feats)), "median_ms": 5 + 10 * feats[5]})
+    pred_path = tmp_path / "predictor.json"
+    latency.main(["fit", f"--out={out}", f"--predictor={pred_path}", "--mlp_steps=20", "--threads=1"])
+    saved = json.loads(pred_path.read_text())
+    assert saved["space"] == "tiny" and saved["kind"] in ("linear", "mlp") and pred_path.with_suffix(".png").exists()
+    X, y, _ = latency.read_latency_csv(out)
+    assert np.allclose(predict(latency.load_predictor(pred_path), X).shape, y.shape)
+
+
+def test_cli_measure_and_depth(tmp_path):
+    log = tmp_path / "log.jsonl"
+    r = latency.main(["--space=tiny", "--arch=smallest", "--repeats=2", f"--log={log}", *FAST_CLI])
+    assert r["median_ms"] > 0 and len(r["runs"]) == 2 and r["spread"] >= 0
+    assert json.loads(log.read_text())["label"] == "smallest"
+    depth = latency.main(["depth", "--space=tiny", "--repeats=1", *FAST_CLI])
+    assert [d["arch"]["dec_layers"] for d in depth] == [1, 2]
+    with pytest.raises(SystemExit, match="unknown setting"):
+        latency.main(["--itters=3"])
+
+
+@pytest.mark.skipif(not Path(latency.LatencyConfig.hat_dir).exists(), reason="HAT's latency CSVs are not here")
+def test_reads_hat_csv():
+    X, y, name = latency.read_latency_csv(Path(latency.LatencyConfig.hat_dir) / "wmt14ende_cpu_xeon_all.csv")
+    assert X.shape == (2000, 10) and (y > 0).all() and name == "hat"

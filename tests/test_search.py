@@ -1,0 +1,133 @@
+"""Tests of search.py: mutation/crossover stay in the space, the budget is a hard constraint, an unreachable budget
+fails clearly, an end-to-end search on a tiny supernet, determinism and the resume cache (CPU, seconds).
+Run: python -m pytest -q tests/test_search.py"""
+
+import dataclasses
+import json
+import random
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import search
+from data.batching import make_toy_corpus
+from mos import SPACES, FEATURE_NAMES, SuperTransformer
+from search import BudgetError, SearchConfig, crossover, evolve, mutate
+from train import PRESETS, TrainConfig
+
+SMALL = dict(population=8, parents=2, mutations=3, crossovers=3, iterations=3)  # a few seconds on the tiny space
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: two spinning threads on a machine another job keeps busy slow down 100x."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def toy_latency(arch):
+    """A deterministic stand-in for latency (ms): decoder depth dominates, as measured."""
+    return 10.0 * arch.dec_layers + sum(arch.dec_ffn_dims) / 64 + arch.enc_embed_dim / 64
+
+
+def toy_fitness(arch):
+    """A stand-in for validation loss: bigger subnets are better."""
+    return 10.0 - arch.dec_layers - sum(arch.enc_ffn_dims + arch.dec_ffn_dims) / 1000
+
+
+@pytest.mark.parametrize("name", list(SPACES))
+def test_mutation_and_crossover_stay_in_space(name):
+    space, rng = SPACES[name], random.Random(0)
+    for _ in range(500):
+        a, b = space.sample(rng), space.sample(rng)
+        for prob in (0.3, 1.0):
+            assert space.validate(mutate(a, space, prob, rng))
+        assert space.validate(crossover(a, b, space, rng))
+    a = space.sample(rng)
+    assert mutate(a, space, 0.0, rng) == a  # probability 0 changes nothing
+    assert crossover(a, a, space, rng) == a
+
+
+def test_mutation_reaches_every_choice():
+    space, rng = SPACES["cpu"], random.Random(0)
+    seen = {mutate(space.smallest(), space, 0.5, rng).dec_layers for _ in range(200)}
+    assert seen == set(space.dec_layers)
+
+
+def test_budget_respected_and_seed_repeats():
+    space, cfg, budget = SPACES["cpu"], SearchConfig(**SMALL), 40.0
+    runs = [evolve(space, toy_fitness, toy_latency, budget, cfg, random.Random(7), log=lambda m: None)
+            for _ in range(2)]
+    assert all(toy_latency(a) <= budget for a in runs[0]["scored"])
+    assert runs[0]["arch"].dec_layers == 2  # the best that fits: 3 decoder layers cost > 40 ms here
+    assert runs[0]["arch"] == runs[1]["arch"] and runs[0]["history"] == runs[1]["history"]
+    assert runs[0]["history"] == sorted(runs[0]["history"], reverse=True)  # elitism: never worse
+
+
+def test_unreachable_budget_raises_clearly():
+    space, cfg = SPACES["cpu"], SearchConfig(**SMALL)
+    with pytest.raises(BudgetError, match=r"smallest one .* takes 17\.0 ms"):
+        evolve(space, toy_fitness, toy_latency, 5.0, cfg, random.Random(0), log=lambda m: None)
+    # reachable in principle, but rejection sampling gives up after max_tries draws instead of looping forever
+    fastest = dataclasses.replace(space.smallest(), dec_cross_spans=(1,))
+    cfg.max_tries = 20
+    with pytest.raises(BudgetError, match="none of 20 draws"):
+        evolve(space, toy_fitness, lambda a: 17.0 if a == fastest else 99.0, 17.0, cfg, random.Random(0),
+               log=lambda m: None)
+
+
+# -----------------------------------------------------------------------------
+# End to end on a randomly initialised tiny supernet (the search does not care whether it was trained)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny supernet checkpoint in train.py's format and a linear latency predictor for its space."""
+    folder = tmp_path_factory.mktemp("tiny")
+    cfg = TrainConfig(**{**PRESETS["toy"], "preset": "toy"})
+    corpus = make_toy_corpus(seed=cfg.seed)
+    torch.manual_seed(0)
+    model = SuperTransformer(SPACES["tiny"], len(corpus.src_vocab), len(corpus.tgt_vocab), router_hidden=32)
+    torch.save(dict(kind="supernet", model=model.state_dict(), model_args=model.init_args(), config=asdict(cfg),
+                    vocab=dict(src=corpus.src_vocab.itos, tgt=corpus.tgt_vocab.itos)), folder / "ckpt.pt")
+    weight = [10.0 if n == "dec_layers" else 0.0 for n in FEATURE_NAMES]  # 1 ms + 5 per decoder layer: 6 or 11 ms
+    (folder / "predictor.json").write_text(json.dumps(dict(kind="linear", weight=weight, bias=1.0, space="tiny")))
+    return folder
+
+
+def run_search(tiny, out, *extra):
+    args = [f"--ckpt={tiny / 'ckpt.pt'}", f"--predictor={tiny / 'predictor.json'}", f"--out_dir={out}",
+            "--budgets=[8,20]", "--valid_sentences=100", "--threads=1", "--final_iters=3", "--final_repeats=1",
+            "--final_warmup=1", *[f"--{k}={v}" for k, v in SMALL.items()], *extra]
+    return search.main(args)
+
+
+def test_search_end_to_end_deterministic(tiny, tmp_path):
+    first = run_search(tiny, tmp_path / "a")
+    for name in ("arch_8ms.json", "arch_20ms.json", "results.json", "candidates.png", "convergence.png",
+                 "cache.json"):
+        assert (tmp_path / "a" / name).exists(), name
+    assert first[0]["search_latency_ms"] <= 8 and first[0]["arch"]["dec_layers"] == 1  # 2 layers: 11 ms
+    assert first[1]["search_latency_ms"] <= 20
+    assert first[0]["measured_ms"] > 0 and first[0]["predicted_ms"] == first[0]["search_latency_ms"]
+    second = run_search(tiny, tmp_path / "b")
+    assert [(r["arch"], r["valid_loss"], r["history"]) for r in first] == \
+           [(r["arch"], r["valid_loss"], r["history"]) for r in second]
+
+
+def test_search_resumes_from_cache(tiny, tmp_path, monkeypatch):
+    first = run_search(tiny, tmp_path, "--latency=measured", "--search_iters=2", "--search_warmup=0")
+
+    def no_rescoring(*args):
+        raise AssertionError("a cached subnet was scored again")
+    monkeypatch.setattr(search, "valid_loss", no_rescoring)
+    again = run_search(tiny, tmp_path, "--latency=measured", "--search_iters=2", "--search_warmup=0")
+    assert [r["arch"] for r in first] == [r["arch"] for r in again]
+
+
+def test_search_rejects_unreachable_budget(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="smallest one"):
+        run_search(tiny, tmp_path, "--budgets=[5]")
