@@ -18,6 +18,7 @@ Settings are the LatencyConfig fields, changed with --key=value as in train.py; 
 """
 
 import ast
+import base64
 import csv
 import dataclasses
 import json
@@ -173,8 +174,8 @@ def protocol(cfg: LatencyConfig) -> dict:
 
 def with_dec_layers(arch, n):
     """`arch` with n decoder layers, each like its first decoder layer."""
-    return dataclasses.replace(arch, dec_layers=n, **{name: (getattr(arch, name)[0],) * n for name in
-                                                      ("dec_ffn_dims", "dec_heads", "dec_cross_heads", "dec_cross_spans")})
+    per_layer = ("dec_ffn_dims", "dec_heads", "dec_cross_heads", "dec_cross_spans")
+    return dataclasses.replace(arch, dec_layers=n, **{name: (getattr(arch, name)[0],) * n for name in per_layer})
 
 
 def measure_repeated(cfg, make, arch, label) -> dict:
@@ -279,11 +280,28 @@ def read_latency_csv(path):
             np.array([float(r["latency_mean_encoder"]) + float(r["latency_mean_decoder"]) for r in rows]), "hat")
 
 
+def encode_array(a: np.ndarray) -> dict:
+    """A float array as JSON: float32 bytes in base64 (HAT's MLP has 485K weights: 2.6 MB, not 9 MB of digits)."""
+    return {"shape": list(a.shape), "float32_base64": base64.b64encode(a.astype("<f4").tobytes()).decode()}
+
+
+def decode_array(d: dict) -> np.ndarray:
+    """The inverse of encode_array."""
+    return np.frombuffer(base64.b64decode(d["float32_base64"]), dtype="<f4").reshape(d["shape"]).astype(np.float64)
+
+
+def save_predictor(predictor: dict, path, **extra):
+    """Write a fit_linear/fit_mlp dict (plus `extra` entries) as JSON."""
+    layers = [{k: encode_array(v) for k, v in layer.items()} for layer in predictor.get("layers", [])]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(Path(path), {**predictor, **({"layers": layers} if layers else {}), **extra})
+
+
 def load_predictor(path) -> dict:
     """A predictor JSON written by `fit`, with its weights as numpy arrays so that predict() is fast."""
     predictor = json.loads(Path(path).read_text())
     for layer in predictor.get("layers", []):
-        layer["weight"], layer["bias"] = np.array(layer["weight"]), np.array(layer["bias"])
+        layer["weight"], layer["bias"] = decode_array(layer["weight"]), decode_array(layer["bias"])
     return predictor
 
 
@@ -340,10 +358,7 @@ def cmd_fit(cfg: LatencyConfig):
     predictor, report, test = fit_predictor(X, y, cfg)
     t = report["test"][report["chosen"]]
     out = Path(cfg.predictor)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for layer in predictor.get("layers", []):  # JSON wants lists
-        layer["weight"], layer["bias"] = layer["weight"].tolist(), layer["bias"].tolist()
-    write_json(out, {**predictor, "space": space, "feature_names": list(FEATURE_NAMES), "data": cfg.out, **report})
+    save_predictor(predictor, out, space=space, feature_names=list(FEATURE_NAMES), data=cfg.out, **report)
     p = predict(load_predictor(out), X)
     plot_predictor(y, p, test, f"{report['chosen']} predictor, {space} space: test tau {t['kendall_tau']:.3f}, "
                                f"RMSE {t['rmse_ms']:.2f} ms", out.with_suffix(".png"))
@@ -371,6 +386,7 @@ def cmd_hat(cfg: LatencyConfig):
 
 
 def main(argv):
+    """Run one command; returns what it measured (for tests and notebooks)."""
     cfg = parse_settings(LatencyConfig, argv, command_field="command")
     torch.set_num_threads(cfg.threads)
     if cfg.command in ("measure", "depth"):

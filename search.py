@@ -102,7 +102,8 @@ def mutate(arch: ArchConfig, space, prob, rng) -> ArchConfig:
     new = {name: redraw(getattr(arch, name), space.choices()[name]) for name in SCALARS}
     for name in PER_LAYER:
         allowed = _allowed(space, name, new["enc_layers"])
-        new[name] = tuple(redraw(v, allowed) for v in _fit_layers(getattr(arch, name), _layers(name, new), allowed, rng))
+        values = _fit_layers(getattr(arch, name), _layers(name, new), allowed, rng)
+        new[name] = tuple(redraw(v, allowed) for v in values)
     return space.validate(ArchConfig(**new))
 
 
@@ -113,7 +114,8 @@ def crossover(a: ArchConfig, b: ArchConfig, space, rng) -> ArchConfig:
     new = {name: pick(getattr(a, name), getattr(b, name)) for name in SCALARS}
     for name in PER_LAYER:
         va, vb, n = getattr(a, name), getattr(b, name), _layers(name, new)
-        merged = [pick(va[i], vb[i]) if i < min(len(va), len(vb)) else (va if len(va) > i else vb)[i] for i in range(n)]
+        merged = [pick(va[i], vb[i]) if i < min(len(va), len(vb)) else (va if len(va) > i else vb)[i]
+                  for i in range(n)]
         new[name] = tuple(_fit_layers(merged, n, _allowed(space, name, new["enc_layers"]), rng))
     return space.validate(ArchConfig(**new))
 
@@ -152,7 +154,8 @@ def evolve(space, fitness, latency, budget, cfg: SearchConfig, rng, log=print) -
             f"{latency(best):.1f} ms | {len(scored)} subnets scored | {time.time() - t0:.0f} s")
         if it == cfg.iterations - 1:  # HAT's last new population is never scored: do not build it
             break
-        mutants = [draw(lambda: mutate(rng.choice(parents), space, cfg.mutate_prob, rng)) for _ in range(cfg.mutations)]
+        mutants = [draw(lambda: mutate(rng.choice(parents), space, cfg.mutate_prob, rng))
+                   for _ in range(cfg.mutations)]
         children = [draw(lambda: crossover(*rng.sample(parents, 2), space, rng)) for _ in range(cfg.crossovers)]
         population = parents + mutants + children
     return dict(arch=best, valid_loss=fitness(best), latency_ms=latency(best), history=history, scored=list(scored))
@@ -172,6 +175,7 @@ class Cache:
     what they depend on; a file made under another tag is ignored."""
 
     def __init__(self, path, tag):
+        """Load the stored values of `path` if they were made under the same `tag`."""
         self.path, self.tag, self.data = Path(path), tag, {}
         if self.path.exists():
             stored = json.loads(self.path.read_text())
@@ -186,6 +190,7 @@ class Cache:
         table = self.data.setdefault(kind, {})
 
         def cached(arch):
+            """fn(arch), computed and written to disk only the first time."""
             key = arch_key(arch)
             if key not in table:
                 table[key] = fn(arch)
@@ -258,6 +263,7 @@ def plot(results, candidates, cfg, protocol, out_dir):
 
 
 def main(argv):
+    """Search every budget on one supernet, re-measure the winners, write the arch files, results and plots."""
     cfg = parse_settings(SearchConfig, argv)
     if cfg.population != cfg.parents + cfg.mutations + cfg.crossovers:  # HAT asserts the same
         raise SystemExit(f"error: population {cfg.population} != parents + mutations + crossovers")
@@ -292,14 +298,15 @@ def main(argv):
                                                max_tokens=cfg.max_tokens, threads=cfg.threads, device=cfg.device,
                                                search_iters=cfg.search_iters, search_warmup=cfg.search_warmup))
     fitness = cache.wrap("valid_loss", lambda arch: valid_loss(supernet.subnet(arch), batches))
-    predicted = (lambda arch: float(predict(predictor, mos.arch_features(arch, space).numpy())[0])) if predictor else None
+    predicted = None if predictor is None else (
+        lambda arch: float(predict(predictor, mos.arch_features(arch, space).numpy())[0]))
     measured = cache.wrap("measured_ms", lambda arch: timed(arch, cfg.search_warmup, cfg.search_iters)["median_ms"])
     latency = measured if cfg.latency == "measured" else predicted
     protocol = f"{cfg.device}, {cfg.threads} threads, batch 1, beam 5, 23+23 tokens"
     print(f"searching {space.name} space of {cfg.ckpt} | {len(batches)} valid batches ({cfg.valid_sentences} "
           f"sentences) | {cfg.latency} latency | budgets {list(cfg.budgets)} ms")
 
-    results = []
+    results, scored = [], {}  # scored: every subnet this run scored, under any budget (in order)
     for budget in cfg.budgets:
         t0 = time.time()
         try:
@@ -310,20 +317,20 @@ def main(argv):
         final = sorted(runs)[len(runs) // 2]  # the median of the repeats
         result = dict(budget_ms=float(budget), arch=r["arch"].to_dict(), valid_loss=r["valid_loss"],
                       search_latency_ms=r["latency_ms"], measured_ms=final, measured_runs_ms=runs,
+                      measured_spread=(max(runs) - min(runs)) / final,
                       predicted_ms=predicted(r["arch"]) if predicted else None,
                       within_budget=final <= budget, over_budget_pct=max(0.0, 100 * (final / budget - 1)),
                       params_no_emb=mos.num_params(r["arch"], space, 0, 0, embeddings=False),
                       history=r["history"], n_scored=len(r["scored"]), seconds=round(time.time() - t0, 1))
         results.append(result)
+        scored.update(dict.fromkeys(r["scored"]))
         write_json(out_dir / f"arch_{budget:g}ms.json", result["arch"])  # ready for train.py --arch=FILE
         pred = f"{result['predicted_ms']:.1f}" if predicted else "n/a"
         verdict = "within budget" if final <= budget else f"{result['over_budget_pct']:.1f}% over"
         print(f"budget {budget:g} ms: loss {r['valid_loss']:.4f} | predicted {pred} ms | re-measured {final:.1f} ms "
               f"({verdict}) | {result['seconds']:.0f} s -> {out_dir / f'arch_{budget:g}ms.json'}")
 
-    losses = cache.data["valid_loss"]  # every subnet scored in this out_dir, under any budget
-    scored = [ArchConfig.from_dict(json.loads(k)) for k in losses]
-    candidates = [(latency(a), losses[arch_key(a)]) for a in scored]
+    candidates = [(latency(a), fitness(a)) for a in scored]  # all cached by now
     plot(results, candidates, cfg, protocol, out_dir)
     write_json(out_dir / "results.json", dict(settings=asdict(cfg), protocol=protocol, space=space.name,
                                               seconds=round(time.time() - t_start, 1), results=results,

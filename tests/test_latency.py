@@ -59,6 +59,15 @@ def test_predictor_ranks_a_linear_relation():
     assert set(report["test"]) == {"linear", "mlp"} and np.isfinite(predict(fit_predictor(X, y, cfg)[0], X)).all()
 
 
+def test_mlp_predictor_survives_json(tmp_path):
+    rng = np.random.default_rng(0)
+    X, y = rng.uniform(0.3, 1.0, (50, len(FEATURE_NAMES))), rng.uniform(10, 20, 50)
+    mlp = latency.fit_mlp(X, y, steps=5, lr=1e-3, seed=0)
+    latency.save_predictor(mlp, tmp_path / "p.json", space="tiny")
+    loaded = latency.load_predictor(tmp_path / "p.json")
+    assert loaded["space"] == "tiny" and np.allclose(predict(loaded, X), predict(mlp, X), rtol=1e-5)
+
+
 def test_dataset_resumes_and_fit_writes_outputs(tmp_path):
     out = tmp_path / "lat.csv"
     latency.main(["dataset", "--space=tiny", "--n=3", f"--out={out}", *FAST_CLI])

@@ -99,6 +99,7 @@ def tiny(tmp_path_factory):
 
 
 def run_search(tiny, out, *extra):
+    """search.main on the tiny supernet with small settings; `extra` overrides them."""
     args = [f"--ckpt={tiny / 'ckpt.pt'}", f"--predictor={tiny / 'predictor.json'}", f"--out_dir={out}",
             "--budgets=[8,20]", "--valid_sentences=100", "--threads=1", "--final_iters=3", "--final_repeats=1",
             "--final_warmup=1", *[f"--{k}={v}" for k, v in SMALL.items()], *extra]
