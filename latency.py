@@ -161,8 +161,13 @@ def subnet_maker(cfg: LatencyConfig):
     ckpt = load_checkpoint(cfg.ckpt)
     model = model_from_checkpoint(ckpt).eval()
     space = mos.SearchSpace.from_dict(ckpt["model_args"]["space"])
-    if ckpt["kind"] == "standalone":  # one fixed arch: --arch cannot change it
-        return space, lambda arch: model
+    if ckpt["kind"] == "standalone":  # one fixed arch
+        if cfg.command != "measure":
+            raise SystemExit(f"error: {cfg.ckpt} holds one standalone model; `{cfg.command}` needs a supernet "
+                             f"checkpoint or --space")
+        make = lambda arch: model
+        make.arch = model.arch  # what main() times instead of --arch
+        return space, make
     return space, model.subnet
 
 
@@ -391,9 +396,9 @@ def main(argv):
     torch.set_num_threads(cfg.threads)
     if cfg.command in ("measure", "depth"):
         space, make = subnet_maker(cfg)
-        arch = resolve_arch(cfg.arch, space)
+        arch = getattr(make, "arch", None) or resolve_arch(cfg.arch, space)
         if cfg.command == "measure":
-            return measure_repeated(cfg, make, arch, cfg.arch)
+            return measure_repeated(cfg, make, arch, "standalone model" if hasattr(make, "arch") else cfg.arch)
         return [measure_repeated(cfg, make, with_dec_layers(arch, n), f"{cfg.arch}, {n} decoder layers")
                 for n in sorted(space.dec_layers)]
     commands = {"dataset": cmd_dataset, "fit": cmd_fit, "hat": cmd_hat}
