@@ -13,6 +13,7 @@ Settings are the TrainConfig fields below, changed with --key=value; --preset=NA
 """
 
 import ast
+import hashlib
 import json
 import math
 import os
@@ -76,6 +77,7 @@ class TrainConfig:
     bleu_sentences: int = 0  # validation BLEU on the first N valid sentences; 0 = all, -1 = no BLEU during training
     beam: int = 5
     lenpen: float = 1.0
+    test_sentences: int = 0  # final test BLEU on the first N sentences of `split`; 0 = all
     avg_last: int = 0  # average the last K evaluation checkpoints' weights before the final test (0 = off)
     eval_only: bool = False  # score --init (with --arch for a supernet) on `split` and exit
     translate: str = ""  # translate lines from this file ('-' = stdin) with --init and exit
@@ -358,7 +360,7 @@ def main(argv):
         save_checkpoint(dict(kind=kind, model=model.state_dict(), model_args=model_args, config=asdict(cfg),
                              optimizer=optimizer.state_dict(), step=step, data=dict(epoch=epoch, batch=batch_in_epoch),
                              vocab=dict(src=corpus.src_vocab.itos, tgt=corpus.tgt_vocab.itos),
-                             train_seconds=start_time + time.time() - t0, torch_version=torch.__version__), path)
+                             train_seconds=start_time + time.time() - t0, torch_version=str(torch.__version__)), path)
 
     def validate():
         """Loss (and BLEU) on valid for the representative subnets (or the one model), logged to log.jsonl."""
@@ -433,6 +435,15 @@ def main(argv):
                 tqdm.write(f"stopping at step {step}: max_minutes={cfg.max_minutes} reached")
                 break
     bar.close()
+    if ddp:  # check that the replicas stayed in sync: same subnets every step, same weights at the end
+        digest = [float(sum(p.double().sum() for p in model.parameters())),
+                  hashlib.sha256(str([subnets_for(k) for k in range(step)]).encode()).hexdigest()]
+        digests = [None] * world
+        dist.all_gather_object(digests, digest)
+        if master:
+            write_json(out_dir / "ddp_check.json", {"rank_digests": digests, "in_sync": digests.count(digest) == world})
+            if digests.count(digest) != world:
+                raise SystemExit(f"error: data-parallel replicas diverged: {digests}")
     if master:
         final_test(cfg, model, kind, representative, corpus, device, out_dir)
     if ddp:
@@ -450,7 +461,7 @@ def final_test(cfg, model, kind, representative, corpus, device, out_dir):
     results = {"split": cfg.split}
     for name, net in targets.items():
         t = time.time()
-        results[name] = evaluate(net, corpus, cfg.split, cfg, device)
+        results[name] = evaluate(net, corpus, cfg.split, cfg, device, n_bleu=cfg.test_sentences)
         results[name]["decode_seconds"] = round(time.time() - t, 1)
         r = results[name]
         print(f"{cfg.split} {name}: loss {r['loss']:.3f} | BLEU {r['bleu']:.2f} | {r['bleu_signature']}")
@@ -482,7 +493,7 @@ def evaluate_or_translate(cfg, corpus, device):
         for hyp in translate_ids(model.eval(), sentences, cfg, device):
             print(corpus.tgt_vocab.decode(hyp))
         return
-    r = evaluate(model, corpus, cfg.split, cfg, device)
+    r = evaluate(model, corpus, cfg.split, cfg, device, n_bleu=cfg.test_sentences)
     print(f"{cfg.split}: loss {r['loss']:.3f} | BLEU {r['bleu']:.2f} | {r['bleu_signature']}")
     print(json.dumps(r))
 
