@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -87,6 +88,7 @@ class TrainConfig:
     seed: int = 1337
     resume: bool = False  # continue out_dir/ckpt.pt exactly where it stopped
     max_minutes: float = 0.0  # stop (and save) after this much training time; 0 = no limit
+    max_bad_steps: int = 10  # stop after this many non-finite losses in a row (each such step is skipped)
 
 
 PRESETS = {
@@ -357,6 +359,8 @@ def main(argv):
         return [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(cfg.n_random)]
 
     def checkpoint(path=ckpt_path):
+        if not all(torch.isfinite(p).all() for p in model.parameters()):  # never overwrite a good checkpoint
+            raise SystemExit(f"error: the weights are not finite at step {step}; kept the last checkpoint {path}")
         save_checkpoint(dict(kind=kind, model=model.state_dict(), model_args=model_args, config=asdict(cfg),
                              optimizer=optimizer.state_dict(), step=step, data=dict(epoch=epoch, batch=batch_in_epoch),
                              vocab=dict(src=corpus.src_vocab.itos, tgt=corpus.tgt_vocab.itos),
@@ -380,6 +384,8 @@ def main(argv):
     t0, tokens_seen, log_t = time.time(), 0, time.time()
     batches = batcher.batches(epoch)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master or None, dynamic_ncols=True)
+    interrupted, bad_steps, skipped = [], 0, 0
+    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))  # Ctrl-C
     while step < cfg.max_steps:
         if batch_in_epoch >= len(batches):
             epoch, batch_in_epoch = epoch + 1, 0
@@ -406,9 +412,16 @@ def main(argv):
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= world
-        if cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        optimizer.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
+        if all(map(math.isfinite, losses.values())) and torch.isfinite(grad_norm):
+            optimizer.step()
+            bad_steps = 0
+        else:  # a non-finite loss or gradient: skip this update, and stop if it keeps happening
+            bad_steps, skipped = bad_steps + 1, skipped + 1
+            tqdm.write(f"step {step}: non-finite loss {losses} or gradient norm; update skipped ({skipped} so far)")
+            if bad_steps >= cfg.max_bad_steps:
+                raise SystemExit(f"error: {bad_steps} non-finite steps in a row at step {step}; stopping with the "
+                                 f"last checkpoint intact (try a lower --lr or --clip)")
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += int(ntok) * world
@@ -417,24 +430,34 @@ def main(argv):
                                                                if cfg.sampling == "sandwich" else ["R"])
             record = {"step": step, "lr": lr, **{n: round(v, 4) for n, v in zip(names, losses.values())}}
             bar.set_postfix(loss=f"{np.mean(list(losses.values())):.3f}", lr=f"{lr:.1e}",
-                            tok_s=f"{tokens_seen / (time.time() - t0):.0f}")
+                            tok_s=f"{tokens_seen / (time.time() - log_t):.0f}")
             bar.update(1)
             if step % cfg.log_interval == 0:
                 record["tok_per_s"] = round(tokens_seen / (time.time() - log_t))
                 tokens_seen, log_t = 0, time.time()
                 append_jsonl(out_dir / "train_log.jsonl", record)
         out_of_time = cfg.max_minutes > 0 and (start_time + time.time() - t0) / 60 > cfg.max_minutes
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps or out_of_time:
+        stop = torch.tensor(int(out_of_time or bool(interrupted)))
+        if ddp:  # every rank stops at the same step
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if stop:
+            if master:
+                checkpoint()
+                tqdm.write(f"stopped at step {step} ({'interrupted' if interrupted else 'max_minutes reached'}); "
+                           f"checkpoint saved, continue with --resume=True --out_dir={cfg.out_dir}")
+            if interrupted:
+                signal.signal(signal.SIGINT, previous_handler)
+                return
+            break
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             if master:
                 if cfg.bleu_sentences >= 0 or step == cfg.max_steps:
                     validate()
                 checkpoint()
                 if cfg.avg_last > 0:
                     checkpoint(out_dir / f"ckpt_step{step}.pt")
-            if out_of_time:
-                tqdm.write(f"stopping at step {step}: max_minutes={cfg.max_minutes} reached")
-                break
     bar.close()
+    signal.signal(signal.SIGINT, previous_handler)
     if ddp:  # check that the replicas stayed in sync: same subnets every step, same weights at the end
         digest = [float(sum(p.double().sum() for p in model.parameters())),
                   hashlib.sha256(str([subnets_for(k) for k in range(step)]).encode()).hexdigest()]

@@ -3,8 +3,10 @@ BLEU, settings and checkpoints (CPU). Run: python -m pytest -q tests/test_train.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,28 @@ def test_multi30k_supernet_and_standalone_steps(tmp_path):
 def test_missing_data_offline_says_how_to_pass_a_source(tmp_path):
     with pytest.raises(SystemExit, match="--data_source"):
         train.load_data(train.TrainConfig(data_dir=str(tmp_path / "none"), data_source=str(tmp_path / "nowhere")))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
+    out = tmp_path / "sigint"
+    cmd = [sys.executable, str(ROOT / "train.py"), *TOY, "--max_steps=100000", f"--out_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (out / "train_log.jsonl").exists() and time.time() < deadline:  # wait until it is training
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "checkpoint saved" in output, output[-2000:]
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    train.main([*TOY, f"--out_dir={out}", "--resume=True", f"--max_steps={step + 2}"])
+    assert [r["step"] for r in losses(out)][-2:] == [step + 1, step + 2]
+
+
+def test_non_finite_losses_are_skipped_then_stop_and_the_checkpoint_stays_finite(tmp_path, capsys):
+    out = tmp_path / "blowup"
+    with pytest.raises(SystemExit, match="non-finite steps in a row"):  # an absurd learning rate: weights explode
+        train.main([*TOY, f"--out_dir={out}", "--lr=1e30", "--warmup=1", "--max_steps=50", "--max_bad_steps=2",
+                    "--eval_interval=1"])
+    assert "update skipped (1 so far)" in capsys.readouterr().out
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert all(torch.isfinite(w).all() for w in ckpt["model"].values())

@@ -1,0 +1,208 @@
+"""
+Benchmarks, measured side by side in one run (nanoGPT's bench.py, grown a little). Prints a table and writes
+results/bench.json:
+  1. training throughput (target tokens/s) of the CPU preset's sandwich step, and model FLOPs utilisation against
+     this machine's own matmul peak measured in the same run (fp32, and bf16);
+  2. step time of layer-wise and neuron-wise MoS against plain weight sharing, same arch and batch (ratio);
+  3. decoding: beam search with the cache against without, sentences/s on a 1,000-sentence set; forward
+     latency at batch 1 of the extracted subnet against the supernet path (routing and mixing on every call);
+  4. peak memory of a training step for the largest subnet;
+  5. time spent waiting on data per step.
+
+    python bench.py                        # CPU preset on Multi30k (prepared by train.py / data/prepare.py)
+    python bench.py --data=toy --space=tiny --device=cuda
+"""
+
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import mos
+import train
+from data.batching import TokenBatcher, collate
+from mos import SPACES, SuperTransformer
+
+SETTINGS = dict(data="multi30k", space="cpu", device="auto", max_tokens=4096, repeats=7, warmup=2,
+                decode_sentences=1000, decode_batch=64, beam=5, out="results/bench.json", seed=0)
+
+
+def timed(fn, device):
+    """Seconds one call of fn takes (CUDA synchronised)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def interleaved(fns: dict, device, repeats, warmup):
+    """Median seconds of each fn, timed in rounds that alternate between them, so slow drifts of the machine
+    affect all of them alike (the ratios are what we trust)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(timed(fn, device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def matmul_peak(device, dtype, n=2048, repeats=10):
+    """Achieved FLOP/s of an n x n x n matmul: the machine's practical peak for MFU."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    secs = interleaved({"mm": lambda: a @ b}, device, repeats, warmup=3)["mm"]
+    return 2 * n ** 3 / secs
+
+
+def train_flops(arch, space, tgt_vocab, n_src, n_tgt):
+    """Matmul FLOPs of one forward+backward (3x the forward's 2 FLOPs per weight per token) of one subnet on
+    n_src source and n_tgt target tokens. Embedding lookups are not matmuls; attention scores are left out
+    (sentences are ~16 tokens, so they are < 2% here)."""
+    Q, Ce, Cd = space.qkv_dim, arch.enc_embed_dim, arch.dec_embed_dim
+    enc = sum(Ce * Q * 4 + 2 * Ce * f for f in arch.enc_ffn_dims)  # q, k, v, out + FFN, per source token
+    dec = sum(Cd * Q * 4 + Cd * Q * 2 + 2 * Cd * f for f in arch.dec_ffn_dims) + Cd * tgt_vocab  # + cross q/out
+    cross_kv = sum(Ce * 2 * Q * s for s in arch.dec_cross_spans)  # cross keys/values, per source token
+    return 6 * ((enc + cross_kv) * n_src + dec * n_tgt)
+
+
+def peak_rss_bytes():
+    """Peak resident memory of this process so far (Linux VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def main(argv):
+    s = dict(SETTINGS)
+    for arg in argv:
+        key, value = arg.lstrip("-").split("=", 1)
+        if key not in s:
+            raise SystemExit(f"error: unknown setting --{key}; settings are {list(s)}")
+        s[key] = type(s[key])(value)
+    device = torch.device("cuda" if s["device"] == "auto" and torch.cuda.is_available() else
+                          "cpu" if s["device"] == "auto" else s["device"])
+    torch.manual_seed(s["seed"])
+    cfg = train.TrainConfig(**{**train.PRESETS["toy" if s["data"] == "toy" else "multi30k"], "data": s["data"]})
+    corpus = train.load_data(cfg)
+    space, V_src, V_tgt = SPACES[s["space"]], len(corpus.src_vocab), len(corpus.tgt_vocab)
+    src, tgt = corpus.splits["train"]
+    batcher = TokenBatcher([len(x) for x in src], [len(x) for x in tgt], s["max_tokens"], seed=s["seed"])
+    batch_idx = max(batcher.batches(0), key=len)  # a full batch of typical length
+    batch = [x.to(device) for x in collate(src, tgt, batch_idx)]
+    n_src, n_tgt = int((batch[0] != mos.PAD).sum()), int((batch[2] != mos.PAD).sum())
+    report = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "space": space.name, "data": corpus.name, "batch_sentences": len(batch_idx),
+              "batch_target_tokens": n_tgt}
+    print(f"device {device} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
+          f"batch {len(batch_idx)} sentences, {n_tgt} target tokens")
+
+    models = {r: SuperTransformer(space, V_src, V_tgt, num_experts=1 if r == "none" else 2, router=r).to(device)
+              for r in ("none", "layer", "neuron")}
+    opts = {r: torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.9, 0.98)) for r, m in models.items()}
+
+    def step_fn(router, archs, bf16=False):
+        """One training step of `archs` (gradients accumulated, one Adam update)."""
+        model, opt = models[router], opts[router]
+        s_, ti, to = batch
+
+        def run():
+            for arch in archs:
+                with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                    logits = model(s_, ti, arch)
+                (train.token_loss(logits, to, 0.1) / n_tgt / len(archs)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    # ---- 2. MoS overhead: the same arch and batch, plain sharing vs layer-wise vs neuron-wise
+    for name, arch in (("largest", space.largest()), ("smallest", space.smallest())):
+        t = interleaved({r: step_fn(r, [arch]) for r in models}, device, s["repeats"], s["warmup"])
+        report[f"step_seconds_{name}"] = t
+        report[f"mos_overhead_{name}"] = {r: t[r] / t["none"] for r in ("layer", "neuron")}
+        print(f"train step, {name} subnet: plain {t['none'] * 1e3:.0f} ms | layer-wise {t['layer'] * 1e3:.0f} ms "
+              f"(x{t['layer'] / t['none']:.3f}) | neuron-wise {t['neuron'] * 1e3:.0f} ms (x{t['neuron'] / t['none']:.3f})"
+              f"  target <= x1.10")
+
+    # ---- 1. throughput and MFU of the CPU preset's sandwich step (neuron-wise MoS), fp32 and bf16
+    sandwich = [space.largest(), space.smallest(), space.sample(random.Random(s["seed"]))]
+    flops = sum(train_flops(a, space, V_tgt, n_src, n_tgt) for a in sandwich)
+    for dtype, bf16 in (("fp32", False), ("bf16", True)):
+        secs = interleaved({"step": step_fn("neuron", sandwich, bf16)}, device, s["repeats"], s["warmup"])["step"]
+        peak = matmul_peak(device, torch.float32 if dtype == "fp32" else torch.bfloat16)
+        report[f"sandwich_{dtype}"] = dict(step_seconds=secs, target_tokens_per_s=n_tgt / secs,
+                                           model_tflops=flops / secs / 1e12, peak_matmul_tflops=peak / 1e12,
+                                           mfu=flops / secs / peak)
+        print(f"sandwich step {dtype}: {secs * 1e3:.0f} ms | {n_tgt / secs:.0f} target tok/s | "
+              f"{flops / secs / 1e12:.3f} TFLOP/s of a {peak / 1e12:.3f} TFLOP/s matmul peak = MFU {flops / secs / peak:.1%}")
+
+    # ---- 5. data waiting: building the batches (packing + collate) against the step itself
+    t_data = statistics.median(timed(lambda: collate(src, tgt, batch_idx), device) for _ in range(20))
+    t_epoch = timed(lambda: batcher.batches(1), device) / len(batcher)  # packing cost spread over an epoch
+    step_s = report["sandwich_fp32"]["step_seconds"]
+    report["data_wait"] = dict(collate_seconds=t_data, packing_seconds_per_step=t_epoch,
+                               fraction_of_step=(t_data + t_epoch) / step_s)
+    print(f"data: collate {t_data * 1e3:.2f} ms + packing {t_epoch * 1e3:.2f} ms per step "
+          f"= {(t_data + t_epoch) / step_s:.2%} of a step (target < 5%)")
+
+    # ---- 4. peak memory of a training step of the largest subnet
+    largest = space.largest()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        step_fn("neuron", [largest])()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (Linux)
+        step_fn("neuron", [largest])()
+        peak = peak_rss_bytes()
+    report["peak_memory_bytes_largest_step"] = peak
+    print(f"peak memory, largest-subnet training step: {peak / 2 ** 20:.0f} MiB "
+          f"({'CUDA allocated' if device.type == 'cuda' else 'process RSS incl. all three test supernets'})")
+
+    # ---- 3. decoding: cached vs uncached beam search; extracted subnet vs supernet path at batch 1
+    supernet = models["neuron"].eval()
+    subnet = supernet.subnet(largest).eval()
+    test_src = corpus.splits["test"][0][: s["decode_sentences"]]
+    order = sorted(range(len(test_src)), key=lambda i: len(test_src[i]))
+    chunks = [collate(test_src, test_src, order[k:k + s["decode_batch"]])[0].to(device)
+              for k in range(0, len(order), s["decode_batch"])]
+    fixed = dict(beam=s["beam"], max_len_a=0.0, max_len_b=30)  # 30 output tokens, as the acceptance states
+
+    def decode_all(cache):
+        return lambda: [mos.beam_search(subnet, c, use_cache=cache, **fixed) for c in chunks]
+    t = interleaved({"cached": decode_all(True), "uncached": decode_all(False)}, device, 1, 0)
+    n = len(test_src)
+    report["beam_search"] = dict(sentences=n, batch=s["decode_batch"], beam=s["beam"], output_tokens=30,
+                                 cached_sentences_per_s=n / t["cached"], uncached_sentences_per_s=n / t["uncached"],
+                                 speedup=t["uncached"] / t["cached"])
+    print(f"beam {s['beam']}, 30 tokens, {n} sentences: cached {n / t['cached']:.1f} sent/s | uncached "
+          f"{n / t['uncached']:.1f} sent/s | x{t['uncached'] / t['cached']:.2f} (target >= 2)")
+    one_src = torch.randint(4, V_src, (1, 23), device=device)
+    one_tgt = torch.randint(4, V_tgt, (1, 23), device=device)
+    with torch.inference_mode():
+        t = interleaved({"subnet": lambda: subnet(one_src, one_tgt),
+                         "supernet": lambda: supernet(one_src, one_tgt, largest)}, device, 50, 5)
+    report["batch1_forward_ms"] = {k: v * 1e3 for k, v in t.items()}
+    print(f"batch-1 forward (23 src, 23 tgt tokens), largest: subnet {t['subnet'] * 1e3:.2f} ms | supernet path "
+          f"{t['supernet'] * 1e3:.2f} ms | subnet/supernet x{t['subnet'] / t['supernet']:.2f} (target <= 1)")
+
+    out = Path(s["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
