@@ -1,9 +1,9 @@
 """
 Mixture-of-Supernets (MoS) for machine translation, in one file.
 
-Paper: Jawahar, Mukherjee, Liu, Kim, Abdul-Mageed, Lakshmanan, Awadallah, Bubeck, Gao,
-"Mixture-of-Supernets: Improving Weight-Sharing Supernet Training with Architecture-Routed
-Mixture-of-Experts", ACL Findings 2024, arXiv 2306.04845. It builds on HAT (Wang et al., ACL 2020).
+Paper: Jawahar et al., "Mixture-of-Supernets: Improving Weight-Sharing Supernet Training with
+Architecture-Routed Mixture-of-Experts", Findings of ACL 2024, arXiv 2306.04845. It builds on HAT
+(Wang et al., "HAT: Hardware-Aware Transformers for Efficient Natural Language Processing", ACL 2020).
 
 The method in a few lines:
 1. A *supernet* is one large encoder-decoder Transformer. A *subnet* (an `ArchConfig`: embedding widths,
