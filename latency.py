@@ -17,7 +17,6 @@ CUDA synchronisation, a fixed and recorded thread count, and the median with the
 Settings are the LatencyConfig fields, changed with --key=value as in train.py; the first bare word is the command.
 """
 
-import ast
 import base64
 import csv
 import dataclasses
@@ -25,7 +24,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ from tqdm import tqdm
 
 import mos
 from mos import EOS, FEATURE_NAMES, SPACES, Transformer
-from train import load_checkpoint, model_from_checkpoint, resolve_arch, write_json
+from train import apply_overrides, load_checkpoint, model_from_checkpoint, resolve_arch, split_args, write_json
 
 ROOT = Path(__file__).resolve().parent
 SRC_LEN = TGT_LEN = 23  # HAT: the mean IWSLT sentence length (30 for WMT)
@@ -81,30 +80,13 @@ class LatencyConfig:
 
 
 def parse_settings(cls, argv, command_field=None):
-    """--key=value pairs (Python literals, type-checked) onto dataclass `cls`, as train.py does. A first bare word
-    sets `command_field`. Lists become tuples, so `--budgets=[60,80]` fills a tuple field."""
-    types, values = {f.name: f.type for f in fields(cls)}, {}
-    for i, arg in enumerate(argv):
-        if command_field and i == 0 and not arg.startswith("--"):
-            values[command_field] = arg
-            continue
-        if not (arg.startswith("--") and "=" in arg):
-            raise SystemExit(f"error: bad argument {arg!r}; use --key=value (keys: {list(types)})")
-        key, text = arg[2:].split("=", 1)
-        if key not in types:
-            raise SystemExit(f"error: unknown setting --{key}; settings are {list(types)}")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text  # a bare word is a string
-        if types[key] is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if types[key] is tuple and isinstance(value, list):
-            value = tuple(value)
-        if type(value) is not types[key]:
-            raise SystemExit(f"error: --{key}={text} should be a {types[key].__name__}")
-        values[key] = value
-    return cls(**values)
+    """--key=value pairs onto dataclass `cls`, exactly as train.py reads its settings; a first bare word sets
+    `command_field` (latency.py's command). Lists become tuples, so `--budgets=[60,80]` fills a tuple field."""
+    cfg = cls()
+    if command_field and argv and not argv[0].startswith("--"):
+        setattr(cfg, command_field, argv[0])
+        argv = argv[1:]
+    return apply_overrides(cfg, split_args(argv))
 
 
 # -----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from sacrebleu.metrics import BLEU
 from tqdm import tqdm
 
 import mos
-from data.batching import TokenBatcher, Vocab, collate, load_corpus, make_toy_corpus, remove_bpe
+from data.batching import TokenBatcher, collate, load_corpus, make_toy_corpus, remove_bpe
 from mos import PAD, SPACES, ArchConfig, SuperTransformer, Transformer
 
 ROOT = Path(__file__).resolve().parent
@@ -106,31 +106,42 @@ PRESETS = {
 }
 
 
-def parse_config(argv) -> TrainConfig:
-    """--preset=NAME first, then every --key=value on top (values parsed as Python literals, type-checked)."""
-    pairs = []
+def split_args(argv):
+    """['--key=value', ...] -> [(key, value text), ...]; anything else is a one-line error."""
     for arg in argv:
         if not (arg.startswith("--") and "=" in arg):
-            raise SystemExit(f"error: bad argument {arg!r}; use --key=value (keys: {[f.name for f in fields(TrainConfig)]})")
-        pairs.append(arg[2:].split("=", 1))
-    preset = dict(pairs).get("preset", TrainConfig.preset)
-    if preset not in PRESETS:
-        raise SystemExit(f"error: unknown preset {preset!r}; choose one of {list(PRESETS)}")
-    cfg = TrainConfig(**{**PRESETS[preset], "preset": preset})
-    types = {f.name: f.type for f in fields(TrainConfig)}
+            raise SystemExit(f"error: bad argument {arg!r}; use --key=value")
+    return [tuple(arg[2:].split("=", 1)) for arg in argv]
+
+
+def apply_overrides(cfg, pairs):
+    """Set each (key, text) on dataclass instance cfg: the text is read as a Python literal (a bare word is a
+    string, a list fills a tuple field) and must match the field's type. Shared by train, latency and search."""
+    types = {f.name: f.type for f in fields(cfg)}
     for key, text in pairs:
         if key not in types:
             raise SystemExit(f"error: unknown setting --{key}; settings are {list(types)}")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            value = text  # a bare word is a string
+            value = text
         if types[key] is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if types[key] is tuple and isinstance(value, list):
+            value = tuple(value)
         if type(value) is not types[key]:
             raise SystemExit(f"error: --{key}={text} should be a {types[key].__name__}")
         setattr(cfg, key, value)
     return cfg
+
+
+def parse_config(argv) -> TrainConfig:
+    """--preset=NAME first, then every --key=value on top."""
+    pairs = split_args(argv)
+    preset = dict(pairs).get("preset", TrainConfig.preset)
+    if preset not in PRESETS:
+        raise SystemExit(f"error: unknown preset {preset!r}; choose one of {list(PRESETS)}")
+    return apply_overrides(TrainConfig(**{**PRESETS[preset], "preset": preset}), pairs)
 
 
 # -----------------------------------------------------------------------------

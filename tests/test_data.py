@@ -1,7 +1,6 @@
 """Tests for data/prepare.py and data/batching.py (issue 2). From the repo root: python -m pytest -q tests/test_data.py"""
 
 import io
-import json
 import os
 import subprocess
 import sys

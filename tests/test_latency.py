@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import latency
 from latency import fit_predictor, kendall_tau, measure_latency, predict, with_dec_layers
@@ -18,13 +17,7 @@ QUICK = dict(warmup=1, iters=5, threads=1)
 FAST_CLI = ["--threads=1", "--warmup=1", "--iters=3", "--src_vocab=30", "--tgt_vocab=30"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: two spinning threads on a machine another job keeps busy slow down 100x."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_measure_latency_is_sane():

@@ -19,13 +19,7 @@ from train import PRESETS, TrainConfig
 SMALL = dict(population=8, parents=2, mutations=3, crossovers=3, iterations=3)  # a few seconds on the tiny space
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: two spinning threads on a machine another job keeps busy slow down 100x."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def toy_latency(arch):
