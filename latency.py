@@ -65,7 +65,7 @@ class LatencyConfig:
     src_len: int = SRC_LEN
     tgt_len: int = TGT_LEN  # incremental decoder steps
     beam: int = BEAM
-    warmup: int = 5  # untimed runs first (HAT: 5)
+    warmup: int = 20  # untimed runs first (HAT: 5; here 5 left the first repeat of a new subnet ~10% slow)
     iters: int = 50  # timed runs (HAT: 300 for its README figures, 20 for its datasets)
     repeats: int = 3  # `measure`: the whole measurement this many times, to show it repeats
     log: str = ""  # also append every figure as one JSON line to this file
@@ -94,7 +94,7 @@ def parse_settings(cls, argv, command_field=None):
 
 
 @torch.inference_mode()
-def measure_latency(model: Transformer, src_len=SRC_LEN, tgt_len=TGT_LEN, beam=BEAM, warmup=5, iters=50,
+def measure_latency(model: Transformer, src_len=SRC_LEN, tgt_len=TGT_LEN, beam=BEAM, warmup=20, iters=50,
                     device="cpu", threads=2) -> dict:
     """HAT's latency of a plain (extracted) Transformer in ms: encoder once on one sentence, then tgt_len cached
     decoder steps over `beam` hypotheses. Returns the median, HAT's trimmed mean, the spread and the protocol."""
