@@ -148,3 +148,37 @@ def test_non_finite_losses_are_skipped_then_stop_and_the_checkpoint_stays_finite
     assert "update skipped (1 so far)" in capsys.readouterr().out
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert all(torch.isfinite(w).all() for w in ckpt["model"].values())
+
+
+def test_unsafe_truncated_and_missing_checkpoints_give_one_line_errors(tmp_path):
+    import argparse
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1)}, crafted)  # a pickled object, not plain data
+    with pytest.raises(SystemExit, match="cannot load checkpoint .* safely"):
+        train.load_checkpoint(crafted)
+    good = run(tmp_path, "--max_steps=1") / "ckpt.pt"
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(SystemExit, match="corrupted, truncated"):
+        train.load_checkpoint(truncated)
+    with pytest.raises(SystemExit, match="does not exist"):
+        train.load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint({"step": 1}, path)
+
+    def disk_full(obj, f):
+        Path(f).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train.torch, "save", disk_full)
+    with pytest.raises(OSError):
+        train.save_checkpoint({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1} and list(tmp_path.iterdir()) == [path]
+
+
+def test_same_seed_same_losses_other_seed_other_losses(tmp_path):
+    a, b = run(tmp_path, "--max_steps=4", name="a"), run(tmp_path, "--max_steps=4", name="b")
+    c = run(tmp_path, "--max_steps=4", "--seed=7", name="c")
+    assert losses(a) == losses(b) and losses(a) != losses(c)
