@@ -453,6 +453,8 @@ def main(argv):
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if stop:
             if master:
+                if out_of_time and cfg.bleu_sentences >= 0:
+                    validate()
                 checkpoint()
                 tqdm.write(f"stopped at step {step} ({'interrupted' if interrupted else 'max_minutes reached'}); "
                            f"checkpoint saved, continue with --resume=True --out_dir={cfg.out_dir}")
