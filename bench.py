@@ -13,8 +13,6 @@ results/bench.json:
     python bench.py --data=toy --space=tiny --device=cuda
 """
 
-import json
-import os
 import random
 import statistics
 import sys
@@ -197,9 +195,7 @@ def main(argv):
 
     out = Path(s["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
+    train.write_json(out, report)
     print(f"wrote {out}")
 
 

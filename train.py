@@ -32,7 +32,7 @@ from sacrebleu.metrics import BLEU
 from tqdm import tqdm
 
 import mos
-from data.batching import TokenBatcher, collate, load_corpus, make_toy_corpus, remove_bpe
+from data.batching import TokenBatcher, atomic_open, collate, load_corpus, make_toy_corpus, remove_bpe
 from mos import PAD, SPACES, ArchConfig, SuperTransformer, Transformer
 
 ROOT = Path(__file__).resolve().parent
@@ -209,13 +209,9 @@ def model_from_checkpoint(ckpt: dict):
 
 
 def save_checkpoint(obj: dict, path: Path):
-    """Write atomically: to a temporary file, then rename, so a crash never leaves a half-written checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write atomically (temporary file, then rename), so a crash never leaves a half-written checkpoint."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 # -----------------------------------------------------------------------------
@@ -536,9 +532,8 @@ def evaluate_or_translate(cfg, corpus, device):
 
 def write_json(path: Path, obj):
     """Write JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
 
 
 def append_jsonl(path: Path, record: dict):
