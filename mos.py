@@ -474,13 +474,15 @@ class SuperTransformer(nn.Module):
             return Transformer(arch, self.src_vocab, self.tgt_vocab, self.space.qkv_dim,
                                scaled_dropout(self.dropout, arch, self.space), self.max_len, pos_dims)
 
-    def subnet_weights(self, arch: ArchConfig, deterministic=False) -> dict:
+    def subnet_weights(self, arch: ArchConfig, deterministic=False, skeleton=None) -> dict:
         """Every weight of the subnet `arch`, by name: front slices of the shared weights (HAT), and for the
-        FFNs the routed mixture of expert slices (MoS). Differentiable w.r.t. the supernet's parameters."""
+        FFNs the routed mixture of expert slices (MoS). Differentiable w.r.t. the supernet's parameters.
+        `skeleton` (names and shapes) is built from arch unless the caller already has it."""
         self.space.validate(arch)
         shared = dict(self.body.named_parameters()) | dict(self.body.named_buffers())
+        skeleton = skeleton if skeleton is not None else self.skeleton(arch)
         weights = {name: front_slice(shared[name], t.shape)
-                   for name, t in self.skeleton(arch).state_dict().items() if ".ffn." not in name}
+                   for name, t in skeleton.state_dict().items() if ".ffn." not in name}
         features = arch_features(arch, self.space).to(self.body.enc_pos.device)  # (N,), one Enc(a) for all layers
         training = self.training and not deterministic  # router dropout, as in the MoS code
         for side, dim, ffn_dims in (("encoder", arch.enc_embed_dim, arch.enc_ffn_dims),
@@ -493,14 +495,15 @@ class SuperTransformer(nn.Module):
     def forward(self, src, tgt_in, arch: ArchConfig):
         """Logits (B, T, V) of subnet `arch`: the plain Transformer run on this supernet's weights for arch."""
         subnet = self.skeleton(arch).train(self.training)
-        return torch.func.functional_call(subnet, self.subnet_weights(arch), (src, tgt_in), strict=True)
+        weights = self.subnet_weights(arch, skeleton=subnet)
+        return torch.func.functional_call(subnet, weights, (src, tgt_in), strict=True)
 
     @torch.no_grad()
     def subnet(self, arch: ArchConfig) -> Transformer:
         """Extract `arch` as a standalone Transformer (its own copies of the mixed, sliced weights)."""
-        weights = {k: w.detach().clone() for k, w in self.subnet_weights(arch, deterministic=True).items()}
         model = self.skeleton(arch)
-        model.load_state_dict(weights, assign=True)
+        weights = self.subnet_weights(arch, deterministic=True, skeleton=model)
+        model.load_state_dict({k: w.detach().clone() for k, w in weights.items()}, assign=True)
         return model.train(self.training)
 
 
