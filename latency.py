@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 import mos
 from mos import EOS, FEATURE_NAMES, SPACES, Transformer
+from data.batching import atomic_open
 from train import apply_overrides, load_checkpoint, model_from_checkpoint, resolve_arch, split_args, write_json
 
 ROOT = Path(__file__).resolve().parent
@@ -320,6 +321,10 @@ def cmd_dataset(cfg: LatencyConfig):
     archs = [space.sample(rng) for _ in range(cfg.n)]  # the same list on every run: row i is always archs[i]
     path = Path(cfg.out)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.read_text().endswith("\n"):  # a kill cut the last row short: measure it again
+        text = path.read_text()
+        with atomic_open(path) as f:
+            f.write(text[:text.rfind("\n") + 1])
     done = list(csv.DictReader(open(path, newline=""))) if path.exists() else []
     if [json.loads(r["arch"]) for r in done] != [a.to_dict() for a in archs[:len(done)]]:
         raise SystemExit(f"error: {path} holds other subnets than --space={space.name} --seed={cfg.seed} draws; "

@@ -61,6 +61,8 @@ class ArchConfig:
     def from_dict(cls, d):
         """Build from a dict such as a JSON arch file; wrong keys or types raise a one-line ValueError."""
         names = [f.name for f in fields(cls)]
+        if not isinstance(d, dict):
+            raise ValueError(f"an arch is a JSON object {{field: value}} with the keys {names}, got {type(d).__name__}")
         unknown, missing = sorted(set(d) - set(names)), [n for n in names if n not in d]
         if unknown or missing:
             raise ValueError(f"arch has unknown keys {unknown} / missing keys {missing}; the keys are {names}")

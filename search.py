@@ -18,7 +18,6 @@ borderline candidate may be accepted in one run and not in another (their cache 
 """
 
 import json
-import os
 import random
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 import mos
-from data.batching import TokenBatcher, collate
+from data.batching import TokenBatcher, atomic_open, collate
 from latency import load_predictor, measure_latency, parse_settings, predict
 from mos import PAD, ArchConfig
 from train import TrainConfig, check_vocab, load_checkpoint, load_data, model_from_checkpoint, token_loss, write_json
@@ -179,7 +178,10 @@ class Cache:
         """Load the stored values of `path` if they were made under the same `tag`."""
         self.path, self.tag, self.data = Path(path), tag, {}
         if self.path.exists():
-            stored = json.loads(self.path.read_text())
+            try:
+                stored = json.loads(self.path.read_text())
+            except json.JSONDecodeError:
+                raise SystemExit(f"error: {self.path} is not valid JSON (edited by hand?); delete it to rescore")
             if stored.get("tag") == tag:
                 self.data = stored["values"]
                 print(f"resuming from {self.path}: {sum(len(v) for v in self.data.values())} cached values")
@@ -195,9 +197,8 @@ class Cache:
             key = arch_key(arch)
             if key not in table:
                 table[key] = fn(arch)
-                tmp = self.path.with_name(self.path.name + ".tmp")
-                tmp.write_text(json.dumps({"tag": self.tag, "values": self.data}))
-                os.replace(tmp, self.path)
+                with atomic_open(self.path) as f:  # a kill mid-write leaves the previous file
+                    f.write(json.dumps({"tag": self.tag, "values": self.data}))
             return table[key]
         return cached
 

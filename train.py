@@ -73,7 +73,8 @@ class TrainConfig:
     bf16: bool = False  # bfloat16 autocast for forward passes
     # evaluation and output
     out_dir: str = "out"
-    eval_interval: int = 500  # steps between validations (and checkpoints)
+    eval_interval: int = 500  # steps between validations (each also writes ckpt.pt)
+    save_interval: int = 100  # also write ckpt.pt every this many steps, so a kill costs little (0 = off)
     log_interval: int = 50
     bleu_sentences: int = 0  # validation BLEU on the first N valid sentences; 0 = all, -1 = no BLEU during training
     beam: int = 5
@@ -106,6 +107,12 @@ PRESETS = {
 }
 
 
+# what a resumed run may change on the command line: how long it runs and how often it reports, never what it trains
+RUNTIME_SETTINGS = ("resume", "max_steps", "max_minutes", "out_dir", "device", "eval_interval", "save_interval",
+                    "log_interval", "bleu_sentences", "test_sentences", "max_bad_steps")
+MODEL_SETTINGS = ("space", "router", "num_experts", "router_hidden")  # what a supernet checkpoint fixes
+
+
 def split_args(argv):
     """['--key=value', ...] -> [(key, value text), ...]; anything else is a one-line error."""
     for arg in argv:
@@ -125,6 +132,8 @@ def apply_overrides(cfg, pairs):
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text
+        if types[key] is bool and text.lower() in ("true", "false"):
+            value = text.lower() == "true"
         if types[key] is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if types[key] is tuple and isinstance(value, list):
@@ -133,6 +142,16 @@ def apply_overrides(cfg, pairs):
             raise SystemExit(f"error: --{key}={text} should be a {types[key].__name__}")
         setattr(cfg, key, value)
     return cfg
+
+
+def check_same(stored: dict, cfg, keys, path):
+    """Refuse settings given on the command line that contradict those a checkpoint was made with, naming each."""
+    norm = lambda v: json.loads(json.dumps(v))  # tuples and lists compare equal
+    clashes = [f"--{k}={getattr(cfg, k)} (it has {stored.get(k)})" for k in keys
+               if k in stored and norm(getattr(cfg, k)) != norm(stored[k])]
+    if clashes:
+        raise SystemExit(f"error: checkpoint {path} was made with other settings than {', '.join(clashes)}; "
+                         f"drop these flags (the checkpoint's own are used) or use another checkpoint/--out_dir")
 
 
 def parse_config(argv) -> TrainConfig:
@@ -285,7 +304,7 @@ def translate_ids(model, sentences, cfg, device, batch_size=64):
 
 
 def main(argv):
-    cfg = parse_config(argv)
+    cfg, passed = parse_config(argv), dict(split_args(argv))
     # ---- system: data-parallel ranks under torchrun, device, threads
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
@@ -302,18 +321,30 @@ def main(argv):
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
     resumed = load_checkpoint(ckpt_path) if cfg.resume else None
-    if resumed:  # the stored config wins, except for how long to run
-        cfg = TrainConfig(**{**resumed["config"], "resume": True, "max_steps": cfg.max_steps,
-                             "max_minutes": cfg.max_minutes})
+    if resumed:  # the stored settings win; the command line may only change how long and how often (RUNTIME)
+        check_same(resumed["config"], cfg, [k for k in passed if k not in RUNTIME_SETTINGS], ckpt_path)
+        cfg = TrainConfig(**{**resumed["config"], **{k: getattr(cfg, k) for k in passed if k in RUNTIME_SETTINGS},
+                             "resume": True})
+        if master:  # a killed run may have logged steps after its last checkpoint: they are redone
+            for name in ("train_log.jsonl", "log.jsonl"):
+                trim_jsonl(out_dir / name, resumed["step"])
     corpus = load_data(cfg)
     src_vocab, tgt_vocab = len(corpus.src_vocab), len(corpus.tgt_vocab)
     space = SPACES[cfg.space]
 
     # ---- the model: supernet, standalone subnet, or subnet extracted from a supernet
     if cfg.eval_only or cfg.translate:
-        return evaluate_or_translate(cfg, corpus, device)
+        return evaluate_or_translate(cfg, corpus, device, passed)
     if cfg.router == "none" and cfg.num_experts != 1:
         raise SystemExit("error: --router=none is plain weight sharing with one expert: add --num_experts=1")
+    supernet_ckpt = load_checkpoint(cfg.init) if cfg.init else None
+    if supernet_ckpt:  # finetune: the arch is cut from this supernet, so its space and router are the ones used
+        if supernet_ckpt["kind"] != "supernet":
+            raise SystemExit(f"error: --init={cfg.init} holds a standalone model; finetuning extracts --arch from a "
+                             f"supernet checkpoint (to continue a standalone run use --resume=True)")
+        check_vocab(supernet_ckpt, corpus, cfg.init)
+        check_same(supernet_ckpt["config"], cfg, [k for k in passed if k in MODEL_SETTINGS], cfg.init)
+        space = mos.SearchSpace.from_dict(supernet_ckpt["model_args"]["space"])
     fixed_arch = resolve_arch(cfg.arch, space) if cfg.arch else None
     if fixed_arch is None:
         kind = "supernet"
@@ -327,9 +358,7 @@ def main(argv):
         model_args = dict(arch=fixed_arch.to_dict(), space=space.to_dict(), src_vocab=src_vocab,
                           tgt_vocab=tgt_vocab, dropout=cfg.dropout, max_len=1024)
         torch.manual_seed(cfg.seed)
-        if cfg.init:  # finetune: the subnet's mixed, sliced weights from a trained supernet
-            supernet_ckpt = load_checkpoint(cfg.init)
-            check_vocab(supernet_ckpt, corpus, cfg.init)
+        if supernet_ckpt:  # finetune: the subnet's mixed, sliced weights from a trained supernet
             model = model_from_checkpoint(supernet_ckpt).subnet(fixed_arch)
             model_args["space"], model_args["max_len"] = supernet_ckpt["model_args"]["space"], model.max_len
         else:
@@ -345,6 +374,9 @@ def main(argv):
         start_time = resumed["train_seconds"]
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if not resumed:  # a fresh run starts fresh logs (a resumed one trimmed its own above)
+            for name in ("train_log.jsonl", "log.jsonl"):
+                (out_dir / name).unlink(missing_ok=True)
         write_json(out_dir / "config.json", asdict(cfg))
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{kind} ({cfg.router} x{cfg.num_experts} experts)" if kind == "supernet" else f"standalone {fixed_arch}",
@@ -465,6 +497,8 @@ def main(argv):
                 checkpoint()
                 if cfg.avg_last > 0:
                     checkpoint(out_dir / f"ckpt_step{step}.pt")
+        elif master and cfg.save_interval > 0 and step % cfg.save_interval == 0:
+            checkpoint()
     bar.close()
     signal.signal(signal.SIGINT, previous_handler)
     if ddp:  # check that the replicas stayed in sync: same subnets every step, same weights at the end
@@ -508,13 +542,14 @@ def check_vocab(ckpt, corpus, path):
                          f"{corpus.name!r}; pass the --data/--data_dir it was trained on")
 
 
-def evaluate_or_translate(cfg, corpus, device):
+def evaluate_or_translate(cfg, corpus, device, passed=()):
     """--eval_only: loss and BLEU of --init (a standalone model, or a supernet's --arch) on --split.
     --translate: translate lines of tokenised, BPE'd (for the real corpora) source text to stdout."""
     if not cfg.init:
         raise SystemExit("error: --eval_only/--translate need --init=CHECKPOINT")
     ckpt = load_checkpoint(cfg.init, device)
     check_vocab(ckpt, corpus, cfg.init)
+    check_same(ckpt["config"], cfg, [k for k in passed if k in MODEL_SETTINGS], cfg.init)
     model = model_from_checkpoint(ckpt).to(device)
     if ckpt["kind"] == "supernet":
         space = model.space
@@ -537,8 +572,26 @@ def write_json(path: Path, obj):
 
 
 def append_jsonl(path: Path, record: dict):
+    """One JSON record per line, appended."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def trim_jsonl(path: Path, last_step: int):
+    """Keep the records up to `last_step` and drop a line a kill cut short, so a resumed run's log reads as if
+    it had never stopped."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a killed run may be half written
+            continue
+        if line.endswith("\n") and record.get("step", last_step) <= last_step:
+            kept.append(line)
+    with atomic_open(path) as f:
+        f.write("".join(kept))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def atomic_open(path, mode="w"):
         # newline="" keeps "\n" as is, so files are byte-identical across platforms
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so even a power cut leaves one whole file
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
     finally:
         tmp.unlink(missing_ok=True)

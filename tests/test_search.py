@@ -3,18 +3,13 @@ fails clearly, an end-to-end search on a tiny supernet, determinism and the resu
 Run: python -m pytest -q tests/test_search.py"""
 
 import dataclasses
-import json
 import random
-from dataclasses import asdict
 
 import pytest
-import torch
 
 import search
-from data.batching import make_toy_corpus
-from mos import SPACES, FEATURE_NAMES, SuperTransformer
+from mos import SPACES
 from search import BudgetError, SearchConfig, crossover, evolve, mutate
-from train import PRESETS, TrainConfig
 
 SMALL = dict(population=8, parents=2, mutations=3, crossovers=3, iterations=3)  # a few seconds on the tiny space
 
@@ -75,21 +70,6 @@ def test_unreachable_budget_raises_clearly():
 
 # -----------------------------------------------------------------------------
 # End to end on a randomly initialised tiny supernet (the search does not care whether it was trained)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny supernet checkpoint in train.py's format and a linear latency predictor for its space."""
-    folder = tmp_path_factory.mktemp("tiny")
-    cfg = TrainConfig(**{**PRESETS["toy"], "preset": "toy"})
-    corpus = make_toy_corpus(seed=cfg.seed)
-    torch.manual_seed(0)
-    model = SuperTransformer(SPACES["tiny"], len(corpus.src_vocab), len(corpus.tgt_vocab), router_hidden=32)
-    torch.save(dict(kind="supernet", model=model.state_dict(), model_args=model.init_args(), config=asdict(cfg),
-                    vocab=dict(src=corpus.src_vocab.itos, tgt=corpus.tgt_vocab.itos)), folder / "ckpt.pt")
-    weight = [10.0 if n == "dec_layers" else 0.0 for n in FEATURE_NAMES]  # 1 ms + 5 per decoder layer: 6 or 11 ms
-    (folder / "predictor.json").write_text(json.dumps(dict(kind="linear", weight=weight, bias=1.0, space="tiny")))
-    return folder
 
 
 def run_search(tiny, out, *extra):

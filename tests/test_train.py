@@ -182,3 +182,49 @@ def test_same_seed_same_losses_other_seed_other_losses(tmp_path):
     a, b = run(tmp_path, "--max_steps=4", name="a"), run(tmp_path, "--max_steps=4", name="b")
     c = run(tmp_path, "--max_steps=4", "--seed=7", name="c")
     assert losses(a) == losses(b) and losses(a) != losses(c)
+
+
+def test_bad_arch_files_give_one_line_errors_in_every_command(tmp_path):
+    import latency
+    good = train.SPACES["tiny"].smallest().to_dict()
+    bad = {"unknown key": {**good, "ffn": 64}, "missing key": {k: v for k, v in good.items() if k != "dec_layers"},
+           "wrong type": {**good, "enc_embed_dim": "64"}, "outside the space": {**good, "enc_embed_dim": 100},
+           "list of the wrong length": {**good, "dec_ffn_dims": [64, 64, 64]}, "not an object": [1, 2]}
+    expected = {"unknown key": "unknown keys \\['ffn'\\].*the keys are", "missing key": "missing keys \\['dec_layers'\\]",
+                "wrong type": "'enc_embed_dim' must be an integer", "outside the space": "not in space 'tiny'; allowed",
+                "list of the wrong length": "has 3 values but dec_layers = 1", "not an object": "JSON object"}
+    files = {}
+    for name, content in bad.items():
+        files[name] = tmp_path / f"{name.replace(' ', '_')}.json"
+        files[name].write_text(json.dumps(content))
+    files["not JSON"], expected["not JSON"] = tmp_path / "broken.json", "cannot read arch file.*JSON file"
+    files["not JSON"].write_text("{enc_embed_dim: 64")
+    files["missing file"], expected["missing file"] = tmp_path / "nope.json", "cannot read arch file"
+    supernet = run(tmp_path, "--max_steps=1", name="super") / "ckpt.pt"
+    commands = {"train": lambda f: train.main([*TOY, f"--arch={f}", f"--out_dir={tmp_path / 'x'}"]),
+                "finetune": lambda f: train.main([*TOY, f"--arch={f}", f"--init={supernet}",
+                                                  f"--out_dir={tmp_path / 'y'}"]),
+                "eval": lambda f: train.main([*TOY, "--eval_only=True", f"--arch={f}", f"--init={supernet}"]),
+                "latency": lambda f: latency.main(["measure", "--space=tiny", f"--arch={f}", "--iters=1"])}
+    for command, call in commands.items():
+        for name, path in files.items():
+            with pytest.raises(SystemExit, match=expected[name]) as e:
+                call(path)
+            assert "\n" not in str(e.value) and str(e.value).startswith("error:"), (command, name, e.value)
+
+
+def test_checkpoint_settings_that_contradict_the_flags_are_named(tmp_path):
+    out = run(tmp_path, "--max_steps=2", name="super")
+    with pytest.raises(SystemExit, match=r"other settings than --router=layer \(it has neuron\)"):
+        train.main([*TOY, f"--out_dir={out}", "--resume=True", "--router=layer"])
+    with pytest.raises(SystemExit, match=r"--space=cpu \(it has tiny\), --num_experts=3 \(it has 2\)"):
+        train.main([*TOY, "--arch=largest", f"--init={out / 'ckpt.pt'}", "--space=cpu", "--num_experts=3",
+                    f"--out_dir={tmp_path / 'ft'}"])
+    with pytest.raises(SystemExit, match=r"--router=none \(it has neuron\)"):
+        train.main([*TOY, "--eval_only=True", f"--init={out / 'ckpt.pt'}", "--router=none"])
+    standalone = run(tmp_path, "--arch=smallest", "--max_steps=1", name="standalone")
+    with pytest.raises(SystemExit, match="holds a standalone model"):
+        train.main([*TOY, "--arch=smallest", f"--init={standalone / 'ckpt.pt'}", f"--out_dir={tmp_path / 'ft2'}"])
+    # what a resumed run may change: how long it runs and how often it reports
+    train.main([*TOY, f"--out_dir={out}", "--resume=True", "--max_steps=3", "--eval_interval=1", "--log_interval=2"])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3

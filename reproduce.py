@@ -1,0 +1,166 @@
+"""
+The small-scale reproduction, stage by stage: MoS against HAT's weight sharing under latency budgets.
+
+    python reproduce.py                          # Multi30k on a CPU, every stage (a few hours on 2 cores)
+    python reproduce.py --preset=toy --out=out_repro_toy    # the same pipeline on the synthetic task, ~1 minute
+
+Stages, each one command of train.py / latency.py / search.py run in this process:
+  1. train two supernets on the same budget: neuron-wise MoS (sandwich rule) and HAT (one expert, random sampling);
+  2. measure a latency dataset on the MoS supernet's subnets and fit the latency predictor;
+  3. evolutionary search under every latency budget, on each supernet;
+  4. finetune every chosen subnet (its weights cut from its supernet), test BLEU with beam search;
+  5. summary.json / summary.md / summary.png: latency against BLEU, MoS against HAT.
+
+Rerun the same command after a crash, a kill or Ctrl-C: a stage whose output exists is skipped, a training stage
+resumes from its checkpoint, the latency dataset and the search cache continue where they stopped.
+Settings are the ReproConfig fields, changed with --key=value as in train.py.
+"""
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import latency
+import search
+import train
+
+# -----------------------------------------------------------------------------
+# Settings
+
+
+@dataclass
+class ReproConfig:
+    """Every setting of the command line; the defaults are the Multi30k CPU reproduction."""
+    preset: str = "multi30k"  # multi30k | toy (see PRESETS)
+    out: str = "out_repro"  # every stage writes below this folder
+    budgets: tuple = (18.0, 27.0, 36.0)  # ms (search.py's defaults for the cpu space on 2 cores)
+    latency_n: int = 300  # subnets in the latency dataset
+    finetune_steps: int = 500  # updates for each chosen subnet, from its supernet's weights
+    finetune_lr: float = 5e-4
+    finetune_warmup: int = 100
+    extra: tuple = ()  # more --key=value flags for every train.py stage, e.g. ["--max_minutes=30"]
+
+
+PRESETS = {
+    "multi30k": dict(),
+    # the synthetic task on the tiny space: every stage in seconds (tests)
+    "toy": dict(budgets=(1000.0,), latency_n=12, finetune_steps=20, finetune_lr=1e-3, finetune_warmup=5,
+                extra=("--preset=toy", "--max_steps=60", "--bleu_sentences=-1", "--test_sentences=20",
+                       "--save_interval=10")),
+}
+# the quick measurement and search settings of the toy preset (the multi30k preset uses the tools' defaults)
+TOY_LATENCY = ("--iters=3", "--warmup=1", "--threads=1", "--mlp_steps=50")
+TOY_SEARCH = ("--population=8", "--parents=2", "--mutations=3", "--crossovers=3", "--iterations=3",
+              "--valid_sentences=100", "--threads=1", "--search_iters=2", "--final_iters=3", "--final_repeats=1")
+
+SUPERNETS = {  # the two methods compared, as train.py flags
+    "mos": ("--router=neuron", "--num_experts=2", "--sampling=sandwich"),
+    "hat": ("--router=none", "--num_experts=1", "--sampling=random"),
+}
+
+
+def parse(argv) -> ReproConfig:
+    """--preset first, then every --key=value on top (train.py's rules)."""
+    preset = dict(train.split_args(argv)).get("preset", ReproConfig.preset)
+    if preset not in PRESETS:
+        raise SystemExit(f"error: unknown preset {preset!r}; choose one of {list(PRESETS)}")
+    cfg = ReproConfig(**{**PRESETS[preset], "preset": preset})
+    return train.apply_overrides(cfg, train.split_args(argv))
+
+
+# -----------------------------------------------------------------------------
+# Stages
+
+
+def train_stage(out_dir: Path, flags):
+    """train.py into out_dir unless it has finished (results.json); resumes from its checkpoint if it has one."""
+    if (out_dir / "results.json").exists():
+        print(f"[done] {out_dir}")
+        return
+    resume = ["--resume=True"] if (out_dir / "ckpt.pt").exists() else []
+    print(f"[run] train.py {' '.join(flags)} --out_dir={out_dir} {' '.join(resume)}")
+    train.main([*flags, f"--out_dir={out_dir}", *resume])
+    if not (out_dir / "results.json").exists():  # Ctrl-C: train.py saved its checkpoint and returned
+        raise SystemExit(f"stopped during {out_dir}; rerun the same command to continue")
+
+
+def main(argv):
+    """Run every stage that has not finished yet, then write the summary."""
+    cfg = parse(argv)
+    out, toy = Path(cfg.out), cfg.preset == "toy"
+    out.mkdir(parents=True, exist_ok=True)
+    train.write_json(out / "settings.json", asdict(cfg))
+    t0, threads = time.time(), torch.get_num_threads()  # latency.py and search.py pin their own thread count
+
+    # 1. the supernets
+    for name, flags in SUPERNETS.items():
+        train_stage(out / f"supernet_{name}", [*cfg.extra, *flags])
+    mos_ckpt = out / "supernet_mos" / "ckpt.pt"
+
+    # 2. latency dataset (resumes by itself) and predictor, on the MoS supernet's extracted subnets
+    predictor = out / "predictor.json"
+    if not predictor.exists():
+        data = [f"--ckpt={mos_ckpt}", f"--out={out / 'latency.csv'}", f"--predictor={predictor}"]
+        quick = TOY_LATENCY if toy else ()
+        latency.main(["dataset", *data, f"--n={cfg.latency_n}", *quick])
+        latency.main(["fit", *data, *quick])
+        torch.set_num_threads(threads)
+
+    # 3. search each supernet under every budget (search.py's cache resumes a killed search)
+    budgets = "[" + ",".join(f"{b:g}" for b in cfg.budgets) + "]"
+    for name in SUPERNETS:
+        folder = out / f"search_{name}"
+        if not (folder / "results.json").exists():
+            search.main([f"--ckpt={out / f'supernet_{name}' / 'ckpt.pt'}", f"--predictor={predictor}",
+                         f"--budgets={budgets}", f"--out_dir={folder}", *(TOY_SEARCH if toy else ())])
+            torch.set_num_threads(threads)
+
+    # 4. finetune every chosen subnet from its supernet's weights
+    rows = []
+    for name in SUPERNETS:
+        found = json.loads((out / f"search_{name}" / "results.json").read_text())["results"]
+        for r in found:
+            budget = f"{r['budget_ms']:g}"
+            folder = out / f"finetune_{name}_{budget}ms"
+            train_stage(folder, [*cfg.extra, f"--arch={out / f'search_{name}' / f'arch_{budget}ms.json'}",
+                                 f"--init={out / f'supernet_{name}' / 'ckpt.pt'}", f"--max_steps={cfg.finetune_steps}",
+                                 f"--lr={cfg.finetune_lr}", f"--warmup={cfg.finetune_warmup}"])
+            test = json.loads((folder / "results.json").read_text())["model"]
+            rows.append(dict(supernet=name, budget_ms=r["budget_ms"], measured_ms=r["measured_ms"],
+                             supernet_valid_loss=r["valid_loss"], test_bleu=test["bleu"], arch=r["arch"]))
+
+    # 5. the summary
+    write_summary(out, rows, cfg)
+    print(f"reproduction complete in {time.time() - t0:.0f} s (this invocation) -> {out}/summary.md")
+    return rows
+
+
+def write_summary(out: Path, rows, cfg):
+    """summary.json, a Markdown table and the latency-BLEU plot of the finetuned subnets."""
+    train.write_json(out / "summary.json", dict(settings=asdict(cfg), rows=rows))
+    lines = ["| supernet | budget (ms) | measured (ms) | supernet valid loss | test BLEU after finetuning |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['supernet']} | {r['budget_ms']:g} | {r['measured_ms']:.1f} | {r['supernet_valid_loss']:.4f} | "
+              f"{r['test_bleu']:.2f} |" for r in rows]
+    with train.atomic_open(out / "summary.md") as f:
+        f.write("\n".join(lines) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in SUPERNETS:
+        points = sorted((r["measured_ms"], r["test_bleu"]) for r in rows if r["supernet"] == name)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=name.upper())
+    ax.set(xlabel="measured latency, ms", ylabel="test BLEU after finetuning", title="latency against BLEU")
+    ax.legend()
+    fig.savefig(out / "summary.png", dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
