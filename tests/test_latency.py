@@ -67,6 +67,12 @@ def test_dataset_resumes_and_fit_writes_outputs(tmp_path):
     first = out.read_text()
     latency.main(["dataset", "--space=tiny", "--n=5", f"--out={out}", *FAST_CLI])  # appends rows 4 and 5 only
     assert out.read_text().startswith(first) and len(list(csv.DictReader(open(out)))) == 5
+    complete = out.read_text()
+    out.write_text(complete[:-25])  # a kill in the middle of writing row 5: that row is measured again
+    latency.main(["dataset", "--space=tiny", "--n=5", f"--out={out}", *FAST_CLI])
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 5 and out.read_text().startswith(complete[:complete.rindex("\n", 0, -1) + 1])
+    assert all(r["iters"] for r in rows)  # every row whole
     with pytest.raises(SystemExit, match="other subnets"):
         latency.main(["dataset", "--space=tiny", "--n=5", "--seed=1", f"--out={out}", *FAST_CLI])
     # fit needs more rows than a quick test measures: append synthetic ones in the same format
