@@ -11,6 +11,7 @@ results/bench.json:
 
     python bench.py                        # CPU preset on Multi30k (prepared by train.py / data/prepare.py)
     python bench.py --data=toy --space=tiny --device=cuda
+    python bench.py precision --fp32=out/ckpt.pt --bf16=out_bf16/ckpt.pt   # BLEU evidence for the default precision
 """
 
 import random
@@ -23,7 +24,7 @@ import torch
 
 import mos
 import train
-from data.batching import TokenBatcher, collate
+from data.batching import TokenBatcher, collate, remove_bpe
 from mos import SPACES, SuperTransformer
 
 SETTINGS = dict(data="multi30k", space="cpu", device="auto", max_tokens=4096, repeats=7, warmup=2,
@@ -199,5 +200,51 @@ def main(argv):
     print(f"wrote {out}")
 
 
+def precision(argv):
+    """`precision`: test BLEU of two supernets trained alike except for precision (same seed, data order and
+    steps), each decoded in its own precision, and sacrebleu's paired bootstrap of the difference. This is the
+    evidence the default precision rests on: bf16 may become the default only if its BLEU is fp32's within noise."""
+    from sacrebleu.metrics import BLEU
+    from sacrebleu.significance import PairedTest
+    s = dict(fp32="out/ckpt.pt", bf16="out_bf16/ckpt.pt", out="results/bench_precision.json", samples=1000)
+    for arg in argv:
+        key, value = arg.lstrip("-").split("=", 1)
+        if key not in s:
+            raise SystemExit(f"error: unknown setting --{key}; settings are {list(s)}")
+        s[key] = type(s[key])(value)
+    report, hyps, device = {"settings": s}, {}, torch.device("cpu")
+    for name in ("fp32", "bf16"):
+        ckpt = train.load_checkpoint(s[name])
+        cfg = train.TrainConfig(**ckpt["config"])
+        if cfg.bf16 != (name == "bf16"):
+            raise SystemExit(f"error: --{name}={s[name]} was trained with bf16={cfg.bf16}")
+        corpus = train.load_data(cfg)
+        supernet = train.model_from_checkpoint(ckpt).eval()
+        report[name] = dict(ckpt=s[name], step=ckpt["step"], train_seconds=ckpt["train_seconds"])
+        for arch in ("largest", "smallest", "middle"):
+            net = supernet.subnet(getattr(supernet.space, arch)())
+            t = time.perf_counter()
+            report[name][arch] = train.evaluate(net, corpus, "test", cfg, device, n_bleu=-1)  # test loss
+            ids = train.translate_ids(net.eval(), corpus.splits["test"][0], cfg, device)
+            report[name][arch]["eval_seconds"] = time.perf_counter() - t
+            hyps[name, arch] = [remove_bpe(corpus.tgt_vocab.decode(h)) for h in ids]
+    refs = [[remove_bpe(r) for r in corpus.refs["test"]]]
+    for arch in ("largest", "smallest", "middle"):
+        test = PairedTest([(n, hyps[n, arch]) for n in ("fp32", "bf16")], {"BLEU": BLEU(tokenize="none", force=True)},
+                          refs, test_type="bs", n_samples=s["samples"])
+        signatures, scores = test()
+        signature, (base, other) = signatures["BLEU"], scores["BLEU"]
+        report[arch] = dict(fp32_bleu=base.score, fp32_ci95=float(base.ci), bf16_bleu=other.score,
+                            bf16_ci95=float(other.ci), difference=other.score - base.score, p_value=other.p_value,
+                            signature=str(signature))
+        print(f"{arch}: fp32 {base.score:.2f} (+-{base.ci:.2f}) | bf16 {other.score:.2f} (+-{other.ci:.2f}) | "
+              f"difference {other.score - base.score:+.2f}, paired bootstrap p = {other.p_value:.3f}")
+    train.write_json(Path(s["out"]), report)
+    print(f"wrote {s['out']}")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:2] == ["precision"]:
+        precision(sys.argv[2:])
+    else:
+        main(sys.argv[1:])
