@@ -178,6 +178,29 @@ def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=True) == {"step": 1} and list(tmp_path.iterdir()) == [path]
 
 
+def test_failed_results_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    import data.batching as batching
+    path = tmp_path / "results.json"
+    train.write_json(path, {"bleu": 1.0})
+    real_open = open
+
+    class FullDisk:
+        """A file whose writes get half-way and then fail as on a full disk."""
+        def __init__(self, *args, **kwargs):
+            self.f = real_open(*args, **kwargs)
+        def write(self, text):
+            self.f.write(text[: len(text) // 2])
+            raise OSError(28, "No space left on device")
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            self.f.close()
+    monkeypatch.setattr(batching, "open", FullDisk, raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        train.write_json(path, {"bleu": 2.0})
+    assert json.loads(path.read_text()) == {"bleu": 1.0} and list(tmp_path.iterdir()) == [path]
+
+
 def test_same_seed_same_losses_other_seed_other_losses(tmp_path):
     a, b = run(tmp_path, "--max_steps=4", name="a"), run(tmp_path, "--max_steps=4", name="b")
     c = run(tmp_path, "--max_steps=4", "--seed=7", name="c")
