@@ -105,7 +105,7 @@ def fast_bf16() -> bool:
 PRESETS = {
     # 2-core CPU, about 50 minutes (README): the scaled-down space on Multi30k
     # (max_minutes is a guard so the run ends within the hour even on a slower or busy machine; bf16 where native:
-    # 1.4x fp32's tokens/s on this project's CPU at the same test BLEU within noise, README Performance)
+    # 1.3x fp32's tokens/s on this project's CPU at the same test BLEU within noise, README Performance)
     "multi30k": dict(data="multi30k", space="cpu", max_tokens=4096, lr=1e-3, warmup=500, max_steps=1500,
                      dropout=0.3, eval_interval=500, max_minutes=55.0, bf16=fast_bf16()),
     # HAT's IWSLT14 De-En recipe (METHOD 4.2): one GPU, 4096 tokens, 40K updates (MoS), lr 5e-4, 10K warm-up
