@@ -81,13 +81,19 @@ def peak_rss_bytes():
     return 0
 
 
-def main(argv):
-    s = dict(SETTINGS)
+def read_settings(defaults: dict, argv) -> dict:
+    """`defaults` with every --key=value of argv applied, each cast to its default's type."""
+    s = dict(defaults)
     for arg in argv:
         key, value = arg.lstrip("-").split("=", 1)
         if key not in s:
             raise SystemExit(f"error: unknown setting --{key}; settings are {list(s)}")
         s[key] = type(s[key])(value)
+    return s
+
+
+def main(argv):
+    s = read_settings(SETTINGS, argv)
     device = torch.device("cuda" if s["device"] == "auto" and torch.cuda.is_available() else
                           "cpu" if s["device"] == "auto" else s["device"])
     torch.manual_seed(s["seed"])
@@ -206,12 +212,8 @@ def precision(argv):
     evidence the default precision rests on: bf16 may become the default only if its BLEU is fp32's within noise."""
     from sacrebleu.metrics import BLEU
     from sacrebleu.significance import PairedTest
-    s = dict(fp32="out/ckpt.pt", bf16="out_bf16/ckpt.pt", out="results/bench_precision.json", samples=1000)
-    for arg in argv:
-        key, value = arg.lstrip("-").split("=", 1)
-        if key not in s:
-            raise SystemExit(f"error: unknown setting --{key}; settings are {list(s)}")
-        s[key] = type(s[key])(value)
+    s = read_settings(dict(fp32="out/ckpt.pt", bf16="out_bf16/ckpt.pt", out="results/bench_precision.json",
+                           samples=1000), argv)
     report, hyps, device = {"settings": s}, {}, torch.device("cpu")
     for name in ("fp32", "bf16"):
         ckpt = train.load_checkpoint(s[name])

@@ -321,8 +321,8 @@ def cmd_dataset(cfg: LatencyConfig):
     archs = [space.sample(rng) for _ in range(cfg.n)]  # the same list on every run: row i is always archs[i]
     path = Path(cfg.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not path.read_text().endswith("\n"):  # a kill cut the last row short: measure it again
-        text = path.read_text()
+    text = path.read_text() if path.exists() else ""
+    if text and not text.endswith("\n"):  # a kill cut the last row short: measure it again
         with atomic_open(path) as f:
             f.write(text[:text.rfind("\n") + 1])
     done = list(csv.DictReader(open(path, newline=""))) if path.exists() else []

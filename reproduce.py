@@ -63,15 +63,6 @@ SUPERNETS = {  # the two methods compared, as train.py flags
 }
 
 
-def parse(argv) -> ReproConfig:
-    """--preset first, then every --key=value on top (train.py's rules)."""
-    preset = dict(train.split_args(argv)).get("preset", ReproConfig.preset)
-    if preset not in PRESETS:
-        raise SystemExit(f"error: unknown preset {preset!r}; choose one of {list(PRESETS)}")
-    cfg = ReproConfig(**{**PRESETS[preset], "preset": preset})
-    return train.apply_overrides(cfg, train.split_args(argv))
-
-
 # -----------------------------------------------------------------------------
 # Stages
 
@@ -90,7 +81,7 @@ def train_stage(out_dir: Path, flags):
 
 def main(argv):
     """Run every stage that has not finished yet, then write the summary."""
-    cfg = parse(argv)
+    cfg = train.parse_config(argv, ReproConfig, PRESETS)  # --preset first, then --key=value, as train.py
     out, toy = Path(cfg.out), cfg.preset == "toy"
     out.mkdir(parents=True, exist_ok=True)
     train.write_json(out / "settings.json", asdict(cfg))

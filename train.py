@@ -165,13 +165,13 @@ def check_same(stored: dict, cfg, keys, path):
                          f"drop these flags (the checkpoint's own are used) or use another checkpoint/--out_dir")
 
 
-def parse_config(argv) -> TrainConfig:
-    """--preset=NAME first, then every --key=value on top."""
+def parse_config(argv, cls=TrainConfig, presets=PRESETS):
+    """--preset=NAME first (a dict of `presets`), then every --key=value on top. Also reproduce.py's parser."""
     pairs = split_args(argv)
-    preset = dict(pairs).get("preset", TrainConfig.preset)
-    if preset not in PRESETS:
-        raise SystemExit(f"error: unknown preset {preset!r}; choose one of {list(PRESETS)}")
-    return apply_overrides(TrainConfig(**{**PRESETS[preset], "preset": preset}), pairs)
+    preset = dict(pairs).get("preset", cls.preset)
+    if preset not in presets:
+        raise SystemExit(f"error: unknown preset {preset!r}; choose one of {list(presets)}")
+    return apply_overrides(cls(**{**presets[preset], "preset": preset}), pairs)
 
 
 # -----------------------------------------------------------------------------
@@ -336,9 +336,6 @@ def main(argv):
         check_same(resumed["config"], cfg, [k for k in passed if k not in RUNTIME_SETTINGS], ckpt_path)
         cfg = TrainConfig(**{**resumed["config"], **{k: getattr(cfg, k) for k in passed if k in RUNTIME_SETTINGS},
                              "resume": True})
-        if master:  # a killed run may have logged steps after its last checkpoint: they are redone
-            for name in ("train_log.jsonl", "log.jsonl"):
-                trim_jsonl(out_dir / name, resumed["step"])
     corpus = load_data(cfg)
     src_vocab, tgt_vocab = len(corpus.src_vocab), len(corpus.tgt_vocab)
     space = SPACES[cfg.space]
@@ -385,8 +382,10 @@ def main(argv):
         start_time = resumed["train_seconds"]
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if not resumed:  # a fresh run starts fresh logs (a resumed one trimmed its own above)
-            for name in ("train_log.jsonl", "log.jsonl"):
+        for name in ("train_log.jsonl", "log.jsonl"):  # a fresh run starts fresh logs; a resumed one drops the
+            if resumed:  # steps a killed run logged after its last checkpoint (they are redone)
+                trim_jsonl(out_dir / name, resumed["step"])
+            else:
                 (out_dir / name).unlink(missing_ok=True)
         write_json(out_dir / "config.json", asdict(cfg))
         n_params = sum(p.numel() for p in model.parameters())
@@ -588,21 +587,25 @@ def append_jsonl(path: Path, record: dict):
         f.write(json.dumps(record) + "\n")
 
 
-def trim_jsonl(path: Path, last_step: int):
-    """Keep the records up to `last_step` and drop a line a kill cut short, so a resumed run's log reads as if
-    it had never stopped."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # the last line of a killed run may be half written
+def read_jsonl(path: Path) -> list:
+    """The whole records of a JSON-lines log (a line a kill cut short is left out); [] if there is no log."""
+    records = []
+    for line in (path.read_text().splitlines(keepends=True) if path.exists() else []):
+        if not line.endswith("\n"):  # the last line of a killed run may be half written
             continue
-        if line.endswith("\n") and record.get("step", last_step) <= last_step:
-            kept.append(line)
-    with atomic_open(path) as f:
-        f.write("".join(kept))
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def trim_jsonl(path: Path, last_step: int):
+    """Keep the whole records up to `last_step`, so a resumed run's log reads as if it had never stopped."""
+    if path.exists():
+        kept = [r for r in read_jsonl(path) if r.get("step", last_step) <= last_step]
+        with atomic_open(path) as f:
+            f.write("".join(json.dumps(r) + "\n" for r in kept))
 
 
 if __name__ == "__main__":

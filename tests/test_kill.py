@@ -66,22 +66,9 @@ def kill_when(proc, ready):
     proc.wait()
 
 
-def records(path):
-    """The complete JSON lines of a log (a killed writer may leave a half line at the end)."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            out.append(json.loads(line)) if line.endswith("\n") else None
-        except json.JSONDecodeError:
-            pass
-    return out
-
-
 def logged_step(out):
     """The last training step train_log.jsonl has recorded (0 before the first)."""
-    return max([r["step"] for r in records(out / "train_log.jsonl")], default=0)
+    return max([r["step"] for r in train.read_jsonl(out / "train_log.jsonl")], default=0)
 
 
 def without_timing(rows, drop=("tok_per_s", "train_seconds", "decode_seconds", "epoch")):
@@ -123,7 +110,7 @@ def test_train_killed_at_random_moments_resumes_to_the_uninterrupted_run(tmp_pat
 
     # the same losses every step, the same validations, the same final weights and test BLEU
     for name in ("train_log.jsonl", "log.jsonl"):
-        assert without_timing(records(out / name)) == without_timing(records(reference / name)), name
+        assert without_timing(train.read_jsonl(out / name)) == without_timing(train.read_jsonl(reference / name)), name
     a, b = (torch.load(p / "ckpt.pt", weights_only=True)["model"] for p in (reference, out))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((out / "results.json").read_text()) == json.loads((reference / "results.json").read_text())
@@ -186,5 +173,5 @@ def test_reproduction_killed_at_random_moments_continues_stage_by_stage(tmp_path
     flags = json.loads((out / "settings.json").read_text())["extra"]
     finish(start("train.py", *flags, "--router=neuron", "--num_experts=2", "--sampling=sandwich",
                  f"--out_dir={reference}"))
-    assert without_timing(records(supernet / "train_log.jsonl")) == \
-           without_timing(records(reference / "train_log.jsonl"))
+    assert without_timing(train.read_jsonl(supernet / "train_log.jsonl")) == \
+           without_timing(train.read_jsonl(reference / "train_log.jsonl"))

@@ -29,8 +29,7 @@ def run(tmp_path, *args, name="run"):
 
 def losses(out):
     """The per-step training records (step, lr, each subnet's loss), without the timing."""
-    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "tok_per_s"} for r in records]
+    return [{k: v for k, v in r.items() if k != "tok_per_s"} for r in train.read_jsonl(out / "train_log.jsonl")]
 
 
 def test_supernet_sandwich_random_and_distill_steps_on_toy(tmp_path):
