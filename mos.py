@@ -237,8 +237,17 @@ class Attention(nn.Module):
         self.q = nn.Linear(dim, qkv_dim)
         self.kv = nn.Linear(kv_dim, 2 * qkv_dim)  # keys and values in one matmul
         self.out = nn.Linear(qkv_dim, dim)
+        if dim == kv_dim:  # fairseq/HAT: one xavier draw over the stacked q/k/v in_proj (3Q, C), as one matrix
+            in_proj = nn.init.xavier_uniform_(torch.empty(3 * qkv_dim, dim))  # (3Q, C)
+            with torch.no_grad():
+                self.q.weight.copy_(in_proj[:qkv_dim])
+                self.kv.weight.copy_(in_proj[qkv_dim:])
+        else:  # fairseq with kdim != embed_dim: separate q, k and v projections, each its own xavier draw
+            nn.init.xavier_uniform_(self.q.weight)
+            for w in self.kv.weight.data.chunk(2):  # (Q, C_kv) each: k, then v
+                nn.init.xavier_uniform_(w)
+        nn.init.xavier_uniform_(self.out.weight)
         for lin in (self.q, self.kv, self.out):
-            nn.init.xavier_uniform_(lin.weight)
             nn.init.zeros_(lin.bias)
 
     def project_kv(self, memory):
@@ -248,7 +257,8 @@ class Attention(nn.Module):
         return k, v
 
     def forward(self, x, k, v, mask=None, causal=False):
-        """x (B, T, C) attends to keys/values (B, h, S, D); mask (B, 1, 1, S) is True where attention is allowed."""
+        """x (B, T, C) attends to keys/values (B, h, S, D); mask (B, 1, 1, S) or (T, S) is True where attention is
+        allowed; causal: the square causal mask (T = S)."""
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.heads, -1).transpose(1, 2)  # (B, T, h*D) -> (B, h, T, D)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, h, T, D)
@@ -302,8 +312,12 @@ class DecoderLayer(nn.Module):
             k, v = torch.cat([cache["self"][0], k], 2), torch.cat([cache["self"][1], v], 2)  # (B, h, t+1, D)
         if cache is not None:
             cache["self"] = (k, v)
-        causal = cache is None and x.size(1) > 1  # with a cache the one new query may see every cached key
-        x = self.norm1(x + F.dropout(self.self_attn(x, k, v, causal=causal), self.dropout, self.training))
+        T, L = x.size(1), k.size(2)  # new positions, all positions (cached + new)
+        if T == L or T == 1:  # no cache (a square causal mask), or one new position (it may see every key)
+            y = self.self_attn(x, k, v, causal=T > 1)
+        else:  # T new positions after L - T cached ones: new position i sees keys 0 .. L - T + i
+            y = self.self_attn(x, k, v, torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T))  # (T, L)
+        x = self.norm1(x + F.dropout(y, self.dropout, self.training))
         # HAT's arbitrary encoder-decoder attention: the last `span` encoder outputs, concatenated along time
         if cache is not None and "cross" in cache:
             k, v = cache["cross"]
@@ -513,16 +527,20 @@ class SuperTransformer(nn.Module):
 # Decoding: greedy and batched beam search with incremental (cached) decoding
 
 
-def _max_lengths(src, max_len_a, max_len_b, limit):
-    """Per-sentence output length limit a * src_len + b (EOS included), capped by the position table."""
-    return (max_len_a * (src != PAD).sum(1) + max_len_b).long().clamp(1, limit - 1)  # (B,)
+def _max_lengths(src, max_len_a, max_len_b, limit, min_len):
+    """Per-sentence output length limit a * src_len + b (EOS included), at least min_len + 1, capped by the
+    position table."""
+    return (max_len_a * (src != PAD).sum(1) + max_len_b).long().clamp(min_len + 1, limit - 1)  # (B,)
 
 
-def _step(model, tokens, enc_outs, src_mask, cache):
-    """Log-probabilities (rows, V) of the next token; with a cache only the newest token is computed."""
+def _step(model, tokens, enc_outs, src_mask, cache, min_len):
+    """Log-probabilities (rows, V) of the next token; with a cache only the newest token is computed.
+    EOS is forbidden while fewer than min_len tokens were generated (fairseq's --min-len, default 1: no empty output)."""
     logits = model.decode(tokens[:, -1:] if cache is not None else tokens, enc_outs, src_mask, cache)[:, -1]
     lprobs = F.log_softmax(logits.float(), dim=-1)
     lprobs[:, [PAD, BOS]] = -math.inf  # never generated
+    if tokens.size(1) - 1 < min_len:  # tokens holds BOS + the tokens generated so far
+        lprobs[:, EOS] = -math.inf
     return lprobs
 
 
@@ -534,15 +552,15 @@ def _force_eos(lprobs, at_limit):
 
 
 @torch.inference_mode()
-def greedy_decode(model, src, max_len_a=1.2, max_len_b=10, use_cache=True):
+def greedy_decode(model, src, max_len_a=1.2, max_len_b=10, min_len=1, use_cache=True):
     """Most likely token at every step. Returns (token lists without EOS, summed log-probabilities (B,))."""
     B = src.size(0)
     enc_outs, src_mask = model.encode(src)
-    max_lens = _max_lengths(src, max_len_a, max_len_b, model.max_len)
+    max_lens = _max_lengths(src, max_len_a, max_len_b, model.max_len, min_len)
     tokens, scores = torch.full((B, 1), BOS, device=src.device), torch.zeros(B, device=src.device)
     done, cache = torch.zeros(B, dtype=torch.bool, device=src.device), {} if use_cache else None
     for t in range(int(max_lens.max())):
-        lprobs = _step(model, tokens, enc_outs, src_mask, cache)  # (B, V)
+        lprobs = _step(model, tokens, enc_outs, src_mask, cache, min_len)  # (B, V)
         _force_eos(lprobs, t == max_lens - 1)
         score, tok = lprobs.max(-1)  # (B,)
         scores += score.masked_fill(done, 0.0)
@@ -555,15 +573,17 @@ def greedy_decode(model, src, max_len_a=1.2, max_len_b=10, use_cache=True):
 
 
 @torch.inference_mode()
-def beam_search(model, src, beam=5, lenpen=1.0, max_len_a=1.2, max_len_b=10, use_cache=True):
+def beam_search(model, src, beam=5, lenpen=1.0, max_len_a=1.2, max_len_b=10, min_len=1, use_cache=True):
     """Batched beam search in the fairseq manner: 2K candidates per step, EOS among the top K ends a hypothesis
     with score logp / len**lenpen, a sentence stops once K hypotheses ended. Returns (best token lists without
-    EOS, their normalised scores (B,)). Rows b*K .. b*K+K-1 hold the K beams of sentence b."""
+    EOS, their normalised scores (B,)). Rows b*K .. b*K+K-1 hold the K beams of sentence b.
+    Outputs have at least min_len tokens; max_len_a=0, max_len_b=n, min_len=n-1 forces exactly n decoder steps
+    (latency.py times what is deployed that way)."""
     B, K, dev = src.size(0), beam, src.device
     enc_outs, src_mask = model.encode(src)
     expand = torch.arange(B, device=dev).repeat_interleave(K)  # (B*K,) the sentence of each row
     enc_outs, src_mask = [m[expand] for m in enc_outs], src_mask[expand]
-    max_lens = _max_lengths(src, max_len_a, max_len_b, model.max_len)  # (B,)
+    max_lens = _max_lengths(src, max_len_a, max_len_b, model.max_len, min_len)  # (B,)
     T = int(max_lens.max())
     tokens = torch.full((B * K, 1), BOS, device=dev)  # (B*K, t+1) BOS + tokens so far
     scores = torch.full((B, K), -math.inf, device=dev)
@@ -573,7 +593,7 @@ def beam_search(model, src, beam=5, lenpen=1.0, max_len_a=1.2, max_len_b=10, use
     n_ended, done = torch.zeros(B, dtype=torch.long, device=dev), torch.zeros(B, dtype=torch.bool, device=dev)
     cache, first = ({} if use_cache else None), torch.arange(B, device=dev)[:, None] * K  # (B, 1) row of beam 0
     for t in range(T):
-        lprobs = _step(model, tokens, enc_outs, src_mask, cache)  # (B*K, V)
+        lprobs = _step(model, tokens, enc_outs, src_mask, cache, min_len)  # (B*K, V)
         V = lprobs.size(1)
         _force_eos(lprobs, (t == max_lens - 1)[expand])
         cand = (scores[:, :, None] + lprobs.view(B, K, V)).view(B, K * V)  # (B, K*V) score of every extension

@@ -190,3 +190,46 @@ def test_cached_decoding_equals_uncached_and_beam_one_equals_greedy():
 def test_special_token_ids_match_the_data_vocabularies():
     from data.batching import SPECIALS
     assert [SPECIALS.index(s) for s in ("<pad>", "<s>", "</s>", "<unk>")] == [PAD, BOS, EOS, mos.UNK]
+
+
+@pytest.mark.parametrize("chunks", [[4], [2, 3], [1, 3, 2]])
+def test_several_new_positions_into_a_cache_equal_teacher_forcing(chunks):
+    torch.manual_seed(0)
+    model = mos.Transformer(SPACES["tiny"].largest(), SRC_V, TGT_V, SPACES["tiny"].qkv_dim).eval()
+    src, tgt_in = batch(T=sum(chunks))
+    enc_outs, src_mask = model.encode(src)
+    full = model.decode(tgt_in, enc_outs, src_mask)  # (B, T, V) teacher forcing, no cache
+    cache, start, pieces = {}, 0, []
+    for n in chunks:  # feed the same positions in chunks of n new ones through one cache
+        pieces.append(model.decode(tgt_in[:, start:start + n], enc_outs, src_mask, cache))
+        start += n
+    assert (torch.cat(pieces, 1) - full).abs().max() < 1e-5
+
+
+def test_beam_search_never_returns_an_empty_hypothesis_and_can_force_a_length():
+    class EagerToStop(mos.Transformer):
+        """A model for which EOS is by far the likeliest token at every step."""
+        def decode(self, *args, **kwargs):
+            logits = super().decode(*args, **kwargs)
+            logits[..., EOS] += 50.0
+            return logits
+
+    torch.manual_seed(0)
+    model = EagerToStop(SPACES["tiny"].smallest(), SRC_V, TGT_V, SPACES["tiny"].qkv_dim).eval()
+    src, _ = batch()
+    for decode in (mos.beam_search, mos.greedy_decode):
+        hyps, _ = decode(model, src)
+        assert all(len(h) == 1 for h in hyps), hyps  # min_len 1 (fairseq): one token, then EOS
+        hyps, _ = decode(model, src, max_len_a=0, max_len_b=23, min_len=22)
+        assert all(len(h) == 22 for h in hyps)  # 22 tokens + EOS: exactly 23 decoder steps
+
+
+def test_attention_init_is_one_xavier_draw_over_the_stacked_in_proj():
+    torch.manual_seed(0)
+    C, Q = 640, 512  # HAT's iwslt14 supernet: bound sqrt(6 / (3Q + C)) = 0.0525, not separate q / kv bounds
+    attn = mos.Attention(C, C, Q, heads=4)
+    stacked = torch.cat([attn.q.weight, attn.kv.weight])  # (3Q, C)
+    bound = (6 / (3 * Q + C)) ** 0.5
+    assert stacked.abs().max() <= bound and stacked.abs().max() > 0.99 * bound
+    for w in (attn.q.weight, attn.kv.weight):  # each part spans the shared bound
+        assert w.abs().max() > 0.99 * bound
