@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -80,7 +81,8 @@ class TrainConfig:
     beam: int = 5
     lenpen: float = 1.0
     test_sentences: int = 0  # final test BLEU on the first N sentences of `split`; 0 = all
-    avg_last: int = 0  # average the last K evaluation checkpoints' weights before the final test (0 = off)
+    avg_last: int = 0  # average K weight snapshots from the end of training before the final test (0 = off)
+    avg_interval: int = 0  # steps between those snapshots, the last at max_steps; 0 = one epoch (HAT: last 10 epochs)
     eval_only: bool = False  # score --init (with --arch for a supernet) on `split` and exit
     translate: str = ""  # translate lines from this file ('-' = stdin) with --init and exit
     split: str = "test"
@@ -248,6 +250,22 @@ def save_checkpoint(obj: dict, path: Path):
 # Loss, schedule, evaluation
 
 
+def make_optimizer(model, cfg: TrainConfig):
+    """fairseq's Adam as HAT and MoS train with it: betas (0.9, 0.98), eps 1e-8 and *decoupled* weight decay,
+    p -= lr * wd * p (AdamW), applied beside the Adam step. Coupled L2 decay (torch Adam's weight_decay) would be
+    normalised by Adam like a gradient and wipe, at about lr per step, the weights that get no gradient: rare
+    embedding rows and the outer supernet slices that small subnets never use."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8,
+                             weight_decay=cfg.weight_decay)
+
+
+def is_snapshot_step(step: int, cfg: TrainConfig, interval: int) -> bool:
+    """Whether the weights after `step` are one of the avg_last snapshots averaged for the final test: every
+    `interval` steps counted back from max_steps, the last avg_last of them (HAT: the last 10 epoch checkpoints)."""
+    before_end = cfg.max_steps - step
+    return cfg.avg_last > 0 and 0 <= before_end < cfg.avg_last * interval and before_end % interval == 0
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """fairseq's inverse_sqrt: linear warm-up from warmup_init_lr to lr, then lr * sqrt(warmup / step)."""
     if step < cfg.warmup:
@@ -266,12 +284,15 @@ def token_loss(logits, tgt_out, label_smoothing, soft_targets=None):
                            reduction="sum")
 
 
-def bleu_score(hyps, refs):
+def bleu_score(hyps, refs, compound_split=False):
     """Corpus BLEU the way MT papers quote these datasets: sacrebleu on BPE-removed, tokenised, lowercased text
-    with tokenize='none'. Returns (score, signature)."""
+    with tokenize='none'. compound_split: HAT's IWSLT/WMT "normal" BLEU (configs/*/test.sh), which first splits
+    every hyphen between two characters into ` ##AT##-##AT## ` in hypotheses and references alike.
+    Returns (score, signature)."""
+    split = (lambda line: re.sub(r"(\S)-(\S)", r"\1 ##AT##-##AT## \2", line)) if compound_split else (lambda line: line)
     metric = BLEU(tokenize="none", force=True)  # force: the text is tokenised on purpose
-    score = metric.corpus_score([remove_bpe(h) for h in hyps], [[remove_bpe(r) for r in refs]])
-    return score.score, str(metric.get_signature())
+    score = metric.corpus_score([split(remove_bpe(h)) for h in hyps], [[split(remove_bpe(r)) for r in refs]])
+    return score.score, str(metric.get_signature()) + ("|compound-split" if compound_split else "")
 
 
 @torch.inference_mode()
@@ -291,8 +312,10 @@ def evaluate(model, corpus, split, cfg, device, n_bleu=0, max_tokens=None):
     if n_bleu >= 0:
         n = len(src) if n_bleu == 0 else min(n_bleu, len(src))
         hyps = translate_ids(model, [src[i] for i in range(n)], cfg, device)
-        result["bleu"], result["bleu_signature"] = bleu_score([corpus.tgt_vocab.decode(h) for h in hyps],
-                                                              corpus.refs[split][:n])
+        text, refs = [corpus.tgt_vocab.decode(h) for h in hyps], corpus.refs[split][:n]
+        result["bleu"], result["bleu_signature"] = bleu_score(text, refs)
+        if cfg.data == "iwslt14":  # HAT's table quotes compound-split BLEU on IWSLT: report it beside ours
+            result["bleu_compound_split"] = bleu_score(text, refs, compound_split=True)[0]
     return result
 
 
@@ -372,8 +395,7 @@ def main(argv):
         else:
             model = build_standalone(model_args)
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8,
-                                 weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     step, epoch, batch_in_epoch, start_time = 0, 0, 0, 0.0
     if resumed:
         model.load_state_dict(resumed["model"])
@@ -387,6 +409,9 @@ def main(argv):
                 trim_jsonl(out_dir / name, resumed["step"])
             else:
                 (out_dir / name).unlink(missing_ok=True)
+        if not resumed:  # averaging snapshots of an earlier run in this folder must not be averaged into this one
+            for old in out_dir.glob("ckpt_step*.pt"):
+                old.unlink()
         write_json(out_dir / "config.json", asdict(cfg))
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{kind} ({cfg.router} x{cfg.num_experts} experts)" if kind == "supernet" else f"standalone {fixed_arch}",
@@ -397,6 +422,7 @@ def main(argv):
     batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], cfg.max_tokens, seed=cfg.seed,
                            rank=rank, world_size=world)
     representative = {name: getattr(space, name)() for name in ("largest", "smallest", "middle")}
+    avg_interval = cfg.avg_interval or len(batcher.batches(0))  # default: one epoch of this rank's batches
 
     def subnets_for(step):
         """This step's subnets; seeded by the step alone, so every rank (and a resumed run) samples the same."""
@@ -485,6 +511,8 @@ def main(argv):
                 record["tok_per_s"] = round(tokens_seen / (time.time() - log_t))
                 tokens_seen, log_t = 0, time.time()
                 append_jsonl(out_dir / "train_log.jsonl", record)
+        if master and is_snapshot_step(step, cfg, avg_interval):  # weights only, for the final average
+            save_checkpoint(dict(kind="snapshot", model=model.state_dict(), step=step), out_dir / f"ckpt_step{step}.pt")
         out_of_time = cfg.max_minutes > 0 and (start_time + time.time() - t0) / 60 > cfg.max_minutes
         stop = torch.tensor(int(out_of_time or bool(interrupted)))
         if ddp:  # every rank stops at the same step
@@ -505,8 +533,6 @@ def main(argv):
                 if cfg.bleu_sentences >= 0 or step == cfg.max_steps:
                     validate()
                 checkpoint()
-                if cfg.avg_last > 0:
-                    checkpoint(out_dir / f"ckpt_step{step}.pt")
         elif master and cfg.save_interval > 0 and step % cfg.save_interval == 0:
             checkpoint()
     bar.close()
@@ -521,18 +547,22 @@ def main(argv):
             if digests.count(digest) != world:
                 raise SystemExit(f"error: data-parallel replicas diverged: {digests}")
     if master:
-        final_test(cfg, model, kind, representative, corpus, device, out_dir)
+        final_test(cfg, model, kind, representative, corpus, device, out_dir, avg_interval)
     if ddp:
         dist.destroy_process_group()
 
 
-def final_test(cfg, model, kind, representative, corpus, device, out_dir):
-    """Test BLEU of the final (optionally checkpoint-averaged) model, written to results.json and log.jsonl."""
+def final_test(cfg, model, kind, representative, corpus, device, out_dir, avg_interval=1):
+    """Test BLEU of the final (optionally snapshot-averaged) model, written to results.json and log.jsonl."""
     if cfg.avg_last > 0:
-        snapshots = sorted(out_dir.glob("ckpt_step*.pt"), key=lambda p: int(p.stem[len("ckpt_step"):]))[-cfg.avg_last:]
-        states = [load_checkpoint(p)["model"] for p in snapshots]
-        model.load_state_dict({k: sum(s[k].float() for s in states) / len(states) for k in states[0]})
-        print(f"averaged the last {len(states)} checkpoints")
+        steps = [s for s in range(cfg.max_steps + 1) if is_snapshot_step(s, cfg, avg_interval)]
+        snapshots = [out_dir / f"ckpt_step{s}.pt" for s in steps if (out_dir / f"ckpt_step{s}.pt").exists()]
+        if snapshots:  # a run stopped early (max_minutes) has fewer, possibly none
+            states = [load_checkpoint(p)["model"] for p in snapshots]
+            model.load_state_dict({k: sum(s[k].float() for s in states) / len(states) for k in states[0]})
+        print(f"averaged {len(snapshots)} of {len(steps)} snapshots (steps {steps[0]}..{steps[-1]}, every "
+              f"{avg_interval})" if snapshots else f"no averaging snapshot was written (the run stopped before step "
+              f"{steps[0]}): testing the last weights")
     targets = {"model": model} if kind == "standalone" else {n: model.subnet(a) for n, a in representative.items()}
     results = {"split": cfg.split}
     for name, net in targets.items():
@@ -540,7 +570,8 @@ def final_test(cfg, model, kind, representative, corpus, device, out_dir):
         results[name] = evaluate(net, corpus, cfg.split, cfg, device, n_bleu=cfg.test_sentences)
         results[name]["decode_seconds"] = round(time.time() - t, 1)
         r = results[name]
-        print(f"{cfg.split} {name}: loss {r['loss']:.3f} | BLEU {r['bleu']:.2f} | {r['bleu_signature']}")
+        print(f"{cfg.split} {name}: loss {r['loss']:.3f} | BLEU {r['bleu']:.2f} | {r['bleu_signature']}"
+              + (f" | compound-split BLEU (HAT's tables) {r['bleu_compound_split']:.2f}" if "bleu_compound_split" in r else ""))
     write_json(out_dir / "results.json", results)
     append_jsonl(out_dir / "log.jsonl", {"final": results})
 

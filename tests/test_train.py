@@ -250,3 +250,32 @@ def test_checkpoint_settings_that_contradict_the_flags_are_named(tmp_path):
     # what a resumed run may change: how long it runs and how often it reports
     train.main([*TOY, f"--out_dir={out}", "--resume=True", "--max_steps=3", "--eval_interval=1", "--log_interval=2"])
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_weight_decay_is_decoupled_and_spares_weights_without_gradient():
+    cfg = train.TrainConfig(lr=5e-4, weight_decay=1e-4)
+    weight = torch.nn.Parameter(torch.full((4,), 0.05))
+    optimizer = train.make_optimizer([weight], cfg)
+    for _ in range(200):  # a weight no sampled subnet touches: zero gradient, only the decay acts on it
+        weight.grad = torch.zeros_like(weight)
+        optimizer.step()
+    # decoupled (fairseq / AdamW): 0.05 * (1 - lr * wd)^200 = 0.049999; coupled L2 through Adam would reach ~0
+    assert torch.allclose(weight.detach(), torch.full((4,), 0.05 * (1 - 5e-4 * 1e-4) ** 200), rtol=1e-6)
+
+
+def test_checkpoint_averaging_takes_its_snapshots_from_the_end_of_training(tmp_path, capsys):
+    out = run(tmp_path, "--max_steps=60", "--eval_interval=25", "--avg_last=3", "--avg_interval=5")
+    assert sorted(int(p.stem[len("ckpt_step"):]) for p in out.glob("ckpt_step*.pt")) == [50, 55, 60]
+    assert "averaged 3 of 3 snapshots (steps 50..60, every 5)" in capsys.readouterr().out
+    states = [torch.load(out / f"ckpt_step{s}.pt", weights_only=True)["model"] for s in (50, 55, 60)]
+    final = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(states[-1][k], final[k]) for k in final)  # the last snapshot is the final weights
+    window = [s for s in range(201) if train.is_snapshot_step(s, train.TrainConfig(max_steps=200, avg_last=10), 8)]
+    assert window == list(range(128, 201, 8))  # the last 10 intervals of 8 steps, never the warm-up
+
+
+def test_iwslt_bleu_reports_hat_compound_split_beside_tokenised():
+    refs, hyps = ["a well-known fact ."], ["a well known fact ."]
+    plain, split = train.bleu_score(hyps, refs)[0], train.bleu_score(hyps, refs, compound_split=True)[0]
+    assert split > plain  # "well-known" becomes "well ##AT##-##AT## known": 'well' and 'known' now match
+    assert train.bleu_score(refs, refs, compound_split=True)[0] == pytest.approx(100.0)
