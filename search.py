@@ -55,10 +55,12 @@ class SearchConfig:
     crossovers: int = 16
     mutate_prob: float = 0.3
     iterations: int = 10
-    max_tries: int = 500  # rejection-sampling draws per new subnet before the budget is declared unreachable
+    max_tries: int = 20000  # rejection-sampling draws per new subnet (HAT: unlimited) before giving up
+    floor_samples: int = 5000  # random subnets whose predicted latency bounds the space's fastest from below
     valid_sentences: int = 500  # fitness on the first N valid sentences (HAT: the whole valid split)
     max_tokens: int = 4096  # per validation batch
     # latency protocol (latency.py): quick for candidates, careful for the chosen subnets
+    protocol: str = "beam"  # beam: the real beam search (deployed) | hat: HAT's model-only decoder steps
     threads: int = 2
     device: str = "cpu"
     search_warmup: int = 2
@@ -124,24 +126,39 @@ def crossover(a: ArchConfig, b: ArchConfig, space, rng) -> ArchConfig:
 # The evolutionary loop
 
 
-def evolve(space, fitness, latency, budget, cfg: SearchConfig, rng, log=print) -> dict:
+def fastest_arch(space) -> ArchConfig:
+    """Every choice at its minimum, attending to one encoder layer only: the fastest subnet when cost grows with
+    every size (measured latency); a fitted predictor need not agree (see lowest_latency)."""
+    smallest = space.smallest()
+    return replace(smallest, dec_cross_spans=(min(space.cross_spans),) * smallest.dec_layers)
+
+
+def lowest_latency(space, latency, n, rng) -> tuple:
+    """(ms, arch): the lowest latency among the fastest arch and n random subnets. A fitted predictor is not
+    monotone in every feature, so some subnets can be predicted faster than the all-minimum arch; a budget
+    between the two is feasible and must not be refused."""
+    candidates = [fastest_arch(space)] + [space.sample(rng) for _ in range(n)]
+    return min((latency(a), i, a) for i, a in enumerate(candidates))[::2]
+
+
+def evolve(space, fitness, latency, budget, cfg: SearchConfig, rng, log=print, floor=None) -> dict:
     """HAT's search for one budget. fitness(arch) -> validation loss (lower is better) and latency(arch) -> ms are
-    the caller's (cached) functions. Returns the best arch of the last scored population, its loss and latency,
+    the caller's (cached) functions; floor = (ms, arch), the lowest latency the caller found in the space
+    (default: the all-minimum arch's). Returns the best arch of the last scored population, its loss and latency,
     the best loss after every iteration, and every arch scored."""
-    smallest = space.smallest()  # and attending to one encoder layer only: no subnet is faster
-    fastest = replace(smallest, dec_cross_spans=(min(space.cross_spans),) * smallest.dec_layers)
-    unreachable = (f"no subnet of space '{space.name}' meets the {budget:g} ms budget: the smallest one (every "
-                   f"choice at its minimum) takes {latency(fastest):.1f} ms ({cfg.latency}); give a larger budget")
-    if latency(fastest) > budget:  # a lower bound by construction: skip the hopeless draws
-        raise BudgetError(unreachable)
+    floor_ms, floor_arch = floor or (latency(fastest_arch(space)), fastest_arch(space))
+    if floor_ms > budget:  # nothing is faster: skip the hopeless draws
+        raise BudgetError(f"no subnet of space '{space.name}' meets the {budget:g} ms budget: the fastest one "
+                          f"found ({floor_arch}) takes {floor_ms:.1f} ms ({cfg.latency}); give a larger budget")
 
     def draw(make):
-        """Rejection sampling: make() until a subnet meets the budget, at most cfg.max_tries times."""
+        """Rejection sampling, as HAT: make() until a subnet meets the budget (at most cfg.max_tries times)."""
         for _ in range(cfg.max_tries):
             arch = make()
             if latency(arch) <= budget:
                 return arch
-        raise BudgetError(f"{unreachable} (none of {cfg.max_tries} draws met it)")
+        raise BudgetError(f"none of {cfg.max_tries} draws met the {budget:g} ms budget although the fastest subnet "
+                          f"found takes {floor_ms:.1f} ms: feasible subnets are rare; raise --max_tries or the budget")
 
     population = [draw(lambda: space.sample(rng)) for _ in range(cfg.population)]
     history, scored, t0 = [], {}, time.time()
@@ -284,6 +301,10 @@ def main(argv):
     if predictor and predictor["space"] != space.name:
         raise SystemExit(f"error: predictor {cfg.predictor} was fit on space '{predictor['space']}', the supernet's "
                          f"is '{space.name}'")
+    if predictor and predictor.get("protocol", "hat") != cfg.protocol:  # predictors from before it timed HAT's
+        raise SystemExit(f"error: predictor {cfg.predictor} was fit on latencies of the "
+                         f"{predictor.get('protocol', 'hat')!r} protocol; pass --protocol="
+                         f"{predictor.get('protocol', 'hat')} or refit it with latency.py --protocol={cfg.protocol}")
     if cfg.latency == "predicted" and predictor is None:
         raise SystemExit(f"error: --latency=predicted needs {cfg.predictor}: run `python latency.py dataset` and "
                          f"`python latency.py fit`, or pass --latency=measured")
@@ -292,19 +313,22 @@ def main(argv):
 
     def timed(arch, warmup, iters):
         """latency.py's measurement of the extracted subnet."""
-        return measure_latency(supernet.subnet(arch), warmup=warmup, iters=iters, device=device, threads=cfg.threads)
+        return measure_latency(supernet.subnet(arch), warmup=warmup, iters=iters, device=device, threads=cfg.threads,
+                               protocol=cfg.protocol)
 
     stat = Path(cfg.ckpt).stat()  # the cached numbers belong to this checkpoint, subset and protocol
     cache = Cache(out_dir / "cache.json", dict(ckpt=str(Path(cfg.ckpt).resolve()), ckpt_bytes=stat.st_size,
                                                ckpt_mtime=stat.st_mtime, valid_sentences=cfg.valid_sentences,
                                                max_tokens=cfg.max_tokens, threads=cfg.threads, device=cfg.device,
-                                               search_iters=cfg.search_iters, search_warmup=cfg.search_warmup))
+                                               search_iters=cfg.search_iters, search_warmup=cfg.search_warmup,
+                                               protocol=cfg.protocol))
     fitness = cache.wrap("valid_loss", lambda arch: valid_loss(supernet.subnet(arch), batches))
     predicted = None if predictor is None else (
         lambda arch: float(predict(predictor, mos.arch_features(arch, space).numpy())[0]))
     measured = cache.wrap("measured_ms", lambda arch: timed(arch, cfg.search_warmup, cfg.search_iters)["median_ms"])
     latency = measured if cfg.latency == "measured" else predicted
-    protocol = f"{cfg.device}, {cfg.threads} threads, batch 1, beam 5, 23+23 tokens"
+    protocol = f"{cfg.protocol} protocol, {cfg.device}, {cfg.threads} threads, batch 1, beam 5, 23+23 tokens"
+    floor = lowest_latency(space, latency, cfg.floor_samples, random.Random(cfg.seed)) if latency is predicted else None
     print(f"searching {space.name} space of {cfg.ckpt} | {len(batches)} valid batches ({cfg.valid_sentences} "
           f"sentences) | {cfg.latency} latency | budgets {list(cfg.budgets)} ms")
 
@@ -312,7 +336,7 @@ def main(argv):
     for budget in cfg.budgets:
         t0 = time.time()
         try:
-            r = evolve(space, fitness, latency, float(budget), cfg, random.Random(cfg.seed))
+            r = evolve(space, fitness, latency, float(budget), cfg, random.Random(cfg.seed), floor=floor)
         except BudgetError as e:
             raise SystemExit(f"error: {e}")
         runs = [timed(r["arch"], cfg.final_warmup, cfg.final_iters)["median_ms"] for _ in range(cfg.final_repeats)]

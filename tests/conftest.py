@@ -31,5 +31,6 @@ def tiny(tmp_path_factory):
     torch.save(dict(kind="supernet", model=model.state_dict(), model_args=model.init_args(), config=asdict(cfg),
                     vocab=dict(src=corpus.src_vocab.itos, tgt=corpus.tgt_vocab.itos)), folder / "ckpt.pt")
     weight = [10.0 if n == "dec_layers" else 0.0 for n in FEATURE_NAMES]  # 1 ms + 5 per decoder layer: 6 or 11 ms
-    (folder / "predictor.json").write_text(json.dumps(dict(kind="linear", weight=weight, bias=1.0, space="tiny")))
+    (folder / "predictor.json").write_text(json.dumps(dict(kind="linear", weight=weight, bias=1.0, space="tiny",
+                                                             protocol="beam")))
     return folder

@@ -27,6 +27,18 @@ def test_measure_latency_is_sane():
     assert r["iqr_ms"] >= 0 and r["threads"] == 1 and (r["beam"], r["src_len"], r["tgt_len"]) == (5, 23, 23)
 
 
+def test_default_latency_is_the_real_beam_search_with_its_bookkeeping(monkeypatch):
+    space = SPACES["tiny"]
+    model = Transformer(space.smallest(), 30, 30, space.qkv_dim)
+    calls, real = [], latency.mos.beam_search
+    monkeypatch.setattr(latency.mos, "beam_search", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    r = measure_latency(model, **QUICK)
+    assert r["protocol"] == "beam" and len(calls) == 1 + 5  # warm-up + timed runs, each one real beam_search call
+    hyps, _ = real(*calls[0][0], **calls[0][1])
+    assert len(hyps) == 1 and len(hyps[0]) == 22  # forced: 22 tokens + EOS = 23 decoder steps, as HAT's protocol
+    assert measure_latency(model, **QUICK, protocol="hat")["protocol"] == "hat"  # the model-only option remains
+
+
 def test_deeper_decoder_takes_longer():
     # HAT's space at full width: 1 vs 6 decoder layers is a gap far beyond timing noise (HAT: ~4x on a GPU)
     space = SPACES["iwslt14"]
@@ -75,6 +87,8 @@ def test_dataset_resumes_and_fit_writes_outputs(tmp_path):
     assert all(r["iters"] for r in rows)  # every row whole
     with pytest.raises(SystemExit, match="other subnets"):
         latency.main(["dataset", "--space=tiny", "--n=5", "--seed=1", f"--out={out}", *FAST_CLI])
+    with pytest.raises(SystemExit, match="measured with --protocol=beam"):  # no mixing of protocols in one file
+        latency.main(["dataset", "--space=tiny", "--n=6", "--protocol=hat", f"--out={out}", *FAST_CLI])
     # fit needs more rows than a quick test measures: append synthetic ones in the same format
     rows = list(csv.DictReader(open(out)))
     rng = np.random.default_rng(0)
@@ -87,7 +101,8 @@ def test_dataset_resumes_and_fit_writes_outputs(tmp_path):
     latency.main(["fit", f"--out={out}", f"--predictor={pred_path}", "--mlp_steps=20", "--threads=1"])
     saved = json.loads(pred_path.read_text())
     assert saved["space"] == "tiny" and saved["kind"] in ("linear", "mlp") and pred_path.with_suffix(".png").exists()
-    X, y, _ = latency.read_latency_csv(out)
+    X, y, _, protocol = latency.read_latency_csv(out)
+    assert protocol == "beam" and saved["protocol"] == "beam"
     assert np.allclose(predict(latency.load_predictor(pred_path), X).shape, y.shape)
 
 
@@ -104,5 +119,5 @@ def test_cli_measure_and_depth(tmp_path):
 
 @pytest.mark.skipif(not Path(latency.LatencyConfig.hat_dir).exists(), reason="HAT's latency CSVs are not here")
 def test_reads_hat_csv():
-    X, y, name = latency.read_latency_csv(Path(latency.LatencyConfig.hat_dir) / "wmt14ende_cpu_xeon_all.csv")
-    assert X.shape == (2000, 10) and (y > 0).all() and name == "hat"
+    X, y, name, protocol = latency.read_latency_csv(Path(latency.LatencyConfig.hat_dir) / "wmt14ende_cpu_xeon_all.csv")
+    assert X.shape == (2000, 10) and (y > 0).all() and name == protocol == "hat"

@@ -58,14 +58,26 @@ def test_budget_respected_and_seed_repeats():
 
 def test_unreachable_budget_raises_clearly():
     space, cfg = SPACES["cpu"], SearchConfig(**SMALL)
-    with pytest.raises(BudgetError, match=r"smallest one .* takes 17\.0 ms"):
+    with pytest.raises(BudgetError, match=r"fastest one found .* takes 17\.0 ms"):
         evolve(space, toy_fitness, toy_latency, 5.0, cfg, random.Random(0), log=lambda m: None)
     # reachable in principle, but rejection sampling gives up after max_tries draws instead of looping forever
     fastest = dataclasses.replace(space.smallest(), dec_cross_spans=(1,))
     cfg.max_tries = 20
-    with pytest.raises(BudgetError, match="none of 20 draws"):
+    with pytest.raises(BudgetError, match="none of 20 draws met the 17 ms budget"):
         evolve(space, toy_fitness, lambda a: 17.0 if a == fastest else 99.0, 17.0, cfg, random.Random(0),
                log=lambda m: None)
+
+
+def test_budget_below_the_all_minimum_arch_but_above_the_predicted_floor_is_feasible():
+    space, cfg = SPACES["cpu"], SearchConfig(**SMALL)
+    # a fitted predictor need not be monotone: here 4 heads in the first encoder layer look 8 ms faster than 2,
+    # so random subnets can be predicted faster than the all-minimum arch (17 ms)
+    odd_latency = lambda arch: toy_latency(arch) - (8.0 if arch.enc_heads[0] == 4 else 0.0)
+    floor = search.lowest_latency(space, odd_latency, 2000, random.Random(0))
+    assert floor[0] < odd_latency(search.fastest_arch(space)) == 17.0
+    budget = 14.0  # between the two: refused before, although subnets meet it
+    r = evolve(space, toy_fitness, odd_latency, budget, cfg, random.Random(0), log=lambda m: None, floor=floor)
+    assert odd_latency(r["arch"]) <= budget and all(odd_latency(a) <= budget for a in r["scored"])
 
 
 # -----------------------------------------------------------------------------
@@ -94,15 +106,16 @@ def test_search_end_to_end_deterministic(tiny, tmp_path):
 
 
 def test_search_resumes_from_cache(tiny, tmp_path, monkeypatch):
-    first = run_search(tiny, tmp_path, "--latency=measured", "--search_iters=2", "--search_warmup=0")
+    measured = ["--latency=measured", "--search_iters=2", "--search_warmup=0", "--budgets=[10000]"]  # any load
+    first = run_search(tiny, tmp_path, *measured)
 
     def no_rescoring(*args):
         raise AssertionError("a cached subnet was scored again")
     monkeypatch.setattr(search, "valid_loss", no_rescoring)
-    again = run_search(tiny, tmp_path, "--latency=measured", "--search_iters=2", "--search_warmup=0")
+    again = run_search(tiny, tmp_path, *measured)
     assert [r["arch"] for r in first] == [r["arch"] for r in again]
 
 
 def test_search_rejects_unreachable_budget(tiny, tmp_path):
-    with pytest.raises(SystemExit, match="smallest one"):
+    with pytest.raises(SystemExit, match="fastest one found"):
         run_search(tiny, tmp_path, "--budgets=[5]")
