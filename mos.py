@@ -31,8 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-PAD, BOS, EOS, UNK = 0, 1, 2, 3  # special-token ids; data/ writes every vocabulary in this order
-ROUTER_DROPOUT = 0.1  # the "_drop_2L" router of the MoS code (METHOD 3.3)
+from data.batching import BOS, EOS, PAD, UNK  # special-token ids, as every vocabulary is written
+
+ROUTER_DROPOUT = 0.1  # the MoS code's router "neuronrouting_jack_drop_2L": dropout 0.1 between its two layers
 REPRESENTATIVE_SPAN = 2  # HAT/MoS's largest and smallest subnets attend to the last two encoder layers
 
 # -----------------------------------------------------------------------------
@@ -59,25 +60,9 @@ class ArchConfig:
 
     @classmethod
     def from_dict(cls, d):
-        """Build from a dict such as a JSON arch file; wrong keys or types raise a one-line ValueError."""
-        names = [f.name for f in fields(cls)]
-        if not isinstance(d, dict):
-            raise ValueError(f"an arch is a JSON object {{field: value}} with the keys {names}, got {type(d).__name__}")
-        unknown, missing = sorted(set(d) - set(names)), [n for n in names if n not in d]
-        if unknown or missing:
-            raise ValueError(f"arch has unknown keys {unknown} / missing keys {missing}; the keys are {names}")
-        kwargs = {}
-        for f in fields(cls):
-            value = d[f.name]
-            if f.type is int and not (isinstance(value, int) and not isinstance(value, bool)):
-                raise ValueError(f"arch field '{f.name}' must be an integer, got {value!r}")
-            if f.type is tuple:
-                if not isinstance(value, (list, tuple)) or not all(
-                        isinstance(v, int) and not isinstance(v, bool) for v in value):
-                    raise ValueError(f"arch field '{f.name}' must be a list of integers (one per layer), got {value!r}")
-                value = tuple(value)
-            kwargs[f.name] = value
-        return cls(**kwargs)
+        """Build from a dict such as a JSON arch file; wrong keys or types raise a one-line ValueError
+        (`check_arch_dict`, with the other input checks at the end of this file)."""
+        return cls(**check_arch_dict(d))
 
 
 @dataclass(frozen=True)
@@ -106,26 +91,31 @@ class SearchSpace:
     def sample(self, rng: random.Random) -> ArchConfig:
         """Uniform over every choice, independently per layer (HAT's sampler)."""
         n_enc, n_dec = rng.choice(self.enc_layers), rng.choice(self.dec_layers)
-        per = lambda options, n: tuple(rng.choice(options) for _ in range(n))
+        per_layer = lambda options, n: tuple(rng.choice(options) for _ in range(n))  # one draw per layer
         spans = [s for s in self.cross_spans if s <= n_enc]  # cannot attend to more layers than exist
-        return ArchConfig(rng.choice(self.enc_embed_dims), n_enc, per(self.enc_ffn_dims, n_enc),
-                          per(self.enc_heads, n_enc), rng.choice(self.dec_embed_dims), n_dec,
-                          per(self.dec_ffn_dims, n_dec), per(self.dec_heads, n_dec),
-                          per(self.dec_cross_heads, n_dec), per(spans, n_dec))
+        return ArchConfig(enc_embed_dim=rng.choice(self.enc_embed_dims), enc_layers=n_enc,
+                          enc_ffn_dims=per_layer(self.enc_ffn_dims, n_enc), enc_heads=per_layer(self.enc_heads, n_enc),
+                          dec_embed_dim=rng.choice(self.dec_embed_dims), dec_layers=n_dec,
+                          dec_ffn_dims=per_layer(self.dec_ffn_dims, n_dec), dec_heads=per_layer(self.dec_heads, n_dec),
+                          dec_cross_heads=per_layer(self.dec_cross_heads, n_dec),
+                          dec_cross_spans=per_layer(spans, n_dec))
 
     def _extreme(self, pick) -> ArchConfig:
         """Every field at pick(choices): max gives the largest subnet, min the smallest."""
         n_enc, n_dec = pick(self.enc_layers), pick(self.dec_layers)
         span = min(REPRESENTATIVE_SPAN, n_enc)
-        return ArchConfig(pick(self.enc_embed_dims), n_enc, (pick(self.enc_ffn_dims),) * n_enc,
-                          (pick(self.enc_heads),) * n_enc, pick(self.dec_embed_dims), n_dec,
-                          (pick(self.dec_ffn_dims),) * n_dec, (pick(self.dec_heads),) * n_dec,
-                          (pick(self.dec_cross_heads),) * n_dec, (span,) * n_dec)
+        return ArchConfig(enc_embed_dim=pick(self.enc_embed_dims), enc_layers=n_enc,
+                          enc_ffn_dims=(pick(self.enc_ffn_dims),) * n_enc, enc_heads=(pick(self.enc_heads),) * n_enc,
+                          dec_embed_dim=pick(self.dec_embed_dims), dec_layers=n_dec,
+                          dec_ffn_dims=(pick(self.dec_ffn_dims),) * n_dec, dec_heads=(pick(self.dec_heads),) * n_dec,
+                          dec_cross_heads=(pick(self.dec_cross_heads),) * n_dec, dec_cross_spans=(span,) * n_dec)
 
     def largest(self) -> ArchConfig:
+        """Every choice at its maximum: the supernet's own shape."""
         return self._extreme(max)
 
     def smallest(self) -> ArchConfig:
+        """Every choice at its minimum."""
         return self._extreme(min)
 
     def middle(self) -> ArchConfig:
@@ -133,31 +123,21 @@ class SearchSpace:
         return self._extreme(lambda options: sorted(options)[len(options) // 2])
 
     def validate(self, arch: ArchConfig) -> ArchConfig:
-        """Raise a one-line ValueError naming the first field outside the space; return arch if valid."""
-        for name, allowed in self.choices().items():
-            value = getattr(arch, name)
-            if isinstance(value, tuple):
-                n = arch.enc_layers if name.startswith("enc") else arch.dec_layers
-                layers = "enc_layers" if name.startswith("enc") else "dec_layers"
-                if len(value) != n:
-                    raise ValueError(f"arch field '{name}' has {len(value)} values but {layers} = {n}; "
-                                     f"give one value per layer, each from {allowed}")
-                for i, v in enumerate(value):
-                    if v not in allowed:
-                        raise ValueError(f"arch field '{name}[{i}]' = {v!r} is not in space '{self.name}'; "
-                                         f"allowed: {allowed}")
-            elif value not in allowed:
-                raise ValueError(f"arch field '{name}' = {value!r} is not in space '{self.name}'; allowed: {allowed}")
-        if max(arch.dec_cross_spans) > arch.enc_layers:
-            raise ValueError(f"arch field 'dec_cross_spans' = {arch.dec_cross_spans} attends to more than "
-                             f"enc_layers = {arch.enc_layers} encoder layers")
-        return arch
+        """Return arch if every field is a choice of this space, else raise a one-line ValueError naming the first
+        field outside it (`check_in_space`, at the end of this file)."""
+        return check_in_space(arch, self)
+
+    def position_widths(self):
+        """The widths at which sinusoidal positions are built (HAT: the supernet's), for encoder and decoder."""
+        return max(self.enc_embed_dims), max(self.dec_embed_dims)
 
     def to_dict(self):
+        """A JSON-ready dict (tuples become lists), as stored in checkpoints."""
         return {f.name: list(v) if isinstance(v, tuple) else v for f in fields(self) for v in [getattr(self, f.name)]}
 
     @classmethod
     def from_dict(cls, d):
+        """The inverse of to_dict."""
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
@@ -179,44 +159,109 @@ SPACES = {
                         enc_layers=(2,), dec_layers=(1, 2), cross_spans=(1, 2), qkv_dim=64),
 }
 
+
+# -----------------------------------------------------------------------------
+# MoS: the FFN weights of a subnet are a mixture of expert slices, mixed by a router that reads the arch
+
+
 FEATURE_NAMES = ("enc_embed_dim", "enc_layers", "enc_ffn_dim_mean", "enc_heads_mean", "dec_embed_dim",
                  "dec_layers", "dec_ffn_dim_mean", "dec_heads_mean", "dec_cross_heads_mean", "dec_cross_span_mean")
 
 
 def arch_features(arch: ArchConfig, space: SearchSpace) -> torch.Tensor:
-    """Enc(a), the router's input (MoS Sec. 3, METHOD 3.1): HAT's 10 aggregate architecture features, each
+    """Enc(a), the router's input (MoS paper, Sec. 3): HAT's 10 aggregate architecture features, each
     divided by its largest value in this space (not by hard-coded constants), so each lies in (0, 1]."""
     mean = lambda xs: sum(xs) / len(xs)
     raw = (arch.enc_embed_dim, arch.enc_layers, mean(arch.enc_ffn_dims), mean(arch.enc_heads), arch.dec_embed_dim,
            arch.dec_layers, mean(arch.dec_ffn_dims), mean(arch.dec_heads), mean(arch.dec_cross_heads),
            mean(arch.dec_cross_spans))
-    top = (max(space.enc_embed_dims), max(space.enc_layers), max(space.enc_ffn_dims), max(space.enc_heads),
+    largest = (max(space.enc_embed_dims), max(space.enc_layers), max(space.enc_ffn_dims), max(space.enc_heads),
            max(space.dec_embed_dims), max(space.dec_layers), max(space.dec_ffn_dims), max(space.dec_heads),
            max(space.dec_cross_heads), max(space.cross_spans))
-    return torch.tensor([r / t for r, t in zip(raw, top)])  # (N,)
+    return torch.tensor([r / t for r, t in zip(raw, largest)])  # (N,)
+
+
+def front_slice(weight: torch.Tensor, shape) -> torch.Tensor:
+    """HAT's weight-sharing rule: a subnet's tensor is the front corner of the supernet's, W[:out, :in]."""
+    return weight[tuple(slice(0, n) for n in shape)]
+
+
+class Router(nn.Module):
+    """The MoS router: Linear -> ReLU -> Dropout(0.1) -> Linear. It returns logits; the caller takes the softmax
+    over experts. Only the first `n_out` outputs are computed, so the last layer is itself weight-shared."""
+
+    def __init__(self, n_features, hidden, max_out):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(n_features, hidden), nn.Linear(hidden, max_out)
+
+    def forward(self, features, n_out, training):
+        h = F.dropout(F.relu(self.fc1(features)), ROUTER_DROPOUT, training)  # (hidden,)
+        return F.linear(h, self.fc2.weight[:n_out], self.fc2.bias[:n_out])  # (n_out,)
+
+
+class MixtureFFN(nn.Module):
+    """Storage for one layer's FFN in the supernet: E stacked experts per linear and their router(s).
+    It never sees activations: `weights(features, C, F)` returns one subnet's plain fc1/fc2 weights.
+    router='none': one expert, plain HAT sharing. 'layer': one router per layer, alpha (E,) shared by fc1 and
+    fc2. 'neuron': one router per linear (fc1_router, fc2_router), alpha (out, E), a separate mixture for every output neuron.
+    With one expert both MoS modes reduce exactly to HAT (the softmax over one expert is 1)."""
+
+    def __init__(self, max_dim, max_ffn, num_experts=2, router="neuron", router_hidden=128,
+                 n_features=len(FEATURE_NAMES)):
+        super().__init__()
+        if router not in ("none", "layer", "neuron"):
+            raise ValueError(f"router = {router!r}; choose 'none', 'layer' or 'neuron'")
+        if router == "none" and num_experts != 1:
+            raise ValueError(f"router = 'none' with num_experts = {num_experts}: plain weight sharing has exactly "
+                             f"one expert; pass num_experts=1 or router='layer'/'neuron'")
+        E, self.router_mode = num_experts, router
+        self.fc1_weight = nn.Parameter(torch.empty(E, max_ffn, max_dim))  # (E, F_max, C_max)
+        self.fc1_bias = nn.Parameter(torch.zeros(E, max_ffn))  # (E, F_max)
+        self.fc2_weight = nn.Parameter(torch.empty(E, max_dim, max_ffn))  # (E, C_max, F_max)
+        self.fc2_bias = nn.Parameter(torch.zeros(E, max_dim))  # (E, C_max)
+        for w in (*self.fc1_weight, *self.fc2_weight):  # each expert: xavier on the full super-sized matrix (HAT)
+            nn.init.xavier_uniform_(w)
+        if router == "layer":
+            self.router = Router(n_features, router_hidden, E)
+        elif router == "neuron":
+            self.fc1_router = Router(n_features, router_hidden, E * max_ffn)
+            self.fc2_router = Router(n_features, router_hidden, E * max_dim)
+            for r in (self.fc1_router, self.fc2_router):  # MoS: the sliced last layer starts at xavier, bias 0
+                nn.init.xavier_uniform_(r.fc2.weight)
+                nn.init.zeros_(r.fc2.bias)
+
+    def alphas(self, features, dim, ffn_dim, training):
+        """Mixing weights for fc1 and fc2: (E,) each (layer-wise) or (F, E) and (C, E) (neuron-wise)."""
+        E = self.fc1_weight.size(0)
+        if self.router_mode == "layer":
+            alpha = self.router(features, E, training).softmax(-1)  # (E,)
+            return alpha, alpha
+        # neuron-wise: entries j*E .. j*E+E-1 of the router output belong to output neuron j
+        alpha1 = self.fc1_router(features, E * ffn_dim, training).view(ffn_dim, E).softmax(-1)  # (F*E,) -> (F, E)
+        alpha2 = self.fc2_router(features, E * dim, training).view(dim, E).softmax(-1)  # (C*E,) -> (C, E)
+        return alpha1, alpha2
+
+    def weights(self, features, dim, ffn_dim, training):
+        """The subnet's FFN weights: slice every expert to the active (F, C) corner, then mix (MoS Eq. 1-2)."""
+        w1, b1 = self.fc1_weight[:, :ffn_dim, :dim], self.fc1_bias[:, :ffn_dim]  # (E, F, C), (E, F)
+        w2, b2 = self.fc2_weight[:, :dim, :ffn_dim], self.fc2_bias[:, :dim]  # (E, C, F), (E, C)
+        if self.router_mode == "none":
+            return {"fc1.weight": w1[0], "fc1.bias": b1[0], "fc2.weight": w2[0], "fc2.bias": b2[0]}
+        alpha1, alpha2 = self.alphas(features, dim, ffn_dim, training)
+        per_neuron = "o" if self.router_mode == "neuron" else ""  # alpha (O, E) per output neuron, or (E,)
+        mix = lambda alpha, w: torch.einsum(f"{per_neuron}e,eoi->oi", alpha, w)  # (E, O, I) -> (O, I)
+        mix_bias = lambda alpha, b: torch.einsum(f"{per_neuron}e,eo->o", alpha, b)  # (E, O) -> (O,)
+        return {"fc1.weight": mix(alpha1, w1), "fc1.bias": mix_bias(alpha1, b1),
+                "fc2.weight": mix(alpha2, w2), "fc2.bias": mix_bias(alpha2, b2)}
+
+
+# -----------------------------------------------------------------------------
+# A plain Transformer: what one subnet is. Post-norm, as HAT (and the original Transformer).
 
 
 def scaled_dropout(p: float, arch: ArchConfig, space: SearchSpace):
     """HAT scales dropout with width: p_a = p * C_a / C_max, separately for encoder and decoder."""
     return p * arch.enc_embed_dim / max(space.enc_embed_dims), p * arch.dec_embed_dim / max(space.dec_embed_dims)
-
-
-def num_params(arch: ArchConfig, space: SearchSpace, src_vocab: int, tgt_vocab: int, embeddings=True) -> int:
-    """Parameter count of a subnet, by formula. HAT's tables exclude the embeddings and output projection."""
-    Ce, Cd, Q = arch.enc_embed_dim, arch.dec_embed_dim, space.qkv_dim
-    linear = lambda i, o: i * o + o  # weight and bias
-    attention = lambda c, kv: linear(c, Q) + linear(kv, 2 * Q) + linear(Q, c)
-    ffn = lambda c, f: linear(c, f) + linear(f, c)
-    norm = lambda c: 2 * c
-    n = sum(attention(Ce, Ce) + ffn(Ce, f) + 2 * norm(Ce) for f in arch.enc_ffn_dims)
-    n += sum(attention(Cd, Cd) + attention(Cd, Ce) + ffn(Cd, f) + 3 * norm(Cd) for f in arch.dec_ffn_dims)
-    if embeddings:
-        n += src_vocab * Ce + 2 * tgt_vocab * Cd  # source and target embeddings, output projection (no bias)
-    return n
-
-
-# -----------------------------------------------------------------------------
-# A plain Transformer: what one subnet is. Post-norm, as HAT (and the original Transformer).
 
 
 def sinusoids(max_len: int, dim: int) -> torch.Tensor:
@@ -386,82 +431,7 @@ class Transformer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# The supernet: HAT's shared weights plus MoS's architecture-routed FFN experts
-
-
-def front_slice(weight: torch.Tensor, shape) -> torch.Tensor:
-    """HAT's weight-sharing rule: a subnet's tensor is the front corner of the supernet's, W[:out, :in]."""
-    return weight[tuple(slice(0, n) for n in shape)]
-
-
-class Router(nn.Module):
-    """The MoS router: Linear -> ReLU -> Dropout(0.1) -> Linear. It returns logits; the caller takes the softmax
-    over experts. Only the first `n_out` outputs are computed, so the last layer is itself weight-shared."""
-
-    def __init__(self, n_features, hidden, max_out):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(n_features, hidden), nn.Linear(hidden, max_out)
-
-    def forward(self, features, n_out, training):
-        h = F.dropout(F.relu(self.fc1(features)), ROUTER_DROPOUT, training)  # (hidden,)
-        return F.linear(h, self.fc2.weight[:n_out], self.fc2.bias[:n_out])  # (n_out,)
-
-
-class MixtureFFN(nn.Module):
-    """Storage for one layer's FFN in the supernet: E stacked experts per linear and their router(s).
-    It never sees activations: `weights(features, C, F)` returns one subnet's plain fc1/fc2 weights.
-    router='none': one expert, plain HAT sharing. 'layer': one router per layer, alpha (E,) shared by fc1 and
-    fc2. 'neuron': one router per linear, alpha (out, E), a separate mixture for every output neuron.
-    With one expert both MoS modes reduce exactly to HAT (the softmax over one expert is 1)."""
-
-    def __init__(self, max_dim, max_ffn, num_experts=2, router="neuron", router_hidden=128,
-                 n_features=len(FEATURE_NAMES)):
-        super().__init__()
-        if router not in ("none", "layer", "neuron"):
-            raise ValueError(f"router = {router!r}; choose 'none', 'layer' or 'neuron'")
-        if router == "none" and num_experts != 1:
-            raise ValueError(f"router = 'none' with num_experts = {num_experts}: plain weight sharing has exactly "
-                             f"one expert; pass num_experts=1 or router='layer'/'neuron'")
-        E, self.router_mode = num_experts, router
-        self.fc1_weight = nn.Parameter(torch.empty(E, max_ffn, max_dim))  # (E, F_max, C_max)
-        self.fc1_bias = nn.Parameter(torch.zeros(E, max_ffn))  # (E, F_max)
-        self.fc2_weight = nn.Parameter(torch.empty(E, max_dim, max_ffn))  # (E, C_max, F_max)
-        self.fc2_bias = nn.Parameter(torch.zeros(E, max_dim))  # (E, C_max)
-        for w in (*self.fc1_weight, *self.fc2_weight):  # each expert: xavier on the full super-sized matrix (HAT)
-            nn.init.xavier_uniform_(w)
-        if router == "layer":
-            self.router = Router(n_features, router_hidden, E)
-        elif router == "neuron":
-            self.router1 = Router(n_features, router_hidden, E * max_ffn)
-            self.router2 = Router(n_features, router_hidden, E * max_dim)
-            for r in (self.router1, self.router2):  # MoS: the sliced last layer starts at xavier, bias 0
-                nn.init.xavier_uniform_(r.fc2.weight)
-                nn.init.zeros_(r.fc2.bias)
-
-    def alphas(self, features, dim, ffn_dim, training):
-        """Mixing weights for fc1 and fc2: (E,) each (layer-wise) or (F, E) and (C, E) (neuron-wise)."""
-        E = self.fc1_weight.size(0)
-        if self.router_mode == "layer":
-            alpha = self.router(features, E, training).softmax(-1)  # (E,)
-            return alpha, alpha
-        # neuron-wise: entries j*E .. j*E+E-1 of the router output belong to output neuron j
-        alpha1 = self.router1(features, E * ffn_dim, training).view(ffn_dim, E).softmax(-1)  # (F*E,) -> (F, E)
-        alpha2 = self.router2(features, E * dim, training).view(dim, E).softmax(-1)  # (C*E,) -> (C, E)
-        return alpha1, alpha2
-
-    def weights(self, features, dim, ffn_dim, training):
-        """The subnet's FFN weights: slice every expert to the active (F, C) corner, then mix (MoS Eq. 1-2)."""
-        w1, b1 = self.fc1_weight[:, :ffn_dim, :dim], self.fc1_bias[:, :ffn_dim]  # (E, F, C), (E, F)
-        w2, b2 = self.fc2_weight[:, :dim, :ffn_dim], self.fc2_bias[:, :dim]  # (E, C, F), (E, C)
-        if self.router_mode == "none":
-            return {"fc1.weight": w1[0], "fc1.bias": b1[0], "fc2.weight": w2[0], "fc2.bias": b2[0]}
-        alpha1, alpha2 = self.alphas(features, dim, ffn_dim, training)
-        if self.router_mode == "layer":
-            mix_w, mix_b = partial(torch.einsum, "e,eoi->oi"), partial(torch.einsum, "e,eo->o")  # (E,),(E,O,I)->(O,I)
-        else:
-            mix_w, mix_b = partial(torch.einsum, "oe,eoi->oi"), partial(torch.einsum, "oe,eo->o")  # per-row alpha
-        return {"fc1.weight": mix_w(alpha1, w1), "fc1.bias": mix_b(alpha1, b1),
-                "fc2.weight": mix_w(alpha2, w2), "fc2.bias": mix_b(alpha2, b2)}
+# The supernet: HAT's shared weights, with MoS's expert mixtures as FFNs
 
 
 class SuperTransformer(nn.Module):
@@ -472,44 +442,47 @@ class SuperTransformer(nn.Module):
                  router_hidden=128, dropout=0.3, max_len=1024):
         super().__init__()
         self.space, self.src_vocab, self.tgt_vocab = space, src_vocab, tgt_vocab
-        self.num_experts, self.router, self.router_hidden = num_experts, router, router_hidden
+        self.num_experts, self.router_mode, self.router_hidden = num_experts, router, router_hidden
         self.dropout, self.max_len = dropout, max_len
         mixture = partial(MixtureFFN, num_experts=num_experts, router=router, router_hidden=router_hidden)
-        self.body = Transformer(space.largest(), src_vocab, tgt_vocab, space.qkv_dim, max_len=max_len, ffn=mixture)
+        # every shared weight, stored as the largest subnet's Transformer whose FFNs are expert mixtures
+        self.shared = Transformer(space.largest(), src_vocab, tgt_vocab, space.qkv_dim, max_len=max_len, ffn=mixture)
 
     def init_args(self):
         """The constructor arguments as a plain dict, for checkpoints (the space as a dict too)."""
         return dict(space=self.space.to_dict(), src_vocab=self.src_vocab, tgt_vocab=self.tgt_vocab,
-                    num_experts=self.num_experts, router=self.router, router_hidden=self.router_hidden,
+                    num_experts=self.num_experts, router=self.router_mode, router_hidden=self.router_hidden,
                     dropout=self.dropout, max_len=self.max_len)
 
     def skeleton(self, arch, device="meta") -> Transformer:
         """An uninitialised plain Transformer of this arch (on the meta device: names and shapes only)."""
-        pos_dims = (max(self.space.enc_embed_dims), max(self.space.dec_embed_dims))
         with torch.device(device):
             return Transformer(arch, self.src_vocab, self.tgt_vocab, self.space.qkv_dim,
-                               scaled_dropout(self.dropout, arch, self.space), self.max_len, pos_dims)
+                               scaled_dropout(self.dropout, arch, self.space), self.max_len, self.space.position_widths())
 
     def subnet_weights(self, arch: ArchConfig, deterministic=False, skeleton=None) -> dict:
         """Every weight of the subnet `arch`, by name: front slices of the shared weights (HAT), and for the
         FFNs the routed mixture of expert slices (MoS). Differentiable w.r.t. the supernet's parameters.
         `skeleton` (names and shapes) is built from arch unless the caller already has it."""
         self.space.validate(arch)
-        shared = dict(self.body.named_parameters()) | dict(self.body.named_buffers())
+        stored = dict(self.shared.named_parameters()) | dict(self.shared.named_buffers())
         skeleton = skeleton if skeleton is not None else self.skeleton(arch)
-        weights = {name: front_slice(shared[name], t.shape)
+        weights = {name: front_slice(stored[name], t.shape)
                    for name, t in skeleton.state_dict().items() if ".ffn." not in name}
-        features = arch_features(arch, self.space).to(self.body.enc_pos.device)  # (N,), one Enc(a) for all layers
+        features = arch_features(arch, self.space).to(self.shared.enc_pos.device)  # (N,), one Enc(a) for all layers
         training = self.training and not deterministic  # router dropout, as in the MoS code
         for side, dim, ffn_dims in (("encoder", arch.enc_embed_dim, arch.enc_ffn_dims),
                                     ("decoder", arch.dec_embed_dim, arch.dec_ffn_dims)):
             for i, ffn_dim in enumerate(ffn_dims):
-                mixed = getattr(self.body, side)[i].ffn.weights(features, dim, ffn_dim, training)
+                mixed = getattr(self.shared, side)[i].ffn.weights(features, dim, ffn_dim, training)
                 weights.update({f"{side}.{i}.ffn.{k}": w for k, w in mixed.items()})
         return weights
 
     def forward(self, src, tgt_in, arch: ArchConfig):
-        """Logits (B, T, V) of subnet `arch`: the plain Transformer run on this supernet's weights for arch."""
+        """Logits (B, T, V) of subnet `arch`: the plain Transformer run on this supernet's weights for arch.
+        Why functional_call: the subnet's forward is the plain Transformer's own code, run on weights computed
+        here (differentiable, so gradients reach the experts and routers). Training, extraction (`subnet`),
+        latency and decoding therefore share one forward, and an extracted subnet computes exactly this."""
         subnet = self.skeleton(arch).train(self.training)
         weights = self.subnet_weights(arch, skeleton=subnet)
         return torch.func.functional_call(subnet, weights, (src, tgt_in), strict=True)
@@ -624,3 +597,67 @@ def beam_search(model, src, beam=5, lenpen=1.0, max_len_a=1.2, max_len_b=10, min
                     layer_cache["self"] = tuple(x[rows] for x in layer_cache["self"])
     hyps = [row.tolist() for row in best]
     return [h[:h.index(EOS)] if EOS in h else h for h in hyps], best_score
+
+
+# -----------------------------------------------------------------------------
+# Sizes and input checks (arch files are user input)
+
+
+def num_params(arch: ArchConfig, space: SearchSpace, src_vocab: int, tgt_vocab: int, embeddings=True) -> int:
+    """Parameter count of a subnet, by formula. HAT's tables exclude the embeddings and output projection."""
+    Ce, Cd, Q = arch.enc_embed_dim, arch.dec_embed_dim, space.qkv_dim
+    linear = lambda i, o: i * o + o  # weight and bias
+    attention = lambda c, kv: linear(c, Q) + linear(kv, 2 * Q) + linear(Q, c)
+    ffn = lambda c, f: linear(c, f) + linear(f, c)
+    norm = lambda c: 2 * c
+    n = sum(attention(Ce, Ce) + ffn(Ce, f) + 2 * norm(Ce) for f in arch.enc_ffn_dims)
+    n += sum(attention(Cd, Cd) + attention(Cd, Ce) + ffn(Cd, f) + 3 * norm(Cd) for f in arch.dec_ffn_dims)
+    if embeddings:
+        n += src_vocab * Ce + 2 * tgt_vocab * Cd  # source and target embeddings, output projection (no bias)
+    return n
+
+
+def check_arch_dict(d) -> dict:
+    """ArchConfig's keyword arguments from a dict such as a JSON arch file: exactly its keys, integers where it
+    has integers and lists of integers (one per layer) where it has tuples. Raises a one-line ValueError."""
+    names = [f.name for f in fields(ArchConfig)]
+    if not isinstance(d, dict):
+        raise ValueError(f"an arch is a JSON object {{field: value}} with the keys {names}, got {type(d).__name__}")
+    unknown, missing = sorted(set(d) - set(names)), [n for n in names if n not in d]
+    if unknown or missing:
+        raise ValueError(f"arch has unknown keys {unknown} / missing keys {missing}; the keys are {names}")
+    kwargs = {}
+    for f in fields(ArchConfig):
+        value = d[f.name]
+        if f.type is int and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise ValueError(f"arch field '{f.name}' must be an integer, got {value!r}")
+        if f.type is tuple:
+            if not isinstance(value, (list, tuple)) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError(f"arch field '{f.name}' must be a list of integers (one per layer), got {value!r}")
+            value = tuple(value)
+        kwargs[f.name] = value
+    return kwargs
+
+
+def check_in_space(arch: ArchConfig, space: SearchSpace) -> ArchConfig:
+    """Return arch if every field is a choice of `space` (per-layer lists one value per layer), else raise a
+    one-line ValueError naming the first field outside it."""
+    for name, allowed in space.choices().items():
+        value = getattr(arch, name)
+        if isinstance(value, tuple):
+            n = arch.enc_layers if name.startswith("enc") else arch.dec_layers
+            layers = "enc_layers" if name.startswith("enc") else "dec_layers"
+            if len(value) != n:
+                raise ValueError(f"arch field '{name}' has {len(value)} values but {layers} = {n}; "
+                                 f"give one value per layer, each from {allowed}")
+            for i, v in enumerate(value):
+                if v not in allowed:
+                    raise ValueError(f"arch field '{name}[{i}]' = {v!r} is not in space '{space.name}'; "
+                                     f"allowed: {allowed}")
+        elif value not in allowed:
+            raise ValueError(f"arch field '{name}' = {value!r} is not in space '{space.name}'; allowed: {allowed}")
+    if max(arch.dec_cross_spans) > arch.enc_layers:
+        raise ValueError(f"arch field 'dec_cross_spans' = {arch.dec_cross_spans} attends to more than "
+                         f"enc_layers = {arch.enc_layers} encoder layers")
+    return arch

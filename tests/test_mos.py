@@ -66,7 +66,7 @@ def test_router_weights_are_distributions_that_depend_on_arch_and_get_gradients(
     torch.manual_seed(0)
     space = SPACES["cpu"]
     model = SuperTransformer(space, SRC_V, TGT_V, num_experts=3, router=router).eval()
-    ffn, rng = model.body.decoder[0].ffn, random.Random(0)
+    ffn, rng = model.shared.decoder[0].ffn, random.Random(0)
     a1, a2 = space.largest(), space.smallest()
     f1, f2 = mos.arch_features(a1, space), mos.arch_features(a2, space)
     alpha_a1 = ffn.alphas(f1, a1.dec_embed_dim, a1.dec_ffn_dims[0], training=False)[0]
@@ -92,7 +92,7 @@ def test_neuron_wise_mixtures_differ_between_neurons_after_training():
         opt.step()
         opt.zero_grad()
     arch = space.largest()
-    alpha1, alpha2 = model.body.encoder[0].ffn.alphas(mos.arch_features(arch, space), arch.enc_embed_dim,
+    alpha1, alpha2 = model.shared.encoder[0].ffn.alphas(mos.arch_features(arch, space), arch.enc_embed_dim,
                                                       arch.enc_ffn_dims[0], training=False)
     assert alpha1.shape == (arch.enc_ffn_dims[0], 2) and alpha2.shape == (arch.enc_embed_dim, 2)
     assert alpha1[:, 0].std() > 1e-3 and alpha2[:, 0].std() > 1e-3  # not one mixture shared by all neurons
