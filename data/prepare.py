@@ -3,7 +3,8 @@ Prepare German->English translation data for mos: Multi30k (task 1) or IWSLT14 D
 
     python data/prepare.py multi30k --source ../shared/data/multi30k/tok    # or no --source: download
     python data/prepare.py iwslt14 --source path/to/de-en.tgz              # or a URL, or a fairseq-prepared folder
-    python data/prepare.py iwslt14 --source ../shared/data/iwslt14.de-en --train_dir ../shared/data/iwslt14.de-en/train-sample --out data/iwslt14_sample
+    python data/prepare.py iwslt14 --source ../shared/data/iwslt14.de-en \
+        --train_dir ../shared/data/iwslt14.de-en/train-sample --out data/iwslt14_sample   # the real 5% train sample
 
 Writes to data/{multi30k,iwslt14}/ (or --out): {split}.bpe.{de,en} (BPE'd text), {split}.tok.en (tokenised
 references for BLEU), bpe.codes, vocab.{de,en}.txt ("token count" lines, SPECIALS first), corpus.npz (flat id arrays
