@@ -3,6 +3,8 @@ Prepare German->English translation data for mos: Multi30k (task 1) or IWSLT14 D
 
     python data/prepare.py multi30k --source ../shared/data/multi30k/tok    # or no --source: download
     python data/prepare.py iwslt14 --source path/to/de-en.tgz              # or a URL, or a fairseq-prepared folder
+    python data/prepare.py iwslt14 --source ../shared/data/iwslt14.de-en \
+        --train_dir ../shared/data/iwslt14.de-en/train-sample --out data/iwslt14_sample   # the real 5% train sample
 
 Writes to data/{multi30k,iwslt14}/ (or --out): {split}.bpe.{de,en} (BPE'd text), {split}.tok.en (tokenised
 references for BLEU), bpe.codes, vocab.{de,en}.txt ("token count" lines, SPECIALS first), corpus.npz (flat id arrays
@@ -15,6 +17,7 @@ import argparse
 import functools
 import json
 import re
+import shutil
 import sys
 import tarfile
 import time
@@ -209,6 +212,21 @@ def iwslt14_splits(files, workers):
     return {"train": tuple(train), "valid": tuple(valid), "test": tuple(test)}
 
 
+def fairseq_folder(source, train_dir, dest):
+    """Assemble a folder in fairseq's prepared layout at `dest`: {valid,test}.{de,en} and `code` copied from
+    `source`, train.{de,en} from `train_dir` (e.g. the shared 5% sample, train-sample/). Returns dest."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    files = [(Path(train_dir) / f"train.{lang}") for lang in (SRC, TGT)]
+    files += [Path(source) / name for name in (f"{s}.{lang}" for s in SPLITS[1:] for lang in (SRC, TGT))]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"cannot assemble a fairseq folder: missing {', '.join(missing)}; check --source/--train_dir")
+    for f in files + ([Path(source) / "code"] if (Path(source) / "code").is_file() else []):
+        shutil.copyfile(f, dest / f.name)
+    return dest
+
+
 def read_prepared(folder):
     """The {train,valid,test}.{de,en} splits (BPE'd, fairseq layout) that exist in `folder`: {split: (de, en)}.
     Used to evaluate on the standard valid/test even where the train split is missing."""
@@ -316,23 +334,32 @@ def prepare_multi30k(source=None, out=None, merges=MULTI30K_MERGES, force=False)
     return build(out, "multi30k", *drop_empty(splits), settings, merges, t0)
 
 
-def prepare_iwslt14(source=None, out=None, merges=IWSLT14_MERGES, force=False, workers=2):
+def prepare_iwslt14(source=None, out=None, merges=IWSLT14_MERGES, force=False, workers=2, train_dir=None):
     """IWSLT14 de->en: from the raw de-en.tgz (a path or URL; fairseq's mirror by default) via fairseq's recipe,
-    or from a folder already prepared in fairseq's layout (BPE'd {train,valid,test}.{de,en}), kept as is."""
+    or from a folder already prepared in fairseq's layout (BPE'd {train,valid,test}.{de,en}), kept as is.
+    With `train_dir`, the prepared folder is first assembled at out/fairseq from train_dir's train.{de,en} and
+    the source folder's valid, test and code (fairseq_folder)."""
     t0, out = time.time(), Path(out or DATA_DIR / "iwslt14")
     source = str(source or IWSLT14_URL)
     is_url = re.match(r"https?://", source) is not None
     prepared = not is_url and Path(source).is_dir() and not (Path(source) / f"train.tags.de-en.{SRC}").exists()
     settings = dict(dataset="iwslt14", source=source if is_url else str(Path(source).resolve()),
                     merges=None if prepared else merges)
+    if train_dir and not prepared:
+        raise DataError("--train_dir goes with a prepared --source folder (BPE'd valid and test in fairseq's layout)")
+    if train_dir:
+        settings["train_dir"] = str(Path(train_dir).resolve())
     if prepared:
-        names = [f"{split}.{lang}" for split in SPLITS for lang in (SRC, TGT)]
+        names = [f"{split}.{lang}" for split in SPLITS[1 if train_dir else 0:] for lang in (SRC, TGT)]
         missing = [name for name in names if not (Path(source) / name).exists()]
         if missing:
             raise DataError(f"{source} is a prepared folder without {', '.join(missing)}; add them (fairseq "
-                            f"prepare-iwslt14.sh output) or pass the raw de-en.tgz with --source")
+                            f"prepare-iwslt14.sh output), take train from --train_dir=DIR, or pass the raw "
+                            f"de-en.tgz with --source")
     if summary := start(out, settings, force):
         return dict(summary, reused=True)
+    if train_dir:
+        source = fairseq_folder(source, train_dir, out / "fairseq")
     if prepared:  # already tokenised, lowercased and BPE'd: keep the BPE, only count, encode and save
         splits, dropped = drop_empty(read_prepared(source))
         refs = {split: [remove_bpe(line) for line in en] for split, (_, en) in splits.items()}
@@ -366,10 +393,17 @@ def main(argv=None):
     parser.add_argument("--out", help="output folder (default: data/<dataset>)")
     parser.add_argument("--merges", type=int, help=f"BPE merges (default: multi30k {MULTI30K_MERGES}, "
                                                    f"iwslt14 {IWSLT14_MERGES})")
+    parser.add_argument("--train_dir", help="iwslt14 from a prepared --source folder: take train.{de,en} from this "
+                                            "folder (e.g. ../shared/data/iwslt14.de-en/train-sample)")
     parser.add_argument("--force", action="store_true", help="redo even if a finished run has the same settings")
     args = parser.parse_args(argv)
     prepare = prepare_multi30k if args.dataset == "multi30k" else prepare_iwslt14
     kwargs = dict(source=args.source, out=args.out, force=args.force)
+    if args.train_dir:
+        if args.dataset != "iwslt14":
+            print("error: --train_dir is for iwslt14 only", file=sys.stderr)
+            sys.exit(2)
+        kwargs["train_dir"] = args.train_dir
     if args.merges is not None:
         kwargs["merges"] = args.merges
     try:
