@@ -254,13 +254,16 @@ def test_checkpoint_settings_that_contradict_the_flags_are_named(tmp_path):
 
 def test_weight_decay_is_decoupled_and_spares_weights_without_gradient():
     cfg = train.TrainConfig(lr=5e-4, weight_decay=1e-4)
-    weight = torch.nn.Parameter(torch.full((4,), 0.05))
-    optimizer = train.make_optimizer([weight], cfg)
+    model = torch.nn.Linear(4, 1, bias=False)
+    weight = model.weight
+    with torch.no_grad():
+        weight.fill_(0.05)
+    optimizer = train.make_optimizer(model, cfg)
     for _ in range(200):  # a weight no sampled subnet touches: zero gradient, only the decay acts on it
         weight.grad = torch.zeros_like(weight)
         optimizer.step()
     # decoupled (fairseq / AdamW): 0.05 * (1 - lr * wd)^200 = 0.049999; coupled L2 through Adam would reach ~0
-    assert torch.allclose(weight.detach(), torch.full((4,), 0.05 * (1 - 5e-4 * 1e-4) ** 200), rtol=1e-6)
+    assert torch.allclose(weight.detach(), torch.full((1, 4), 0.05 * (1 - 5e-4 * 1e-4) ** 200), rtol=1e-6)
 
 
 def test_checkpoint_averaging_takes_its_snapshots_from_the_end_of_training(tmp_path, capsys):
