@@ -262,8 +262,9 @@ def test_weight_decay_is_decoupled_and_spares_weights_without_gradient():
     for _ in range(200):  # a weight no sampled subnet touches: zero gradient, only the decay acts on it
         weight.grad = torch.zeros_like(weight)
         optimizer.step()
-    # decoupled (fairseq / AdamW): 0.05 * (1 - lr * wd)^200 = 0.049999; coupled L2 through Adam would reach ~0
-    assert torch.allclose(weight.detach(), torch.full((1, 4), 0.05 * (1 - 5e-4 * 1e-4) ** 200), rtol=1e-6)
+    # decoupled (fairseq / AdamW): 0.05 * (1 - lr * wd)^200 = 0.0499995; coupled L2 through Adam moves it by about
+    # lr per step, to ~0 after 100 steps
+    assert torch.allclose(weight.detach(), torch.full((1, 4), 0.05), rtol=1e-4)
 
 
 def test_checkpoint_averaging_takes_its_snapshots_from_the_end_of_training(tmp_path, capsys):
