@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+import common
 import mos
 import train
 from data.batching import TokenBatcher, collate, remove_bpe
@@ -82,20 +83,25 @@ def peak_rss_bytes():
 
 
 def read_settings(defaults: dict, argv) -> dict:
-    """`defaults` with every --key=value of argv applied, each cast to its default's type."""
+    """`defaults` with every --key=value of argv applied, each cast to its default's type; counts must be >= 1
+    (warmup and seed >= 0), and the output's folder writable."""
     s = dict(defaults)
-    for arg in argv:
-        key, value = arg.lstrip("-").split("=", 1)
+    for key, value in train.split_args(argv):
         if key not in s:
             raise SystemExit(f"error: unknown setting --{key}; settings are {list(s)}")
-        s[key] = type(s[key])(value)
+        try:
+            s[key] = type(s[key])(value)
+        except ValueError:
+            raise SystemExit(f"error: --{key}={value} should be a {type(s[key]).__name__}")
+    common.check_settings(s, {k: (0 if k in ("warmup", "seed") else 1, None) for k, v in s.items() if type(v) is int},
+                          dict(data=("multi30k", "iwslt14", "toy"), space=SPACES) if "space" in s else {})
+    common.writable_folder(Path(s["out"]).parent)
     return s
 
 
 def main(argv):
     s = read_settings(SETTINGS, argv)
-    device = torch.device("cuda" if s["device"] == "auto" and torch.cuda.is_available() else
-                          "cpu" if s["device"] == "auto" else s["device"])
+    device = common.get_device(s["device"], auto=True)
     torch.manual_seed(s["seed"])
     cfg = train.TrainConfig(**{**train.PRESETS["toy" if s["data"] == "toy" else "multi30k"], "data": s["data"]})
     corpus = train.load_data(cfg)
@@ -222,7 +228,7 @@ def precision(argv):
             raise SystemExit(f"error: --{name}={s[name]} was trained with bf16={cfg.bf16}")
         corpus = train.load_data(cfg)
         supernet = train.model_from_checkpoint(ckpt).eval()
-        report[name] = dict(ckpt=s[name], step=ckpt["step"], train_seconds=ckpt["train_seconds"])
+        report[name] = dict(ckpt=s[name], step=ckpt["step"], train_seconds=ckpt.get("train_seconds"))
         for arch in ("largest", "smallest", "middle"):
             net = supernet.subnet(getattr(supernet.space, arch)())
             t = time.perf_counter()

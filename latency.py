@@ -28,7 +28,6 @@ import csv
 import dataclasses
 import json
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +40,10 @@ from tqdm import tqdm
 
 import mos
 from mos import EOS, FEATURE_NAMES, SPACES, Transformer
+from common import (brief, check_settings, get_device, load_checkpoint, lock_file, model_from_checkpoint, read_json,
+                    releases_locks, run, writable_folder)
 from data.batching import atomic_open
-from train import apply_overrides, load_checkpoint, model_from_checkpoint, resolve_arch, split_args, write_json
+from train import apply_overrides, resolve_arch, split_args, write_json
 
 ROOT = Path(__file__).resolve().parent
 SRC_LEN = TGT_LEN = 23  # HAT: the mean IWSLT sentence length (30 for WMT)
@@ -52,6 +53,8 @@ FILLER = mos.UNK + 1  # any ordinary token id fills the dummy sentence: latency 
 TRIM = 0.1  # HAT's statistic drops the fastest and the slowest 10% of the runs
 SPLIT = (0.7, 0.15)  # predictor data: train / valid (picks linear or MLP) / test (the rest, reported)
 MLP_WIDTH, MLP_HIDDEN_LAYERS, MLP_BATCH = 400, 3, 128  # HAT's latency_predictor.py: 10 -> 400 -> 3 x 400 -> 1
+HEADER = ["space", "arch", *FEATURE_NAMES, "median_ms", "trimmed_mean_ms", "iqr_ms", "encoder_ms", "threads", "iters",
+          "protocol"]  # a dataset's columns (files from before the protocol column: HAT's protocol)
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -86,6 +89,12 @@ class LatencyConfig:
     mlp_steps: int = 2000  # HAT: 5000 steps at lr 1e-5; fewer, faster steps fit as well here
     mlp_lr: float = 1e-4
     seed: int = 0
+
+
+# the range of every numeric setting (None: unbounded)
+LIMITS = dict(src_vocab=(5, None), tgt_vocab=(5, None), threads=(1, None), src_len=(1, None), tgt_len=(1, None),
+              beam=(1, None), warmup=(0, None), iters=(1, None), repeats=(1, None), n=(1, None), mlp_steps=(1, None),
+              mlp_lr=(0, None), seed=(0, None))
 
 
 def parse_settings(cls, argv, command_field=None):
@@ -275,15 +284,19 @@ def read_latency_csv(path):
     """(features (n, 10), latency ms (n,), space name, protocol) from our dataset CSV (files from before the
     protocol column timed HAT's protocol) or from one of HAT's (whose latency is encoder mean + decoder mean, and
     whose features are raw sizes; both predictors rescale them anyway)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if "median_ms" in rows[0]:
-        return (np.array([[float(r[n]) for n in FEATURE_NAMES] for r in rows]),
-                np.array([float(r["median_ms"]) for r in rows]), rows[0]["space"], rows[0].get("protocol", "hat"))
-    names = list(rows[0])[:len(FEATURE_NAMES)]
-    return (np.array([[float(r[n]) for n in names] for r in rows]),
-            np.array([float(r["latency_mean_encoder"]) + float(r["latency_mean_decoder"]) for r in rows]), "hat",
-            "hat")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        if "median_ms" in rows[0]:
+            return (np.array([[float(r[n]) for n in FEATURE_NAMES] for r in rows]),
+                    np.array([float(r["median_ms"]) for r in rows]), rows[0]["space"], rows[0].get("protocol", "hat"))
+        names = list(rows[0])[:len(FEATURE_NAMES)]
+        return (np.array([[float(r[n]) for n in names] for r in rows]),
+                np.array([float(r["latency_mean_encoder"]) + float(r["latency_mean_decoder"]) for r in rows]), "hat",
+                "hat")
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # missing, empty, not UTF-8, other columns
+        raise SystemExit(f"error: cannot read latency CSV {path} ({brief(e, 100)}); give one that "
+                         f"`python latency.py dataset` (or HAT) wrote")
 
 
 def encode_array(a: np.ndarray) -> dict:
@@ -304,10 +317,16 @@ def save_predictor(predictor: dict, path, **extra):
 
 
 def load_predictor(path) -> dict:
-    """A predictor JSON written by `fit`, with its weights as numpy arrays so that predict() is fast."""
-    predictor = json.loads(Path(path).read_text())
-    for layer in predictor.get("layers", []):
-        layer["weight"], layer["bias"] = decode_array(layer["weight"]), decode_array(layer["bias"])
+    """A predictor JSON written by `fit`, with its weights as numpy arrays so that predict() is fast; anything else
+    is a one-line error."""
+    predictor = read_json(path, "latency predictor")
+    try:
+        for layer in predictor.get("layers", []):
+            layer["weight"], layer["bias"] = decode_array(layer["weight"]), decode_array(layer["bias"])
+        assert isinstance(predictor["space"], str) and np.isfinite(predict(predictor, np.ones(len(FEATURE_NAMES))))
+    except Exception as e:  # not a dict, missing or malformed entries, weights of the wrong sizes
+        raise SystemExit(f"error: latency predictor {path} is not one `python latency.py fit` wrote "
+                         f"({brief(e, 100)})")
     return predictor
 
 
@@ -338,23 +357,32 @@ def cmd_dataset(cfg: LatencyConfig):
     rng = random.Random(cfg.seed)
     archs = [space.sample(rng) for _ in range(cfg.n)]  # the same list on every run: row i is always archs[i]
     path = Path(cfg.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = path.read_text() if path.exists() else ""
-    if text and not text.endswith("\n"):  # a kill cut the last row short: measure it again
-        with atomic_open(path) as f:
-            f.write(text[:text.rfind("\n") + 1])
-    done = list(csv.DictReader(open(path, newline=""))) if path.exists() else []
-    if [json.loads(r["arch"]) for r in done] != [a.to_dict() for a in archs[:len(done)]]:
+    lock_file(path)  # one writer per CSV: a second `dataset` on it stops, naming this one's pid
+    try:
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        whole = text[:text.rfind("\n") + 1]  # a kill may have cut the last row short: it is measured again
+        rows = list(csv.reader(whole.splitlines()))
+        stored = [json.loads(dict(zip(HEADER, r))["arch"]) for r in rows[1:]]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise SystemExit(f"error: cannot read {path} as a latency dataset ({brief(e, 100)}); "
+                         f"give another --out")
+    if rows[:1] != [HEADER] and not (not rows and ",".join(HEADER).startswith(text)):  # (a cut header is ours)
+        raise SystemExit(f"error: {path} is not a latency dataset (its first line is not {','.join(HEADER)}); "
+                         f"give another --out")
+    if stored != [a.to_dict() for a in archs[:len(stored)]]:
         raise SystemExit(f"error: {path} holds other subnets than --space={space.name} --seed={cfg.seed} draws; "
                          f"pass those settings or another --out")
-    if done and done[0].get("protocol", "hat") != cfg.protocol:
-        raise SystemExit(f"error: {path} was measured with --protocol={done[0].get('protocol', 'hat')}; pass that "
-                         f"or another --out")
+    stored_protocol = dict(zip(HEADER, rows[1])).get("protocol") or "hat" if len(rows) > 1 else cfg.protocol
+    if stored_protocol != cfg.protocol:
+        raise SystemExit(f"error: {path} was measured with --protocol={stored_protocol}; pass that or another --out")
+    if text != whole:
+        with atomic_open(path) as f:
+            f.write(whole)
+    done = stored
     with open(path, "a", newline="") as f:
         writer = csv.writer(f)
-        if not done:
-            writer.writerow(["space", "arch", *FEATURE_NAMES, "median_ms", "trimmed_mean_ms", "iqr_ms",
-                             "encoder_ms", "threads", "iters", "protocol"])
+        if not rows:
+            writer.writerow(HEADER)
         for arch in tqdm(archs[len(done):], initial=len(done), total=cfg.n, desc="latency dataset"):
             r = measure_latency(make(arch), **protocol(cfg))
             writer.writerow([space.name, json.dumps(arch.to_dict(), separators=(",", ":")),
@@ -368,6 +396,8 @@ def cmd_dataset(cfg: LatencyConfig):
 def cmd_fit(cfg: LatencyConfig):
     """Fit and choose a predictor on the dataset CSV; write it as JSON, its report, and the scatter plot."""
     X, y, space, protocol = read_latency_csv(cfg.out)
+    if len(y) < 12:  # train / valid / test need two subnets each at least
+        raise SystemExit(f"error: {cfg.out} holds {len(y)} subnets; fitting a predictor needs at least 12")
     predictor, report, test = fit_predictor(X, y, cfg)
     t = report["test"][report["chosen"]]
     out = Path(cfg.predictor)
@@ -399,9 +429,15 @@ def cmd_hat(cfg: LatencyConfig):
     print(f"-> {out}")
 
 
+@releases_locks
 def main(argv):
     """Run one command; returns what it measured (for tests and notebooks)."""
     cfg = parse_settings(LatencyConfig, argv, command_field="command")
+    check_settings(dataclasses.asdict(cfg), LIMITS, dict(space=SPACES))
+    get_device(cfg.device)
+    for path in (cfg.log, cfg.predictor if cfg.command in ("fit", "hat") else ""):
+        if path:  # an output that cannot be written fails now, not after the measurements
+            writable_folder(Path(path).parent)
     torch.set_num_threads(cfg.threads)
     if cfg.command in ("measure", "depth"):
         space, make = subnet_maker(cfg)
@@ -417,4 +453,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main)

@@ -16,14 +16,13 @@ resumes from its checkpoint, the latency dataset and the search cache continue w
 Settings are the ReproConfig fields, changed with --key=value as in train.py.
 """
 
-import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+import common
 import latency
 import search
 import train
@@ -75,15 +74,23 @@ def train_stage(out_dir: Path, flags):
     resume = ["--resume=True"] if (out_dir / "ckpt.pt").exists() else []
     print(f"[run] train.py {' '.join(flags)} --out_dir={out_dir} {' '.join(resume)}")
     train.main([*flags, f"--out_dir={out_dir}", *resume])
-    if not (out_dir / "results.json").exists():  # Ctrl-C: train.py saved its checkpoint and returned
-        raise SystemExit(f"stopped during {out_dir}; rerun the same command to continue")
+    if not (out_dir / "results.json").exists():  # Ctrl-C or SIGTERM: train.py saved its checkpoint and returned
+        raise common.Stopped(common.received[-1]) if common.received else SystemExit(
+            f"stopped during {out_dir}; rerun the same command to continue")
 
 
+@common.releases_locks
 def main(argv):
     """Run every stage that has not finished yet, then write the summary."""
     cfg = train.parse_config(argv, ReproConfig, PRESETS)  # --preset first, then --key=value, as train.py
+    common.check_settings(asdict(cfg), dict(latency_n=(12, None), finetune_steps=(0, None), finetune_lr=(0, None),
+                                            finetune_warmup=(0, None)))
+    common.check_budgets(cfg.budgets)
+    if not all(isinstance(flag, str) for flag in cfg.extra):
+        raise SystemExit(f"error: --extra={list(cfg.extra)}; give train.py flags as strings, e.g. ['--max_steps=60']")
+    train.parse_config(list(cfg.extra))  # a bad train.py flag fails now, before any stage runs
     out, toy = Path(cfg.out), cfg.preset == "toy"
-    out.mkdir(parents=True, exist_ok=True)
+    common.lock_folder(out)  # one writer per reproduction folder: a second reproduce.py here stops, naming this pid
     train.write_json(out / "settings.json", asdict(cfg))
     t0, threads = time.time(), torch.get_num_threads()  # latency.py and search.py pin their own thread count
 
@@ -113,14 +120,14 @@ def main(argv):
     # 4. finetune every chosen subnet from its supernet's weights
     rows = []
     for name in SUPERNETS:
-        found = json.loads((out / f"search_{name}" / "results.json").read_text())["results"]
+        found = common.read_json(out / f"search_{name}" / "results.json", "search results")["results"]
         for r in found:
             budget = f"{r['budget_ms']:g}"
             folder = out / f"finetune_{name}_{budget}ms"
             train_stage(folder, [*cfg.extra, f"--arch={out / f'search_{name}' / f'arch_{budget}ms.json'}",
                                  f"--init={out / f'supernet_{name}' / 'ckpt.pt'}", f"--max_steps={cfg.finetune_steps}",
                                  f"--lr={cfg.finetune_lr}", f"--warmup={cfg.finetune_warmup}"])
-            test = json.loads((folder / "results.json").read_text())["model"]
+            test = common.read_json(folder / "results.json", "finetuning results")["model"]
             rows.append(dict(supernet=name, budget_ms=r["budget_ms"], measured_ms=r["measured_ms"],
                              supernet_valid_loss=r["valid_loss"], test_bleu=test["bleu"], arch=r["arch"]))
 
@@ -154,4 +161,4 @@ def write_summary(out: Path, rows, cfg):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    common.run(main)

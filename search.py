@@ -19,7 +19,6 @@ borderline candidate may be accepted in one run and not in another (their cache 
 
 import json
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -27,10 +26,12 @@ from pathlib import Path
 import torch
 
 import mos
+from common import (check_budgets, check_settings, get_device, load_checkpoint, lock_folder, model_from_checkpoint,
+                    releases_locks, run)
 from data.batching import TokenBatcher, atomic_open, collate
 from latency import load_predictor, measure_latency, parse_settings, predict
 from mos import PAD, ArchConfig
-from train import TrainConfig, check_vocab, load_checkpoint, load_data, model_from_checkpoint, token_loss, write_json
+from train import TrainConfig, check_vocab, load_data, token_loss, write_json
 
 SCALARS = [f.name for f in fields(ArchConfig) if f.type is int]  # embedding widths and layer counts
 PER_LAYER = [f.name for f in fields(ArchConfig) if f.type is tuple]  # one value per active layer
@@ -69,6 +70,13 @@ class SearchConfig:
     final_iters: int = 50
     final_repeats: int = 3
     seed: int = 1
+
+
+# the range of every numeric setting (None: unbounded)
+LIMITS = dict(population=(1, None), parents=(2, None), mutations=(0, None), crossovers=(0, None), mutate_prob=(0, 1),
+              iterations=(1, None), max_tries=(1, None), valid_sentences=(1, None), max_tokens=(1, None),
+              threads=(1, None), search_warmup=(0, None), search_iters=(1, None), final_warmup=(0, None),
+              final_iters=(1, None), final_repeats=(1, None), seed=(0, None))
 
 
 class BudgetError(ValueError):
@@ -197,9 +205,9 @@ class Cache:
         if self.path.exists():
             try:
                 stored = json.loads(self.path.read_text())
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested too deeply
                 raise SystemExit(f"error: {self.path} is not valid JSON (edited by hand?); delete it to rescore")
-            if stored.get("tag") == tag:
+            if isinstance(stored, dict) and stored.get("tag") == tag and isinstance(stored.get("values"), dict):
                 self.data = stored["values"]
                 print(f"resuming from {self.path}: {sum(len(v) for v in self.data.values())} cached values")
             else:
@@ -281,14 +289,16 @@ def plot(results, candidates, cfg, protocol, out_dir):
 # The run
 
 
+@releases_locks
 def main(argv):
     """Search every budget on one supernet, re-measure the winners, write the arch files, results and plots."""
     cfg = parse_settings(SearchConfig, argv)
+    check_settings(asdict(cfg), LIMITS, dict(latency=("predicted", "measured")))
+    check_budgets(cfg.budgets)
     if cfg.population != cfg.parents + cfg.mutations + cfg.crossovers:  # HAT asserts the same
         raise SystemExit(f"error: population {cfg.population} != parents + mutations + crossovers")
     torch.set_num_threads(cfg.threads)
-    t_start, device, out_dir = time.time(), torch.device(cfg.device), Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start, device, out_dir = time.time(), get_device(cfg.device), Path(cfg.out_dir)
     ckpt = load_checkpoint(cfg.ckpt)
     if ckpt["kind"] != "supernet":
         raise SystemExit(f"error: {cfg.ckpt} holds a standalone model; search needs a supernet checkpoint")
@@ -316,6 +326,7 @@ def main(argv):
         return measure_latency(supernet.subnet(arch), warmup=warmup, iters=iters, device=device, threads=cfg.threads,
                                protocol=cfg.protocol)
 
+    lock_folder(out_dir)  # one writer per search folder: a second search.py here stops, naming this one's pid
     stat = Path(cfg.ckpt).stat()  # the cached numbers belong to this checkpoint, subset and protocol
     cache = Cache(out_dir / "cache.json", dict(ckpt=str(Path(cfg.ckpt).resolve()), ckpt_bytes=stat.st_size,
                                                ckpt_mtime=stat.st_mtime, valid_sentences=cfg.valid_sentences,
@@ -367,4 +378,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main)

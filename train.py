@@ -33,8 +33,10 @@ from sacrebleu.metrics import BLEU
 from tqdm import tqdm
 
 import mos
+from common import (brief, build_standalone, build_supernet, check_settings, defer_stop_signals, get_device,
+                    load_checkpoint, lock_folder, model_from_checkpoint, releases_locks, run, save_checkpoint)
 from data.batching import TokenBatcher, atomic_open, collate, load_corpus, make_toy_corpus, remove_bpe
-from mos import PAD, SPACES, ArchConfig, SuperTransformer, Transformer
+from mos import PAD, SPACES, ArchConfig
 
 ROOT = Path(__file__).resolve().parent
 
@@ -176,6 +178,17 @@ def parse_config(argv, cls=TrainConfig, presets=PRESETS):
     return apply_overrides(cls(**{**presets[preset], "preset": preset}), pairs)
 
 
+# the range of every numeric setting (None: unbounded) and the choices of the named ones, checked after parsing
+LIMITS = dict(max_tokens=(1, None), num_experts=(1, None), router_hidden=(1, None), dropout=(0, 1), n_random=(0, None),
+              max_steps=(0, None), lr=(0, None), warmup=(0, None), warmup_init_lr=(0, None), weight_decay=(0, None),
+              label_smoothing=(0, 1), clip=(0, None), eval_interval=(1, None), save_interval=(0, None),
+              log_interval=(1, None), bleu_sentences=(-1, None), beam=(1, None), lenpen=(0, None),
+              test_sentences=(0, None), avg_last=(0, None), seed=(0, None), max_minutes=(0, None),
+              max_bad_steps=(1, None))
+CHOICES = dict(preset=PRESETS, data=("multi30k", "iwslt14", "toy"), space=SPACES, router=("none", "layer", "neuron"),
+               sampling=("sandwich", "random"), split=("train", "valid", "test"))
+
+
 # -----------------------------------------------------------------------------
 # Data, models and checkpoints
 
@@ -194,7 +207,11 @@ def load_data(cfg: TrainConfig):
         except DataError as e:
             raise SystemExit(f"error: {e} (from train.py: pass --data_source=PATH, e.g. "
                              f"--data_source=../shared/data/multi30k/tok)")
-    return load_corpus(folder)
+    try:
+        return load_corpus(folder)
+    except Exception as e:  # a missing, empty, truncated or non-UTF-8 file of the prepared folder
+        raise SystemExit(f"error: cannot read the prepared corpus in {folder} ({brief(e)}); prepare it again with "
+                         f"data/prepare.py --force")
 
 
 def resolve_arch(spec: str, space) -> ArchConfig:
@@ -203,47 +220,14 @@ def resolve_arch(spec: str, space) -> ArchConfig:
         return getattr(space, spec)()
     try:
         return space.validate(ArchConfig.from_dict(json.loads(Path(spec).read_text())))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: JSON nested too deeply
         raise SystemExit(f"error: cannot read arch file {spec!r} ({e}); give largest|smallest|middle or a JSON file")
     except ValueError as e:
         raise SystemExit(f"error: arch file {spec}: {e}")
 
 
-def build_supernet(args: dict) -> SuperTransformer:
-    """A SuperTransformer from its init_args() dict (as stored in checkpoints)."""
-    return SuperTransformer(**{**args, "space": mos.SearchSpace.from_dict(args["space"])})
-
-
-def build_standalone(args: dict) -> Transformer:
-    """A plain Transformer from the standalone model_args dict stored in checkpoints."""
-    space, arch = mos.SearchSpace.from_dict(args["space"]), ArchConfig.from_dict(args["arch"])
-    pos_dims = (max(space.enc_embed_dims), max(space.dec_embed_dims))  # positions as a subnet of the space has
-    return Transformer(arch, args["src_vocab"], args["tgt_vocab"], space.qkv_dim,
-                       mos.scaled_dropout(args["dropout"], arch, space), args["max_len"], pos_dims)
-
-
-def load_checkpoint(path, device="cpu") -> dict:
-    """torch.load with weights_only=True (plain dicts and tensors only), with a one-line error for bad files."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"error: checkpoint {path} does not exist")
-    except Exception as e:  # truncated, corrupted, or carrying pickled objects
-        raise SystemExit(f"error: cannot load checkpoint {path} safely ({type(e).__name__}: {str(e)[:200]}); "
-                         f"it is corrupted, truncated, or not a mos checkpoint")
-
-
-def model_from_checkpoint(ckpt: dict):
-    """Rebuild the supernet or standalone model a checkpoint holds, with its weights."""
-    model = (build_supernet if ckpt["kind"] == "supernet" else build_standalone)(ckpt["model_args"])
-    model.load_state_dict(ckpt["model"])
-    return model
-
-
-def save_checkpoint(obj: dict, path: Path):
-    """Write atomically (temporary file, then rename), so a crash never leaves a half-written checkpoint."""
-    with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+# build_supernet, build_standalone, load_checkpoint (validated), model_from_checkpoint and save_checkpoint (with a
+# checksum) live in common.py, shared with search, latency and bench; imported above, also as train.load_checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -337,12 +321,12 @@ def translate_ids(model, sentences, cfg, device, batch_size=64):
 # The run
 
 
+@releases_locks
 def main(argv):
     cfg, passed = parse_config(argv), dict(split_args(argv))
     # ---- system: data-parallel ranks under torchrun, device, threads
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = get_device(cfg.device, auto=True)
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -354,11 +338,17 @@ def main(argv):
     master = rank == 0
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
-    resumed = load_checkpoint(ckpt_path) if cfg.resume else None
+    if master and cfg.resume:  # one writer per run folder, taken before reading the checkpoint it continues
+        lock_folder(out_dir, create=False)
+    resumed = load_checkpoint(ckpt_path, resume=True) if cfg.resume else None
     if resumed:  # the stored settings win; the command line may only change how long and how often (RUNTIME)
         check_same(resumed["config"], cfg, [k for k in passed if k not in RUNTIME_SETTINGS], ckpt_path)
         cfg = TrainConfig(**{**resumed["config"], **{k: getattr(cfg, k) for k in passed if k in RUNTIME_SETTINGS},
                              "resume": True})
+    check_settings(asdict(cfg), LIMITS, CHOICES)
+    if cfg.bf16 and not fast_bf16():
+        print("warning: --bf16=True where bf16 is not native (a CPU without AVX-512 BF16/AMX, or such a GPU): emulated "
+              "bf16 can be ~100x slower than fp32 here; --bf16=False is faster", file=sys.stderr)
     corpus = load_data(cfg)
     src_vocab, tgt_vocab = len(corpus.src_vocab), len(corpus.tgt_vocab)
     space = SPACES[cfg.space]
@@ -403,7 +393,7 @@ def main(argv):
         step, epoch, batch_in_epoch = resumed["step"], resumed["data"]["epoch"], resumed["data"]["batch"]
         start_time = resumed["train_seconds"]
     if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        lock_folder(out_dir)  # one writer per run folder: another train.py here stops, naming this one's pid
         for name in ("train_log.jsonl", "log.jsonl"):  # a fresh run starts fresh logs; a resumed one drops the
             if resumed:  # steps a killed run logged after its last checkpoint (they are redone)
                 trim_jsonl(out_dir / name, resumed["step"])
@@ -460,7 +450,7 @@ def main(argv):
     batches = batcher.batches(epoch)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master or None, dynamic_ncols=True)
     interrupted, bad_steps, skipped = [], 0, 0
-    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))  # Ctrl-C
+    restore_signals = defer_stop_signals(interrupted)  # Ctrl-C and SIGTERM (schedulers): stop after this step
     while step < cfg.max_steps:
         if batch_in_epoch >= len(batches):
             epoch, batch_in_epoch = epoch + 1, 0
@@ -514,7 +504,8 @@ def main(argv):
         if master and is_snapshot_step(step, cfg, avg_interval):  # weights only, for the final average
             save_checkpoint(dict(kind="snapshot", model=model.state_dict(), step=step), out_dir / f"ckpt_step{step}.pt")
         out_of_time = cfg.max_minutes > 0 and (start_time + time.time() - t0) / 60 > cfg.max_minutes
-        stop = torch.tensor(int(out_of_time or bool(interrupted)))
+        at_eval = step % cfg.eval_interval == 0 or step == cfg.max_steps  # a signal waits for this validation, so
+        stop = torch.tensor(int(out_of_time or (bool(interrupted) and not at_eval)))  # a resumed run repeats it
         if ddp:  # every rank stops at the same step
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if stop:
@@ -522,10 +513,11 @@ def main(argv):
                 if out_of_time and cfg.bleu_sentences >= 0:
                     validate()
                 checkpoint()
-                tqdm.write(f"stopped at step {step} ({'interrupted' if interrupted else 'max_minutes reached'}); "
+                why = signal.Signals(interrupted[0]).name if interrupted else "max_minutes reached"
+                tqdm.write(f"stopped at step {step} ({why}); "
                            f"checkpoint saved, continue with --resume=True --out_dir={cfg.out_dir}")
             if interrupted:
-                signal.signal(signal.SIGINT, previous_handler)
+                restore_signals()
                 return
             break
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
@@ -536,7 +528,7 @@ def main(argv):
         elif master and cfg.save_interval > 0 and step % cfg.save_interval == 0:
             checkpoint()
     bar.close()
-    signal.signal(signal.SIGINT, previous_handler)
+    restore_signals()
     if ddp:  # check that the replicas stayed in sync: same subnets every step, same weights at the end
         digest = [float(sum(p.double().sum() for p in model.parameters())),
                   hashlib.sha256(str([subnets_for(k) for k in range(step)]).encode()).hexdigest()]
@@ -596,7 +588,10 @@ def evaluate_or_translate(cfg, corpus, device, passed=()):
         space = model.space
         model = model.subnet(resolve_arch(cfg.arch or "largest", space))
     if cfg.translate:
-        lines = (sys.stdin if cfg.translate == "-" else open(cfg.translate, encoding="utf-8")).read().splitlines()
+        try:
+            lines = (sys.stdin if cfg.translate == "-" else open(cfg.translate, encoding="utf-8")).read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: cannot read --translate={cfg.translate} ({e}); give a UTF-8 text file or -")
         sentences = [np.array(corpus.src_vocab.encode(line) + [mos.EOS]) for line in lines]
         for hyp in translate_ids(model.eval(), sentences, cfg, device):
             print(corpus.tgt_vocab.decode(hyp))
@@ -640,4 +635,4 @@ def trim_jsonl(path: Path, last_step: int):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main, resume_hint="continue with --resume=True if it saved a checkpoint")

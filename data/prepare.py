@@ -115,6 +115,8 @@ def drop_empty(splits):
     for split, (de, en) in splits.items():
         keep = [i for i, (d, e) in enumerate(zip(de, en)) if d.strip() and e.strip()]
         kept[split], dropped[split] = ([de[i] for i in keep], [en[i] for i in keep]), len(de) - len(keep)
+        if not keep:
+            raise DataError(f"the {split} split has no sentence pairs (its files are empty or blank); check --source")
     return kept, dropped
 
 
@@ -187,7 +189,8 @@ def read_raw_iwslt14(source):
         with tarfile.open(source) as tar:
             return {Path(m.name).name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
     except (tarfile.TarError, OSError) as e:
-        raise DataError(f"{source}: not a readable de-en.tgz ({e}); pass the IWSLT14 release with --source") from None
+        raise DataError(f"{source}: not a readable de-en.tgz ({' '.join(str(e).split())}); pass the IWSLT14 release "
+                        f"with --source") from None
 
 
 def iwslt14_splits(files, workers):
@@ -303,7 +306,10 @@ def reusable(out, settings):
 
 def start(out, settings, force):
     """Reuse a finished run, or clear the old summary so a half-rewritten folder never looks finished."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, no permission
+        raise DataError(f"cannot create the output folder {out} ({e.strerror}); pass another --out") from None
     summary = None if force else reusable(out, settings)
     if summary is None:
         (out / "summary.json").unlink(missing_ok=True)
@@ -385,9 +391,15 @@ def build(out, name, splits, dropped, settings, merges, t0):
 # -----------------------------------------------------------------------------
 
 
+def usage_error(message):
+    """argparse's complaint as one line "error: ..." (its usage text is a --help away), exit status 2."""
+    print(f"error: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None):
     """Command line entry point; DataError becomes "error: ..." and exit status 2."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)
     parser.add_argument("dataset", choices=["multi30k", "iwslt14"])
     parser.add_argument("--source", help="folder, file or URL to read (default: download)")
     parser.add_argument("--out", help="output folder (default: data/<dataset>)")
@@ -396,7 +408,10 @@ def main(argv=None):
     parser.add_argument("--train_dir", help="iwslt14 from a prepared --source folder: take train.{de,en} from this "
                                             "folder (e.g. ../shared/data/iwslt14.de-en/train-sample)")
     parser.add_argument("--force", action="store_true", help="redo even if a finished run has the same settings")
+    parser.error = usage_error  # one line, like every other error
     args = parser.parse_args(argv)
+    if args.merges is not None and args.merges < 0:
+        usage_error(f"--merges {args.merges} must be >= 0")
     prepare = prepare_multi30k if args.dataset == "multi30k" else prepare_iwslt14
     kwargs = dict(source=args.source, out=args.out, force=args.force)
     if args.train_dir:

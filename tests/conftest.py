@@ -6,6 +6,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from common import save_checkpoint
 from data.batching import make_toy_corpus
 from mos import FEATURE_NAMES, SPACES, SuperTransformer
 from train import PRESETS, TrainConfig
@@ -28,8 +29,8 @@ def tiny(tmp_path_factory):
     corpus = make_toy_corpus(seed=cfg.seed)
     torch.manual_seed(0)
     model = SuperTransformer(SPACES["tiny"], len(corpus.src_vocab), len(corpus.tgt_vocab), router_hidden=32)
-    torch.save(dict(kind="supernet", model=model.state_dict(), model_args=model.init_args(), config=asdict(cfg),
-                    vocab=dict(src=corpus.src_vocab.itos, tgt=corpus.tgt_vocab.itos)), folder / "ckpt.pt")
+    save_checkpoint(dict(kind="supernet", model=model.state_dict(), model_args=model.init_args(), config=asdict(cfg),
+                         vocab=dict(src=corpus.src_vocab.itos, tgt=corpus.tgt_vocab.itos), step=0), folder / "ckpt.pt")
     weight = [10.0 if n == "dec_layers" else 0.0 for n in FEATURE_NAMES]  # 1 ms + 5 per decoder layer: 6 or 11 ms
     (folder / "predictor.json").write_text(json.dumps(dict(kind="linear", weight=weight, bias=1.0, space="tiny",
                                                              protocol="beam")))

@@ -106,14 +106,23 @@ def test_search_end_to_end_deterministic(tiny, tmp_path):
 
 
 def test_search_resumes_from_cache(tiny, tmp_path, monkeypatch):
-    measured = ["--latency=measured", "--search_iters=2", "--search_warmup=0", "--budgets=[10000]"]  # any load
-    first = run_search(tiny, tmp_path, *measured)
+    timed = []
+
+    def fake_timer(model, **protocol):
+        """--latency=measured with a fake clock: 1 ms + 5 ms per decoder layer, whatever the machine's load."""
+        timed.append(model.arch)
+        return {"median_ms": 1.0 + 5.0 * model.arch.dec_layers}
+    monkeypatch.setattr(search, "measure_latency", fake_timer)
+    first = run_search(tiny, tmp_path, "--latency=measured", "--search_iters=2", "--search_warmup=0")
+    assert first[0]["arch"]["dec_layers"] == 1 and first[0]["search_latency_ms"] == 6.0  # 2 layers: 11 > 8 ms
+    n_timed = len(timed)
 
     def no_rescoring(*args):
         raise AssertionError("a cached subnet was scored again")
     monkeypatch.setattr(search, "valid_loss", no_rescoring)
-    again = run_search(tiny, tmp_path, *measured)
+    again = run_search(tiny, tmp_path, "--latency=measured", "--search_iters=2", "--search_warmup=0")
     assert [r["arch"] for r in first] == [r["arch"] for r in again]
+    assert len(timed) == n_timed + 2  # only the two winners' final re-measurement: no candidate was timed again
 
 
 def test_search_rejects_unreachable_budget(tiny, tmp_path):

@@ -128,11 +128,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     out = tmp_path / "sigint"
     cmd = [sys.executable, str(ROOT / "train.py"), *TOY, "--max_steps=100000", f"--out_dir={out}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not (out / "train_log.jsonl").exists() and time.time() < deadline:  # wait until it is training
+    deadline = time.time() + 300
+    while not (out / "train_log.jsonl").exists():  # wait until it is training
+        assert proc.poll() is None and time.time() < deadline, "train.py ended or did not start training"
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    output = proc.communicate(timeout=120)[0]
+    output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0 and "checkpoint saved" in output, output[-2000:]
     step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     train.main([*TOY, f"--out_dir={out}", "--resume=True", f"--max_steps={step + 2}"])
