@@ -38,9 +38,9 @@ def build_supernet(args: dict) -> SuperTransformer:
 def build_standalone(args: dict) -> Transformer:
     """A plain Transformer from the standalone model_args dict stored in checkpoints."""
     space, arch = mos.SearchSpace.from_dict(args["space"]), ArchConfig.from_dict(args["arch"])
-    pos_dims = (max(space.enc_embed_dims), max(space.dec_embed_dims))  # positions as a subnet of the space has
     return Transformer(arch, args["src_vocab"], args["tgt_vocab"], space.qkv_dim,
-                       mos.scaled_dropout(args["dropout"], arch, space), args["max_len"], pos_dims)
+                       mos.scaled_dropout(args["dropout"], arch, space), args["max_len"],
+                       space.position_widths())  # positions as a subnet of the space has them
 
 
 BUILDERS = {"supernet": build_supernet, "standalone": build_standalone}

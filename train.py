@@ -550,7 +550,7 @@ def final_test(cfg, model, kind, representative, corpus, device, out_dir, avg_in
         steps = [s for s in range(cfg.max_steps + 1) if is_snapshot_step(s, cfg, avg_interval)]
         snapshots = [out_dir / f"ckpt_step{s}.pt" for s in steps if (out_dir / f"ckpt_step{s}.pt").exists()]
         if snapshots:  # a run stopped early (max_minutes) has fewer, possibly none
-            states = [load_checkpoint(p)["model"] for p in snapshots]
+            states = [load_checkpoint(p, kinds=("snapshot",))["model"] for p in snapshots]
             model.load_state_dict({k: sum(s[k].float() for s in states) / len(states) for k in states[0]})
         print(f"averaged {len(snapshots)} of {len(steps)} snapshots (steps {steps[0]}..{steps[-1]}, every "
               f"{avg_interval})" if snapshots else f"no averaging snapshot was written (the run stopped before step "

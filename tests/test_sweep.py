@@ -80,14 +80,14 @@ VARIANTS = {  # name -> (make(good checkpoint) -> an object torch.load(weights_o
     "weird kind": (lambda g: {**g, "kind": "banana"}, "of kind 'banana'"),
     "snapshot": (lambda g: dict(kind="snapshot", model=g["model"], step=1), "of kind 'snapshot'"),
     "string step": (lambda g: {**g, "step": "7"}, "entry 'step' is a str, not a int"),
-    "weights not tensors": (lambda g: {**g, "model": {**g["model"], "body.out_proj.weight": [1.0]}},
-                            "model entry 'body.out_proj.weight' is not a named tensor"),
-    "wrong shape": (lambda g: {**g, "model": {**g["model"], "body.out_proj.weight": torch.zeros(3, 3)}},
-                    "weight 'body.out_proj.weight' of shape \\[3, 3\\]"),
+    "weights not tensors": (lambda g: {**g, "model": {**g["model"], "shared.out_proj.weight": [1.0]}},
+                            "model entry 'shared.out_proj.weight' is not a named tensor"),
+    "wrong shape": (lambda g: {**g, "model": {**g["model"], "shared.out_proj.weight": torch.zeros(3, 3)}},
+                    "weight 'shared.out_proj.weight' of shape \\[3, 3\\]"),
     "missing weight": (lambda g: {**g, "model": {k: v for k, v in g["model"].items() if "out_proj" not in k}},
                        "1 missing"),
-    "NaN weights": (lambda g: {**g, "model": {**g["model"], "body.out_proj.weight": g["model"]["body.out_proj.weight"]
-                                              * float("nan")}}, "non-finite values .* 'body.out_proj.weight'"),
+    "NaN weights": (lambda g: {**g, "model": {**g["model"], "shared.out_proj.weight": g["model"]["shared.out_proj.weight"]
+                                              * float("nan")}}, "non-finite values .* 'shared.out_proj.weight'"),
     "bigger space": (lambda g: {**g, "model_args": {**g["model_args"], "space": SPACES["cpu"].to_dict()}},
                      "do not fit its model_args|its model_args need"),
     "garbage model_args": (lambda g: {**g, "model_args": {"space": 3}}, "model_args that describe no supernet model"),
@@ -136,7 +136,7 @@ def inputs(tmp_path_factory, tiny):
         obj = make(good)
         (common.save_checkpoint if isinstance(obj, dict) else torch.save)(obj, path)  # dicts get a valid checksum
     raw = paths["good"].read_bytes()
-    weight = good["model"]["body.out_proj.weight"].numpy().tobytes()
+    weight = good["model"]["shared.out_proj.weight"].numpy().tobytes()
     at = raw.find(weight) + len(weight) // 2  # 4 bytes in the middle of this tensor's data
     for name, data in {"zero bytes": b"", "truncated": raw[: len(raw) // 2], "random bytes": random.Random(0).randbytes(5000),
                        "flipped bytes": raw[:at] + bytes(b ^ 0xFF for b in raw[at:at + 4]) + raw[at + 4:]}.items():
