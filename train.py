@@ -280,9 +280,10 @@ def bleu_score(hyps, refs, compound_split=False):
 
 
 @torch.inference_mode()
-def evaluate(model, corpus, split, cfg, device, n_bleu=0, max_tokens=None):
+def evaluate(model, corpus, split, cfg, device, n_bleu=0, max_tokens=None, hyps_path=None):
     """Validation loss (nats/token, no smoothing) of a plain model on a split, and BLEU of beam search on its
-    first n_bleu sentences (all if 0, none if < 0)."""
+    first n_bleu sentences (all if 0, none if < 0). With hyps_path, the translations behind the BLEU are written
+    there, one BPE'd line per sentence in corpus order, so any score can be recomputed or paired-tested later."""
     model.eval()
     src, tgt = corpus.splits[split]
     batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], max_tokens or cfg.max_tokens, shuffle=False)
@@ -297,6 +298,9 @@ def evaluate(model, corpus, split, cfg, device, n_bleu=0, max_tokens=None):
         n = len(src) if n_bleu == 0 else min(n_bleu, len(src))
         hyps = translate_ids(model, [src[i] for i in range(n)], cfg, device)
         text, refs = [corpus.tgt_vocab.decode(h) for h in hyps], corpus.refs[split][:n]
+        if hyps_path:
+            with atomic_open(hyps_path) as f:
+                f.write("".join(line + "\n" for line in text))
         result["bleu"], result["bleu_signature"] = bleu_score(text, refs)
         if cfg.data == "iwslt14":  # HAT's table quotes compound-split BLEU on IWSLT: report it beside ours
             result["bleu_compound_split"] = bleu_score(text, refs, compound_split=True)[0]
@@ -559,7 +563,8 @@ def final_test(cfg, model, kind, representative, corpus, device, out_dir, avg_in
     results = {"split": cfg.split}
     for name, net in targets.items():
         t = time.time()
-        results[name] = evaluate(net, corpus, cfg.split, cfg, device, n_bleu=cfg.test_sentences)
+        results[name] = evaluate(net, corpus, cfg.split, cfg, device, n_bleu=cfg.test_sentences,
+                                 hyps_path=out_dir / f"hyps_{cfg.split}_{name}.txt")
         results[name]["decode_seconds"] = round(time.time() - t, 1)
         r = results[name]
         print(f"{cfg.split} {name}: loss {r['loss']:.3f} | BLEU {r['bleu']:.2f} | {r['bleu_signature']}"
