@@ -18,18 +18,41 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 import common
 import mos
-import train
 from data.batching import TokenBatcher, collate, remove_bpe
 from mos import SPACES, SuperTransformer
 
-SETTINGS = dict(data="multi30k", space="cpu", device="auto", max_tokens=4096, repeats=7, warmup=2,
-                decode_sentences=1000, decode_batch=64, beam=5, out="results/bench.json", seed=0)
+
+
+@dataclass
+class BenchConfig:
+    """`python bench.py`: speed of the training step and of decoding."""
+    data: str = "multi30k"  # multi30k | iwslt14 | toy
+    space: str = "cpu"
+    device: str = "auto"
+    max_tokens: int = 4096  # the training batch timed
+    repeats: int = 7  # interleaved repeats of every timed variant
+    warmup: int = 2
+    decode_sentences: int = 1000
+    decode_batch: int = 64
+    beam: int = 5
+    out: str = "results/bench.json"
+    seed: int = 0
+
+
+@dataclass
+class PrecisionConfig:
+    """`python bench.py precision`: two supernets trained alike except for precision."""
+    fp32: str = "out/ckpt.pt"
+    bf16: str = "out_bf16/ckpt.pt"
+    out: str = "results/bench_precision.json"
+    samples: int = 1000  # paired-bootstrap resamples
 
 
 def timed(fn, device):
@@ -82,17 +105,10 @@ def peak_rss_bytes():
     return 0
 
 
-def read_settings(defaults: dict, argv) -> dict:
-    """`defaults` with every --key=value of argv applied, each cast to its default's type; counts must be >= 1
-    (warmup and seed >= 0), and the output's folder writable."""
-    s = dict(defaults)
-    for key, value in train.split_args(argv):
-        if key not in s:
-            raise SystemExit(f"error: unknown setting --{key}; settings are {list(s)}")
-        try:
-            s[key] = type(s[key])(value)
-        except ValueError:
-            raise SystemExit(f"error: --{key}={value} should be a {type(s[key]).__name__}")
+def read_settings(cls, argv) -> dict:
+    """The settings of dataclass `cls` with every --key=value of argv applied (common.parse_settings, as every
+    script), as a dict; counts must be >= 1 (warmup and seed >= 0), and the output's folder writable."""
+    s = asdict(common.parse_settings(cls, argv))
     common.check_settings(s, {k: (0 if k in ("warmup", "seed") else 1, None) for k, v in s.items() if type(v) is int},
                           dict(data=("multi30k", "iwslt14", "toy"), space=SPACES) if "space" in s else {})
     common.writable_folder(Path(s["out"]).parent)
@@ -100,11 +116,10 @@ def read_settings(defaults: dict, argv) -> dict:
 
 
 def main(argv):
-    s = read_settings(SETTINGS, argv)
+    s = read_settings(BenchConfig, argv)
     device = common.get_device(s["device"], auto=True)
     torch.manual_seed(s["seed"])
-    cfg = train.TrainConfig(**{**train.PRESETS["toy" if s["data"] == "toy" else "multi30k"], "data": s["data"]})
-    corpus = train.load_data(cfg)
+    corpus = common.load_data(s["data"], seed=s["seed"])
     space, V_src, V_tgt = SPACES[s["space"]], len(corpus.src_vocab), len(corpus.tgt_vocab)
     src, tgt = corpus.splits["train"]
     batcher = TokenBatcher([len(x) for x in src], [len(x) for x in tgt], s["max_tokens"], seed=s["seed"])
@@ -130,7 +145,7 @@ def main(argv):
             for arch in archs:
                 with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                     logits = model(s_, ti, arch)
-                (train.token_loss(logits, to, 0.1) / n_tgt / len(archs)).backward()
+                (common.token_loss(logits, to, 0.1) / n_tgt / len(archs)).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return run
@@ -208,7 +223,7 @@ def main(argv):
 
     out = Path(s["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    train.write_json(out, report)
+    common.write_json(out, report)
     print(f"wrote {out}")
 
 
@@ -218,22 +233,23 @@ def precision(argv):
     evidence the default precision rests on: bf16 may become the default only if its BLEU is fp32's within noise."""
     from sacrebleu.metrics import BLEU
     from sacrebleu.significance import PairedTest
-    s = read_settings(dict(fp32="out/ckpt.pt", bf16="out_bf16/ckpt.pt", out="results/bench_precision.json",
-                           samples=1000), argv)
+    s = read_settings(PrecisionConfig, argv)
     report, hyps, device = {"settings": s}, {}, torch.device("cpu")
     for name in ("fp32", "bf16"):
-        ckpt = train.load_checkpoint(s[name])
-        cfg = train.TrainConfig(**ckpt["config"])
-        if cfg.bf16 != (name == "bf16"):
-            raise SystemExit(f"error: --{name}={s[name]} was trained with bf16={cfg.bf16}")
-        corpus = train.load_data(cfg)
-        supernet = train.model_from_checkpoint(ckpt).eval()
+        ckpt = common.load_checkpoint(s[name])
+        cfg = ckpt["config"]  # the training run's settings: its data and precision
+        if cfg["bf16"] != (name == "bf16"):
+            raise SystemExit(f"error: --{name}={s[name]} was trained with bf16={cfg['bf16']}")
+        corpus = common.load_data(cfg["data"], cfg["data_dir"], cfg.get("data_source", ""), cfg["seed"])
+        supernet = common.model_from_checkpoint(ckpt).eval()
         report[name] = dict(ckpt=s[name], step=ckpt["step"], train_seconds=ckpt.get("train_seconds"))
         for arch in ("largest", "smallest", "middle"):
             net = supernet.subnet(getattr(supernet.space, arch)())
             t = time.perf_counter()
-            report[name][arch] = train.evaluate(net, corpus, "test", cfg, device, n_bleu=-1)  # test loss
-            ids = train.translate_ids(net.eval(), corpus.splits["test"][0], cfg, device)
+            report[name][arch] = common.evaluate(net, corpus, "test", device, cfg["max_tokens"], n_bleu=-1,
+                                                 bf16=cfg["bf16"])  # test loss
+            ids = common.translate_ids(net.eval(), corpus.splits["test"][0], device, cfg["beam"], cfg["lenpen"],
+                                       cfg["bf16"])
             report[name][arch]["eval_seconds"] = time.perf_counter() - t
             hyps[name, arch] = [remove_bpe(corpus.tgt_vocab.decode(h)) for h in ids]
     refs = [[remove_bpe(r) for r in corpus.refs["test"]]]
@@ -247,7 +263,7 @@ def precision(argv):
                             signature=str(signature))
         print(f"{arch}: fp32 {base.score:.2f} (+-{base.ci:.2f}) | bf16 {other.score:.2f} (+-{other.ci:.2f}) | "
               f"difference {other.score - base.score:+.2f}, paired bootstrap p = {other.p_value:.3f}")
-    train.write_json(Path(s["out"]), report)
+    common.write_json(Path(s["out"]), report)
     print(f"wrote {s['out']}")
 
 

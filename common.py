@@ -1,7 +1,10 @@
 """
-What train.py, latency.py, search.py, bench.py and reproduce.py share: checkpoints (saved atomically with a checksum,
-loaded safely and validated by one function), the lock that keeps a run folder to one writing process, the handling
-of SIGINT/SIGTERM, and small checks of settings, devices and JSON files that every command makes alike.
+What train.py, latency.py, search.py, bench.py and reproduce.py share, so that no script imports another's internals:
+  - settings: `--key=value` onto a dataclass, presets, and the checks every command makes alike;
+  - data and evaluation: the corpus, arch files, the loss, validation loss, beam-search translation and BLEU;
+  - checkpoints (saved atomically with a checksum, loaded safely and validated by one function) and JSON files;
+  - the latency measurement and the latency predictor's file (latency.py makes both, search.py uses both);
+  - the lock that keeps a run folder to one writing process, and the handling of SIGINT/SIGTERM.
 
     from common import load_checkpoint, save_checkpoint, lock_folder, releases_locks, run
     ckpt = load_checkpoint("out/ckpt.pt")         # a checked dict, or a one-line `error: ...` and exit
@@ -10,21 +13,363 @@ of SIGINT/SIGTERM, and small checks of settings, devices and JSON files that eve
 Every problem is one line `error: ...` (SystemExit), never a traceback.
 """
 
+import ast
+import base64
 import fcntl
 import hashlib
 import json
 import os
+import re
 import signal
 import sys
+import time
+import typing
 from dataclasses import fields
 from functools import wraps
+from types import UnionType
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from sacrebleu.metrics import BLEU
 
 import mos
-from data.batching import atomic_open
-from mos import ArchConfig, SuperTransformer, Transformer
+from data.batching import TokenBatcher, atomic_open, collate, load_corpus, make_toy_corpus, remove_bpe
+from mos import EOS, FEATURE_NAMES, PAD, ArchConfig, SuperTransformer, Transformer
+
+ROOT = Path(__file__).resolve().parent
+
+# -----------------------------------------------------------------------------
+# Settings: --key=value onto a dataclass
+
+
+def split_args(argv):
+    """['--key=value', ...] -> [(key, value text), ...]; anything else is a one-line error."""
+    for arg in argv:
+        if not (arg.startswith("--") and "=" in arg):
+            raise SystemExit(f"error: bad argument {arg!r}; use --key=value")
+    return [tuple(arg[2:].split("=", 1)) for arg in argv]
+
+
+def apply_overrides(cfg, pairs):
+    """Set each (key, text) on dataclass instance cfg: the text is read as a Python literal (a bare word is a
+    string, a list fills a tuple field) and must match the field's type (`bool | None` also takes None)."""
+    kinds = {f.name: f.type for f in fields(cfg)}
+    for key, text in pairs:
+        if key not in kinds:
+            raise SystemExit(f"error: unknown setting --{key}; settings are {list(kinds)}")
+        kind, optional = field_kind(kinds[key])
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if kind is bool and text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is tuple and isinstance(value, list):
+            value = tuple(value)
+        if type(value) is not kind and not (optional and value is None):
+            raise SystemExit(f"error: --{key}={text} should be a {kind.__name__}" + (" or None" if optional else ""))
+        setattr(cfg, key, value)
+    return cfg
+
+
+def field_kind(annotation):
+    """(type, whether None is allowed) of a settings field: `bool | None` -> (bool, True), int -> (int, False)."""
+    if isinstance(annotation, UnionType) and type(None) in typing.get_args(annotation):
+        return next(t for t in typing.get_args(annotation) if t is not type(None)), True
+    return annotation, False
+
+
+def parse_settings(cls, argv, command_field=None, presets=None):
+    """The settings of dataclass `cls` from argv: a first bare word sets `command_field` (latency.py's command);
+    with `presets` (name -> dict of the values that differ from cls's defaults), --preset=NAME is applied first;
+    then every --key=value on top. Lists become tuples, so `--budgets=[60,80]` fills a tuple field."""
+    cfg = cls()
+    if command_field and argv and not argv[0].startswith("--"):
+        setattr(cfg, command_field, argv[0])
+        argv = argv[1:]
+    pairs = split_args(argv)
+    if presets is not None:
+        preset = dict(pairs).get("preset", cfg.preset)
+        if preset not in presets:
+            raise SystemExit(f"error: unknown preset {preset!r}; choose one of {list(presets)}")
+        cfg = cls(**{**presets[preset], "preset": preset})
+    return apply_overrides(cfg, pairs)
+
+
+def check_same(stored: dict, cfg, keys, path):
+    """Refuse settings given on the command line that contradict those a checkpoint was made with, naming each."""
+    norm = lambda v: json.loads(json.dumps(v))  # tuples and lists compare equal
+    clashes = [f"--{k}={getattr(cfg, k)} (it has {stored.get(k)})" for k in keys
+               if k in stored and norm(getattr(cfg, k)) != norm(stored[k])]
+    if clashes:
+        raise SystemExit(f"error: checkpoint {path} was made with other settings than {', '.join(clashes)}; "
+                         f"drop these flags (the checkpoint's own are used) or use another checkpoint/--out_dir")
+
+
+# -----------------------------------------------------------------------------
+# Data and arch files
+
+
+def load_data(data: str, data_dir: str = "", data_source: str = "", seed: int = 0):
+    """The corpus `data` (multi30k | iwslt14 | toy), from data_dir (default data/<data>), preparing Multi30k or
+    IWSLT14 first from data_source (a folder, URL or tarball; default: the public download) if it is missing."""
+    if data == "toy":
+        return make_toy_corpus(seed=seed)
+    folder = Path(data_dir or ROOT / "data" / data)
+    if not (folder / "summary.json").exists():
+        from data.prepare import DataError, prepare_iwslt14, prepare_multi30k
+        prepare = {"multi30k": prepare_multi30k, "iwslt14": prepare_iwslt14}[data]
+        print(f"{folder} is not prepared yet: running data/prepare.py {data}")
+        try:
+            prepare(source=data_source or None, out=folder)
+        except DataError as e:
+            raise SystemExit(f"error: {e} (from train.py: pass --data_source=PATH, e.g. "
+                             f"--data_source=../shared/data/multi30k/tok)")
+    try:
+        return load_corpus(folder)
+    except Exception as e:  # a missing, empty, truncated or non-UTF-8 file of the prepared folder
+        raise SystemExit(f"error: cannot read the prepared corpus in {folder} ({brief(e)}); prepare it again with "
+                         f"data/prepare.py --force")
+
+
+def check_vocab(ckpt, corpus, path):
+    """Refuse a checkpoint trained with other vocabularies than this corpus's."""
+    if ckpt["vocab"]["src"] != corpus.src_vocab.itos or ckpt["vocab"]["tgt"] != corpus.tgt_vocab.itos:
+        raise SystemExit(f"error: checkpoint {path} was trained with other vocabularies than data "
+                         f"{corpus.name!r}; pass the --data/--data_dir it was trained on")
+
+
+def resolve_arch(spec: str, space) -> ArchConfig:
+    """'largest' | 'smallest' | 'middle' | a JSON file written by search.py or by hand."""
+    if spec in ("largest", "smallest", "middle"):
+        return getattr(space, spec)()
+    try:
+        return space.validate(ArchConfig.from_dict(json.loads(Path(spec).read_text())))
+    except (OSError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: JSON nested too deeply
+        raise SystemExit(f"error: cannot read arch file {spec!r} ({e}); give largest|smallest|middle or a JSON file")
+    except ValueError as e:
+        raise SystemExit(f"error: arch file {spec}: {e}")
+
+
+# -----------------------------------------------------------------------------
+# Loss, translation and BLEU
+
+
+def token_loss(logits, tgt_out, label_smoothing, soft_targets=None):
+    """Summed label-smoothed cross-entropy over the non-pad target tokens (nats); with soft_targets (B, T, V),
+    the cross-entropy against that distribution instead (in-place distillation)."""
+    logits = logits.float().flatten(0, 1)  # (B, T, V) -> (B*T, V)
+    mask = tgt_out.flatten() != PAD
+    if soft_targets is not None:
+        return -(soft_targets.flatten(0, 1)[mask] * logits[mask].log_softmax(-1)).sum()
+    return F.cross_entropy(logits, tgt_out.flatten(), ignore_index=PAD, label_smoothing=label_smoothing,
+                           reduction="sum")
+
+
+@torch.inference_mode()
+def valid_loss(model, batches, bf16=False) -> float:
+    """Loss of a plain model in nats per target token (plain cross-entropy, no smoothing) over (src, tgt_in,
+    tgt_out) batches: train.py's validation and search.py's fitness."""
+    total, ntok = 0.0, 0
+    for src, tgt_in, tgt_out in batches:
+        with torch.autocast(src.device.type, torch.bfloat16, enabled=bf16):
+            total += token_loss(model(src, tgt_in), tgt_out, 0.0).item()
+        ntok += int((tgt_out != PAD).sum())
+    return total / ntok
+
+
+def split_batches(corpus, split, max_tokens, device):
+    """Every sentence pair of a split once, as (src, tgt_in, tgt_out) batches of about max_tokens, in a fixed order."""
+    src, tgt = corpus.splits[split]
+    batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], max_tokens, shuffle=False)
+    for idx in batcher.batches(0):
+        yield tuple(x.to(device) for x in collate(src, tgt, idx))
+
+
+@torch.inference_mode()
+def translate_ids(model, sentences, device, beam=5, lenpen=1.0, bf16=False, batch_size=64):
+    """Beam-search token ids for a list of source id arrays, batched by similar length, in input order."""
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    out = [None] * len(sentences)
+    for k in range(0, len(order), batch_size):
+        idx = order[k:k + batch_size]
+        src = collate(sentences, sentences, idx)[0].to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            hyps, _ = mos.beam_search(model, src, beam=beam, lenpen=lenpen)
+        for i, h in zip(idx, hyps):
+            out[i] = h
+    return out
+
+
+def bleu_score(hyps, refs, compound_split=False):
+    """Corpus BLEU the way MT papers quote these datasets: sacrebleu on BPE-removed, tokenised, lowercased text
+    with tokenize='none'. compound_split: HAT's IWSLT/WMT "normal" BLEU (configs/*/test.sh), which first splits
+    every hyphen between two characters into ` ##AT##-##AT## ` in hypotheses and references alike.
+    Returns (score, signature)."""
+    split = (lambda line: re.sub(r"(\S)-(\S)", r"\1 ##AT##-##AT## \2", line)) if compound_split else (lambda line: line)
+    metric = BLEU(tokenize="none", force=True)  # force: the text is tokenised on purpose
+    score = metric.corpus_score([split(remove_bpe(h)) for h in hyps], [[split(remove_bpe(r)) for r in refs]])
+    return score.score, str(metric.get_signature()) + ("|compound-split" if compound_split else "")
+
+
+def evaluate(model, corpus, split, device, max_tokens, n_bleu=0, beam=5, lenpen=1.0, bf16=False,
+             compound_split=False, hyps_path=None) -> dict:
+    """Loss (nats/token, no smoothing) of a plain model on a split, and BLEU of beam search on its first n_bleu
+    sentences (all if 0, none if < 0); compound_split adds HAT's IWSLT score as `bleu_compound_split`. With
+    hyps_path, the translations behind the BLEU are written there, one BPE'd line per sentence in corpus order,
+    so that any score can be recomputed or paired-tested later."""
+    model.eval()
+    result = {"loss": valid_loss(model, split_batches(corpus, split, max_tokens, device), bf16)}
+    if n_bleu >= 0:
+        src = corpus.splits[split][0]
+        n = len(src) if n_bleu == 0 else min(n_bleu, len(src))
+        hyps = translate_ids(model, [src[i] for i in range(n)], device, beam, lenpen, bf16)
+        text, refs = [corpus.tgt_vocab.decode(h) for h in hyps], corpus.refs[split][:n]
+        if hyps_path:
+            with atomic_open(hyps_path) as f:
+                f.write("".join(line + "\n" for line in text))
+        result["bleu"], result["bleu_signature"] = bleu_score(text, refs)
+        if compound_split:
+            result["bleu_compound_split"] = bleu_score(text, refs, compound_split=True)[0]
+    return result
+
+
+# -----------------------------------------------------------------------------
+# Latency: the one measurement (latency.py's datasets, search.py's candidates) and the predictor's file
+
+
+SRC_LEN = TGT_LEN = 23  # HAT: the mean IWSLT sentence length (30 for WMT)
+BEAM = 5  # fairseq's default beam, which HAT's latency runs (and MoS's gold latency) use
+PROTOCOLS = ("beam", "hat")  # what is timed: the real beam search (deployed) | HAT's model-only decoder steps
+FILLER = mos.UNK + 1  # any ordinary token id fills the dummy sentence: latency does not depend on which one
+TRIM = 0.1  # HAT's statistic drops the fastest and the slowest 10% of the runs
+
+
+@torch.inference_mode()
+def measure_latency(model: Transformer, src_len=SRC_LEN, tgt_len=TGT_LEN, beam=BEAM, warmup=20, iters=50,
+                    device="cpu", threads=2, protocol="beam") -> dict:
+    """Latency of a plain (extracted) Transformer in ms on one sentence of src_len tokens: the real beam search
+    forced to tgt_len steps (protocol 'beam'), or HAT's encoder once plus tgt_len cached decoder steps over `beam`
+    hypotheses (protocol 'hat'). Returns the median, HAT's trimmed mean, the spread and the protocol."""
+    if protocol not in PROTOCOLS:
+        raise SystemExit(f"error: --protocol={protocol}; choose one of {PROTOCOLS}")
+    device, old_threads = torch.device(device), torch.get_num_threads()
+    torch.set_num_threads(threads)  # thread count changes CPU latency ~2x (README, Latency): fix it, record it
+    model = model.to(device).eval()  # HAT leaves dropout on; we time what would be deployed
+    src = torch.full((1, src_len), FILLER, device=device)  # (1, S) one sentence, no padding
+    src[0, -1] = EOS
+    token = torch.full((beam, 1), FILLER, device=device)  # (K, 1) the newest token of every hypothesis
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # GPU kernels run asynchronously
+
+    def run():
+        """One timed unit; returns (encoder ms, total ms)."""
+        sync()
+        t0 = time.perf_counter()
+        enc_outs, src_mask = model.encode(src)
+        sync()
+        t1 = time.perf_counter()
+        if protocol == "beam":  # the deployed call (it encodes again): exactly tgt_len steps, EOS forced at the last
+            mos.beam_search(model, src, beam=beam, max_len_a=0, max_len_b=tgt_len, min_len=tgt_len - 1)
+            sync()
+            return (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+        enc_outs = [m.expand(beam, -1, -1) for m in enc_outs]  # (1, S, C) -> (K, S, C): the beam's copies
+        src_mask, cache = src_mask.expand(beam, -1, -1, -1), {}
+        for _ in range(tgt_len):  # only the newest position is computed; keys/values of earlier ones are cached
+            model.decode(token, enc_outs, src_mask, cache)  # (K, 1, V), the output projection included
+        sync()
+        return (t1 - t0) * 1e3, (time.perf_counter() - t0) * 1e3
+
+    try:
+        for _ in range(warmup):  # first calls build oneDNN primitives and fill the allocator's caches
+            run()
+        encoder, total = (np.array(x) for x in zip(*[run() for _ in range(iters)]))
+    finally:
+        torch.set_num_threads(old_threads)
+    k = int(TRIM * iters)
+    q1, q3 = np.percentile(total, [25, 75])
+    return dict(median_ms=float(np.median(total)), trimmed_mean_ms=float(np.sort(total)[k:iters - k].mean()),
+                iqr_ms=float(q3 - q1), std_ms=float(total.std()), min_ms=float(total.min()),
+                encoder_ms=float(np.median(encoder)), iters=iters, threads=threads, device=str(device),
+                src_len=src_len, tgt_len=tgt_len, beam=beam, protocol=protocol)
+
+
+def predict(predictor: dict, X) -> np.ndarray:
+    """Latency (ms) of feature rows X (n, 10) from a fit_linear/fit_mlp dict, with numpy alone."""
+    X = np.atleast_2d(np.asarray(X, dtype=np.float64))
+    if predictor["kind"] == "linear":
+        return X @ np.asarray(predictor["weight"]) + predictor["bias"]
+    h = X / np.asarray(predictor["x_scale"])
+    for i, layer in enumerate(predictor["layers"]):
+        h = h @ np.asarray(layer["weight"]).T + np.asarray(layer["bias"])  # (n, in) -> (n, out)
+        h = np.maximum(h, 0) if i < len(predictor["layers"]) - 1 else h
+    return h[:, 0] * predictor["y_scale"]
+
+
+def encode_array(a: np.ndarray) -> dict:
+    """A float array as JSON: float32 bytes in base64 (HAT's MLP has 485K weights: 2.6 MB, not 9 MB of digits)."""
+    return {"shape": list(a.shape), "float32_base64": base64.b64encode(a.astype("<f4").tobytes()).decode()}
+
+
+def decode_array(d: dict) -> np.ndarray:
+    """The inverse of encode_array."""
+    return np.frombuffer(base64.b64decode(d["float32_base64"]), dtype="<f4").reshape(d["shape"]).astype(np.float64)
+
+
+def load_predictor(path) -> dict:
+    """A predictor JSON written by `fit`, with its weights as numpy arrays so that predict() is fast; anything else
+    is a one-line error."""
+    predictor = read_json(path, "latency predictor")
+    try:
+        for layer in predictor.get("layers", []):
+            layer["weight"], layer["bias"] = decode_array(layer["weight"]), decode_array(layer["bias"])
+        assert isinstance(predictor["space"], str) and np.isfinite(predict(predictor, np.ones(len(FEATURE_NAMES))))
+    except Exception as e:  # not a dict, missing or malformed entries, weights of the wrong sizes
+        raise SystemExit(f"error: latency predictor {path} is not one `python latency.py fit` wrote "
+                         f"({brief(e, 100)})")
+    return predictor
+
+
+
+# -----------------------------------------------------------------------------
+# JSON files
+
+
+def write_json(path: Path, obj):
+    """Write JSON atomically (temporary file, then rename)."""
+    with atomic_open(path) as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
+
+
+def append_jsonl(path: Path, record: dict):
+    """One JSON record per line, appended."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list:
+    """The whole records of a JSON-lines log (a line a kill cut short is left out); [] if there is no log."""
+    records = []
+    for line in (path.read_text().splitlines(keepends=True) if path.exists() else []):
+        if not line.endswith("\n"):  # the last line of a killed run may be half written
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def trim_jsonl(path: Path, last_step: int):
+    """Keep the whole records up to `last_step`, so a resumed run's log reads as if it had never stopped."""
+    if path.exists():
+        kept = [r for r in read_jsonl(path) if r.get("step", last_step) <= last_step]
+        with atomic_open(path) as f:
+            f.write("".join(json.dumps(r) + "\n" for r in kept))
+
 
 # -----------------------------------------------------------------------------
 # Models from checkpoints
@@ -185,8 +530,8 @@ def model_problem(ckpt, kind):
             return f"has a {side} vocabulary of {len(words)} tokens for a model of " \
                    f"{ckpt['model_args'][f'{side}_vocab']}"
     from train import TrainConfig  # train imports this module, so not at the top
-    types = {f.name: f.type for f in fields(TrainConfig)}
-    for key, value in ckpt["config"].items():
+    types = {f.name: field_kind(f.type)[0] for f in fields(TrainConfig)}  # a stored config has no None: bf16 is
+    for key, value in ckpt["config"].items():  # resolved when the run starts
         if key not in types:
             return f"has an unknown setting {key!r} in its config"
         if not (type(value) is types[key] or (types[key] is float and type(value) is int)):

@@ -23,12 +23,10 @@ and recorded thread count, and the median with the IQR beside HAT's 10%-trimmed 
 Settings are the LatencyConfig fields, changed with --key=value as in train.py; the first bare word is the command.
 """
 
-import base64
 import csv
 import dataclasses
 import json
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,18 +37,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import mos
-from mos import EOS, FEATURE_NAMES, SPACES, Transformer
-from common import (brief, check_settings, get_device, load_checkpoint, lock_file, model_from_checkpoint, read_json,
-                    releases_locks, run, writable_folder)
+from mos import FEATURE_NAMES, SPACES, Transformer
+from common import (BEAM, SRC_LEN, TGT_LEN, brief, check_settings, encode_array, get_device, load_checkpoint,
+                    load_predictor, lock_file, measure_latency, model_from_checkpoint, parse_settings,
+                    predict, releases_locks, resolve_arch, run, writable_folder, write_json)
 from data.batching import atomic_open
-from train import apply_overrides, resolve_arch, split_args, write_json
 
 ROOT = Path(__file__).resolve().parent
-SRC_LEN = TGT_LEN = 23  # HAT: the mean IWSLT sentence length (30 for WMT)
-BEAM = 5  # fairseq's default beam, which HAT's latency runs (and MoS's gold latency) use
-PROTOCOLS = ("beam", "hat")  # what is timed: the real beam search (deployed) | HAT's model-only decoder steps
-FILLER = mos.UNK + 1  # any ordinary token id fills the dummy sentence: latency does not depend on which one
-TRIM = 0.1  # HAT's statistic drops the fastest and the slowest 10% of the runs
 SPLIT = (0.7, 0.15)  # predictor data: train / valid (picks linear or MLP) / test (the rest, reported)
 MLP_WIDTH, MLP_HIDDEN_LAYERS, MLP_BATCH = 400, 3, 128  # HAT's latency_predictor.py: 10 -> 400 -> 3 x 400 -> 1
 HEADER = ["space", "arch", *FEATURE_NAMES, "median_ms", "trimmed_mean_ms", "iqr_ms", "encoder_ms", "threads", "iters",
@@ -97,66 +90,8 @@ LIMITS = dict(src_vocab=(5, None), tgt_vocab=(5, None), threads=(1, None), src_l
               mlp_lr=(0, None), seed=(0, None))
 
 
-def parse_settings(cls, argv, command_field=None):
-    """--key=value pairs onto dataclass `cls`, exactly as train.py reads its settings; a first bare word sets
-    `command_field` (latency.py's command). Lists become tuples, so `--budgets=[60,80]` fills a tuple field."""
-    cfg = cls()
-    if command_field and argv and not argv[0].startswith("--"):
-        setattr(cfg, command_field, argv[0])
-        argv = argv[1:]
-    return apply_overrides(cfg, split_args(argv))
-
-
 # -----------------------------------------------------------------------------
 # Measuring
-
-
-@torch.inference_mode()
-def measure_latency(model: Transformer, src_len=SRC_LEN, tgt_len=TGT_LEN, beam=BEAM, warmup=20, iters=50,
-                    device="cpu", threads=2, protocol="beam") -> dict:
-    """Latency of a plain (extracted) Transformer in ms on one sentence of src_len tokens: the real beam search
-    forced to tgt_len steps (protocol 'beam'), or HAT's encoder once plus tgt_len cached decoder steps over `beam`
-    hypotheses (protocol 'hat'). Returns the median, HAT's trimmed mean, the spread and the protocol."""
-    if protocol not in PROTOCOLS:
-        raise SystemExit(f"error: --protocol={protocol}; choose one of {PROTOCOLS}")
-    device, old_threads = torch.device(device), torch.get_num_threads()
-    torch.set_num_threads(threads)  # thread count changes CPU latency ~2x (PRACTICE 1b): fix it, record it
-    model = model.to(device).eval()  # HAT leaves dropout on; we time what would be deployed
-    src = torch.full((1, src_len), FILLER, device=device)  # (1, S) one sentence, no padding
-    src[0, -1] = EOS
-    token = torch.full((beam, 1), FILLER, device=device)  # (K, 1) the newest token of every hypothesis
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # GPU kernels run asynchronously
-
-    def run():
-        """One timed unit; returns (encoder ms, total ms)."""
-        sync()
-        t0 = time.perf_counter()
-        enc_outs, src_mask = model.encode(src)
-        sync()
-        t1 = time.perf_counter()
-        if protocol == "beam":  # the deployed call (it encodes again): exactly tgt_len steps, EOS forced at the last
-            mos.beam_search(model, src, beam=beam, max_len_a=0, max_len_b=tgt_len, min_len=tgt_len - 1)
-            sync()
-            return (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
-        enc_outs = [m.expand(beam, -1, -1) for m in enc_outs]  # (1, S, C) -> (K, S, C): the beam's copies
-        src_mask, cache = src_mask.expand(beam, -1, -1, -1), {}
-        for _ in range(tgt_len):  # only the newest position is computed; keys/values of earlier ones are cached
-            model.decode(token, enc_outs, src_mask, cache)  # (K, 1, V), the output projection included
-        sync()
-        return (t1 - t0) * 1e3, (time.perf_counter() - t0) * 1e3
-
-    try:
-        for _ in range(warmup):  # first calls build oneDNN primitives and fill the allocator's caches
-            run()
-        encoder, total = (np.array(x) for x in zip(*[run() for _ in range(iters)]))
-    finally:
-        torch.set_num_threads(old_threads)
-    k = int(TRIM * iters)
-    q1, q3 = np.percentile(total, [25, 75])
-    return dict(median_ms=float(np.median(total)), trimmed_mean_ms=float(np.sort(total)[k:iters - k].mean()),
-                iqr_ms=float(q3 - q1), std_ms=float(total.std()), min_ms=float(total.min()),
-                encoder_ms=float(np.median(encoder)), iters=iters, threads=threads, device=str(device),
-                src_len=src_len, tgt_len=tgt_len, beam=beam, protocol=protocol)
 
 
 def subnet_maker(cfg: LatencyConfig):
@@ -240,18 +175,6 @@ def fit_mlp(X, y, steps, lr, seed) -> dict:
             "layers": [{"weight": l.weight.detach().numpy(), "bias": l.bias.detach().numpy()} for l in layers]}
 
 
-def predict(predictor: dict, X) -> np.ndarray:
-    """Latency (ms) of feature rows X (n, 10) from a fit_linear/fit_mlp dict, with numpy alone."""
-    X = np.atleast_2d(np.asarray(X, dtype=np.float64))
-    if predictor["kind"] == "linear":
-        return X @ np.asarray(predictor["weight"]) + predictor["bias"]
-    h = X / np.asarray(predictor["x_scale"])
-    for i, layer in enumerate(predictor["layers"]):
-        h = h @ np.asarray(layer["weight"]).T + np.asarray(layer["bias"])  # (n, in) -> (n, out)
-        h = np.maximum(h, 0) if i < len(predictor["layers"]) - 1 else h
-    return h[:, 0] * predictor["y_scale"]
-
-
 def kendall_tau(a, b) -> float:
     """Kendall's tau-b (ties allowed): the share of pairs two rankings order alike, minus those they order unlike."""
     sa, sb = np.sign(np.subtract.outer(a, a)), np.sign(np.subtract.outer(b, b))  # (n, n) pairwise orders
@@ -259,7 +182,8 @@ def kendall_tau(a, b) -> float:
 
 
 def scores(y, p) -> dict:
-    """What PRACTICE 2 asks a latency predictor to report, on held-out subnets."""
+    """What a latency predictor should report on held-out subnets: RMSE, relative error, the share within 10%, and
+    Kendall tau (whether it ranks subnets right, which is what the search needs)."""
     rel = np.abs(p - y) / y
     return dict(rmse_ms=float(np.sqrt(np.mean((p - y) ** 2))), mean_rel_error=float(rel.mean()),
                 within_10pct=float((rel <= 0.1).mean()), kendall_tau=kendall_tau(y, p), n=len(y))
@@ -299,35 +223,11 @@ def read_latency_csv(path):
                          f"`python latency.py dataset` (or HAT) wrote")
 
 
-def encode_array(a: np.ndarray) -> dict:
-    """A float array as JSON: float32 bytes in base64 (HAT's MLP has 485K weights: 2.6 MB, not 9 MB of digits)."""
-    return {"shape": list(a.shape), "float32_base64": base64.b64encode(a.astype("<f4").tobytes()).decode()}
-
-
-def decode_array(d: dict) -> np.ndarray:
-    """The inverse of encode_array."""
-    return np.frombuffer(base64.b64decode(d["float32_base64"]), dtype="<f4").reshape(d["shape"]).astype(np.float64)
-
-
 def save_predictor(predictor: dict, path, **extra):
     """Write a fit_linear/fit_mlp dict (plus `extra` entries) as JSON."""
     layers = [{k: encode_array(v) for k, v in layer.items()} for layer in predictor.get("layers", [])]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_json(Path(path), {**predictor, **({"layers": layers} if layers else {}), **extra})
-
-
-def load_predictor(path) -> dict:
-    """A predictor JSON written by `fit`, with its weights as numpy arrays so that predict() is fast; anything else
-    is a one-line error."""
-    predictor = read_json(path, "latency predictor")
-    try:
-        for layer in predictor.get("layers", []):
-            layer["weight"], layer["bias"] = decode_array(layer["weight"]), decode_array(layer["bias"])
-        assert isinstance(predictor["space"], str) and np.isfinite(predict(predictor, np.ones(len(FEATURE_NAMES))))
-    except Exception as e:  # not a dict, missing or malformed entries, weights of the wrong sizes
-        raise SystemExit(f"error: latency predictor {path} is not one `python latency.py fit` wrote "
-                         f"({brief(e, 100)})")
-    return predictor
 
 
 def plot_predictor(y, p, test, title, path):

@@ -82,7 +82,7 @@ def train_stage(out_dir: Path, flags):
 @common.releases_locks
 def main(argv):
     """Run every stage that has not finished yet, then write the summary."""
-    cfg = train.parse_config(argv, ReproConfig, PRESETS)  # --preset first, then --key=value, as train.py
+    cfg = common.parse_settings(ReproConfig, argv, presets=PRESETS)  # --preset first, then --key=value, as train.py
     common.check_settings(asdict(cfg), dict(latency_n=(12, None), finetune_steps=(0, None), finetune_lr=(0, None),
                                             finetune_warmup=(0, None)))
     common.check_budgets(cfg.budgets)
@@ -91,7 +91,7 @@ def main(argv):
     train.parse_config(list(cfg.extra))  # a bad train.py flag fails now, before any stage runs
     out, toy = Path(cfg.out), cfg.preset == "toy"
     common.lock_folder(out)  # one writer per reproduction folder: a second reproduce.py here stops, naming this pid
-    train.write_json(out / "settings.json", asdict(cfg))
+    common.write_json(out / "settings.json", asdict(cfg))
     t0, threads = time.time(), torch.get_num_threads()  # latency.py and search.py pin their own thread count
 
     # 1. the supernets
@@ -139,12 +139,12 @@ def main(argv):
 
 def write_summary(out: Path, rows, cfg):
     """summary.json, a Markdown table and the latency-BLEU plot of the finetuned subnets."""
-    train.write_json(out / "summary.json", dict(settings=asdict(cfg), rows=rows))
+    common.write_json(out / "summary.json", dict(settings=asdict(cfg), rows=rows))
     lines = ["| supernet | budget (ms) | measured (ms) | supernet valid loss | test BLEU after finetuning |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['supernet']} | {r['budget_ms']:g} | {r['measured_ms']:.1f} | {r['supernet_valid_loss']:.4f} | "
               f"{r['test_bleu']:.2f} |" for r in rows]
-    with train.atomic_open(out / "summary.md") as f:
+    with common.atomic_open(out / "summary.md") as f:
         f.write("\n".join(lines) + "\n")
     import matplotlib
     matplotlib.use("Agg")  # headless

@@ -1,5 +1,5 @@
 """
-HAT's evolutionary search for the best subnet of a trained supernet under a latency budget (METHOD 6, PRACTICE 3).
+HAT's evolutionary search for the best subnet of a trained supernet under a latency budget (HAT, section 3.3).
 
     python search.py --ckpt=out/ckpt.pt --budgets=[18,27,36]                     # predictor latency (fast)
     python search.py --ckpt=out/ckpt.pt --budgets=[27] --latency=measured        # time every candidate
@@ -26,12 +26,11 @@ from pathlib import Path
 import torch
 
 import mos
-from common import (check_budgets, check_settings, get_device, load_checkpoint, lock_folder, model_from_checkpoint,
-                    releases_locks, run)
+from common import (check_budgets, check_settings, check_vocab, get_device, load_checkpoint, load_data, load_predictor,
+                    lock_folder, measure_latency, model_from_checkpoint, parse_settings, predict, releases_locks, run,
+                    valid_loss, write_json)
 from data.batching import TokenBatcher, atomic_open, collate
-from latency import load_predictor, measure_latency, parse_settings, predict
-from mos import PAD, ArchConfig
-from train import TrainConfig, check_vocab, load_data, token_loss, write_json
+from mos import ArchConfig
 
 SCALARS = [f.name for f in fields(ArchConfig) if f.type is int]  # embedding widths and layer counts
 PER_LAYER = [f.name for f in fields(ArchConfig) if f.type is tuple]  # one value per active layer
@@ -235,16 +234,6 @@ def valid_batches(corpus, n, max_tokens, device):
     return [tuple(x.to(device) for x in collate(src, tgt, idx)) for idx in batcher.batches(0)]
 
 
-@torch.inference_mode()
-def valid_loss(model, batches) -> float:
-    """Validation loss of a plain model in nats per target token (HAT: label-smoothed, base 2; we use plain CE)."""
-    total, ntok = 0.0, 0
-    for src, tgt_in, tgt_out in batches:
-        total += token_loss(model(src, tgt_in), tgt_out, 0.0).item()
-        ntok += int((tgt_out != PAD).sum())
-    return total / ntok
-
-
 # -----------------------------------------------------------------------------
 # Outputs
 
@@ -303,8 +292,8 @@ def main(argv):
     if ckpt["kind"] != "supernet":
         raise SystemExit(f"error: {cfg.ckpt} holds a standalone model; search needs a supernet checkpoint")
     supernet = model_from_checkpoint(ckpt).to(device).eval()
-    space, train_cfg = supernet.space, TrainConfig(**ckpt["config"])
-    corpus = load_data(train_cfg)
+    space, trained = supernet.space, ckpt["config"]  # the data the supernet was trained on
+    corpus = load_data(trained["data"], trained["data_dir"], trained.get("data_source", ""), trained["seed"])
     check_vocab(ckpt, corpus, cfg.ckpt)
     batches = valid_batches(corpus, cfg.valid_sentences, cfg.max_tokens, device)
     predictor = load_predictor(cfg.predictor) if Path(cfg.predictor).exists() else None

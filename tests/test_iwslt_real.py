@@ -86,12 +86,13 @@ def test_full_prepared_corpus_keeps_every_valid_and_test_sentence(tmp_path):
 
 def test_train_py_loads_the_slice_and_scores_it_against_the_refs(real_slice, tmp_path):
     import torch
+    import common
     import train
     from mos import SPACES, SuperTransformer
 
     prepare.prepare_iwslt14(source=real_slice / "dev", train_dir=real_slice / "sample", out=tmp_path / "data")
     cfg = train.parse_config(["--preset=iwslt14", f"--data_dir={tmp_path / 'data'}", "--beam=2"])
-    corpus = train.load_data(cfg)  # what train.py trains and evaluates on
+    corpus = common.load_data(cfg.data, cfg.data_dir)  # what train.py trains and evaluates on
     assert {k: len(v[0]) for k, v in corpus.splits.items()} == {"train": SLICE, "valid": SLICE, "test": SLICE}
     torch.manual_seed(0)
     model = SuperTransformer(SPACES["tiny"], len(corpus.src_vocab), len(corpus.tgt_vocab), router_hidden=32)

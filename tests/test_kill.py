@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import common
 import latency
 import train
 
@@ -85,7 +86,7 @@ def wait_for(proc, ready):
 
 def logged_step(out):
     """The last training step train_log.jsonl has recorded (0 before the first)."""
-    return max([r["step"] for r in train.read_jsonl(out / "train_log.jsonl")], default=0)
+    return max([r["step"] for r in common.read_jsonl(out / "train_log.jsonl")], default=0)
 
 
 def without_timing(rows, drop=("tok_per_s", "train_seconds", "decode_seconds", "epoch")):
@@ -97,7 +98,7 @@ def without_timing(rows, drop=("tok_per_s", "train_seconds", "decode_seconds", "
 def assert_same_run(out, reference):
     """The same losses every step, the same validations, the same final weights and test BLEU."""
     for name in ("train_log.jsonl", "log.jsonl"):
-        assert without_timing(train.read_jsonl(out / name)) == without_timing(train.read_jsonl(reference / name)), name
+        assert without_timing(common.read_jsonl(out / name)) == without_timing(common.read_jsonl(reference / name)), name
     a, b = (torch.load(p / "ckpt.pt", weights_only=True)["model"] for p in (reference, out))
     assert all(torch.equal(a[k], b[k]) for k in a)
     results, expected = (json.loads((p / "results.json").read_text()) for p in (out, reference))
@@ -270,5 +271,5 @@ def test_reproduction_killed_at_random_moments_continues_stage_by_stage(tmp_path
     flags = json.loads((out / "settings.json").read_text())["extra"]
     finish(start("train.py", *flags, "--router=neuron", "--num_experts=2", "--sampling=sandwich",
                  f"--out_dir={reference}"))
-    assert without_timing(train.read_jsonl(supernet / "train_log.jsonl")) == \
-           without_timing(train.read_jsonl(reference / "train_log.jsonl"))
+    assert without_timing(common.read_jsonl(supernet / "train_log.jsonl")) == \
+           without_timing(common.read_jsonl(reference / "train_log.jsonl"))

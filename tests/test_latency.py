@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import common
 import latency
 from latency import fit_predictor, kendall_tau, measure_latency, predict, with_dec_layers
 from mos import FEATURE_NAMES, SPACES, Transformer
@@ -46,7 +47,7 @@ def test_measure_latency_times_one_encoder_pass_and_tgt_len_decoder_steps(monkey
     encode, decode = model.encode, model.decode
     model.encode = lambda *a: (clock.__setitem__(0, clock[0] + 2e-3), encode(*a))[1]
     model.decode = lambda tokens, *a: (clock.__setitem__(0, clock[0] + 1e-3), decode(tokens, *a))[1]
-    monkeypatch.setattr(latency.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
     r = measure_latency(model, warmup=2, iters=5, threads=1)
     assert r["encoder_ms"] == pytest.approx(2.0) and r["median_ms"] == pytest.approx(2.0 + 23)
     assert r["min_ms"] == pytest.approx(25.0) and r["trimmed_mean_ms"] == pytest.approx(25.0)
