@@ -102,16 +102,38 @@ def test_train_py_loads_the_slice_and_scores_it_against_the_refs(real_slice, tmp
 
 
 def test_committed_iwslt_references_and_test_runs_cover_the_standard_sets():
-    """Files under results/iwslt14*/ named {valid,test}.ref / .hyp (one sentence per line) must have the standard
-    line counts, and every committed IWSLT training run must have scored the whole test set (test_sentences=0)."""
+    """Files under results/iwslt14*/ named {valid,test}.ref / .hyp or hyps_{valid,test}_NAME.txt (train.py's, one
+    sentence per line) must have the standard line counts, and every committed IWSLT training run must have scored
+    the whole test set (test_sentences=0)."""
     folders = sorted(p for p in (ROOT / "results").glob("iwslt14*") if p.is_dir())
     texts = [p for f in folders for p in f.rglob("*") if p.suffix in (".ref", ".hyp") and p.stem in STANDARD_LINES]
+    texts += [p for f in folders for p in f.rglob("hyps_*.txt")]
     configs = [p for f in folders for p in f.rglob("config.json") if json.loads(p.read_text()).get("data") == "iwslt14"]
     if not texts and not configs:
         pytest.skip("no IWSLT14 results committed yet")
     for p in texts:
-        assert len(p.read_text(encoding="utf-8").splitlines()) == STANDARD_LINES[p.stem], p
+        split = p.stem.split("_")[1] if p.stem.startswith("hyps_") else p.stem
+        assert len(p.read_text(encoding="utf-8").splitlines()) == STANDARD_LINES[split], p
     for p in configs:
         cfg = json.loads(p.read_text())
         if cfg.get("split", "test") == "test" and (p.parent / "results.json").exists():
             assert cfg["test_sentences"] == 0, f"{p}: test BLEU on only {cfg['test_sentences']} sentences"
+
+
+def test_committed_iwslt_sample_bleu_is_recomputed_from_its_translations_and_the_standard_test_file():
+    """results/iwslt14_sample/: each test BLEU in results.json is what its committed translations score against the
+    standard tokenised, lowercased test references (../shared/data/iwslt14.de-en/tok/test.en), both conventions."""
+    import common
+    folder = ROOT / "results" / "iwslt14_sample"
+    if not (folder / "results.json").exists():
+        pytest.skip("results/iwslt14_sample not committed yet")
+    refs = (IWSLT / "tok" / "test.en").read_text(encoding="utf-8").splitlines()
+    results = json.loads((folder / "results.json").read_text())
+    names = [k for k, v in results.items() if isinstance(v, dict)]
+    assert names and results["split"] == "test"
+    for name in names:
+        hyps = (folder / f"hyps_test_{name}.txt").read_text(encoding="utf-8").splitlines()
+        assert len(hyps) == len(refs) == STANDARD_LINES["test"]
+        assert common.bleu_score(hyps, refs)[0] == pytest.approx(results[name]["bleu"], abs=1e-6)
+        assert common.bleu_score(hyps, refs, compound_split=True)[0] == pytest.approx(
+            results[name]["bleu_compound_split"], abs=1e-6)
