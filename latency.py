@@ -59,7 +59,7 @@ class LatencyConfig:
     command: str = "measure"  # measure | depth | dataset | fit | hat
     # what to time
     ckpt: str = ""  # supernet (or standalone) checkpoint; empty: random weights of `space`
-    space: str = "cpu"  # without a ckpt: cpu | iwslt14 | tiny
+    space: str = "cpu"  # without a ckpt: cpu | cpu_wide | iwslt14 | tiny
     arch: str = "largest"  # largest | smallest | middle | a JSON arch file (search.py writes them)
     src_vocab: int = 3187  # without a ckpt: the Multi30k BPE vocabularies data/prepare.py builds (de, en)
     tgt_vocab: int = 2499

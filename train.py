@@ -52,7 +52,7 @@ class TrainConfig:
     data_source: str = ""  # where data/prepare.py reads the corpus if it is not prepared yet (folder/URL/tarball)
     max_tokens: int = 4096  # tokens per batch (batch size * longest side, padding included)
     # model
-    space: str = "cpu"  # search space in mos.SPACES: cpu | iwslt14 | tiny
+    space: str = "cpu"  # search space in mos.SPACES: cpu | cpu_wide | iwslt14 | tiny
     router: str = "neuron"  # none (HAT weight sharing) | layer | neuron (MoS)
     num_experts: int = 2  # m in the paper; 1 with router=none
     router_hidden: int = 128
