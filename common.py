@@ -182,12 +182,12 @@ def valid_loss(model, batches, bf16=False) -> float:
     return total / ntok
 
 
-def split_batches(corpus, split, max_tokens, device):
-    """Every sentence pair of a split once, as (src, tgt_in, tgt_out) batches of about max_tokens, in a fixed order."""
-    src, tgt = corpus.splits[split]
+def split_batches(corpus, split, max_tokens, device, n=None):
+    """The first n sentence pairs of a split (all if None), each once, as (src, tgt_in, tgt_out) batches of about
+    max_tokens, in a fixed order: train.py's validation and test loss, search.py's fixed fitness subset."""
+    src, tgt = (side[:n] for side in corpus.splits[split])
     batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], max_tokens, shuffle=False)
-    for idx in batcher.batches(0):
-        yield tuple(x.to(device) for x in collate(src, tgt, idx))
+    return [tuple(x.to(device) for x in collate(src, tgt, idx)) for idx in batcher.batches(0)]
 
 
 @torch.inference_mode()

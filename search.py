@@ -28,8 +28,8 @@ import torch
 import mos
 from common import (check_budgets, check_settings, check_vocab, get_device, load_checkpoint, load_data, load_predictor,
                     lock_folder, measure_latency, model_from_checkpoint, parse_settings, predict, releases_locks, run,
-                    valid_loss, write_json)
-from data.batching import TokenBatcher, atomic_open, collate
+                    split_batches, valid_loss, write_json)
+from data.batching import atomic_open
 from mos import ArchConfig
 
 SCALARS = [f.name for f in fields(ArchConfig) if f.type is int]  # embedding widths and layer counts
@@ -227,13 +227,6 @@ class Cache:
         return cached
 
 
-def valid_batches(corpus, n, max_tokens, device):
-    """The fixed validation subset (the first n sentences), collated once into (src, tgt_in, tgt_out) batches."""
-    src, tgt = (side[:n] for side in corpus.splits["valid"])
-    batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], max_tokens, shuffle=False)
-    return [tuple(x.to(device) for x in collate(src, tgt, idx)) for idx in batcher.batches(0)]
-
-
 # -----------------------------------------------------------------------------
 # Outputs
 
@@ -295,7 +288,7 @@ def main(argv):
     space, trained = supernet.space, ckpt["config"]  # the data the supernet was trained on
     corpus = load_data(trained["data"], trained["data_dir"], trained.get("data_source", ""), trained["seed"])
     check_vocab(ckpt, corpus, cfg.ckpt)
-    batches = valid_batches(corpus, cfg.valid_sentences, cfg.max_tokens, device)
+    batches = split_batches(corpus, "valid", cfg.max_tokens, device, cfg.valid_sentences)  # collated once
     predictor = load_predictor(cfg.predictor) if Path(cfg.predictor).exists() else None
     if predictor and predictor["space"] != space.name:
         raise SystemExit(f"error: predictor {cfg.predictor} was fit on space '{predictor['space']}', the supernet's "
