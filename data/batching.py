@@ -162,7 +162,8 @@ def make_toy_corpus(vocab_size=16, n_train=4000, n_valid=200, n_test=200, min_le
         lengths = rng.integers(min_len, max_len + 1, size=n)
         src = [" ".join(symbols[k] for k in rng.integers(0, vocab_size, size=L)) for L in lengths]
         lines[split] = (src, [" ".join(reversed(s.split())) for s in src])
-    vocab = Vocab.build(lines["train"][0] + lines["train"][1])
+    counts = Counter(tok for line in lines["train"][0] + lines["train"][1] for tok in line.split())
+    vocab = Vocab(symbols, [counts[s] for s in symbols])  # ids in symbol order: the same vocabulary for every seed
     return encode_corpus("toy-reverse", lines, vocab, vocab)
 
 

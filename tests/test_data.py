@@ -313,6 +313,7 @@ def test_toy_corpus_deterministic():
     src, tgt = a.splits["valid"]
     assert all(np.array_equal(s[:-1][::-1], t[:-1]) and t[-1] == EOS for s, t in zip(src, tgt))
     assert a.refs["valid"][0] == a.tgt_vocab.decode(tgt[0])
+    assert a.src_vocab.itos == c.src_vocab.itos  # one vocabulary for every seed: models of any seed score on any
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,398 @@
+"""
+The paper's central claim, measured: how far is a subnet with weights inherited from a supernet (no retraining) from
+the same architecture trained from scratch, and does the supernet rank subnets the way standalone training does?
+HAT's weight sharing against MoS, on a fixed panel of architectures.
+
+    python gap.py --extra='["--data_source=../shared/data/multi30k/tok"]'   # Multi30k, cpu_wide: many CPU hours
+    python gap.py --until=panel                       # only stage 1: choose and write the panel
+    python gap.py --preset=toy --out=out_gap_toy      # the same pipeline on the synthetic task, about a minute
+
+Stages (rerun the same command after a stop: a finished stage is skipped, a training run resumes from its checkpoint,
+a half-scored supernet continues with its next arch):
+  1. panel.json: K architectures stratified over the space's latency range, fixed before any supernet is scored;
+  2. standalone/archI: each panel arch trained from scratch with one budget (train.py --arch), its translations kept;
+  3. supernet_ARM_sSEED: every arm (ARMS) for every seed, the same data, updates and recipe; right after each one,
+     inherited.json: every panel arch cut from it (no retraining), test loss and BLEU, translations kept;
+  4. gap.json, gap.md, gap.png: per arm, inherited against standalone: mean |gap|, Kendall tau and Spearman rho of the
+     two rankings with a bootstrap interval over archs, the arm's training cost, sacrebleu's paired bootstrap
+     between arms on the same archs. Written after every scored supernet, so a partial run reports what it has.
+Settings are the GapConfig fields, changed with --key=value as in train.py. Checkpoints (*.pt) stay out of git.
+"""
+
+import os
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sacrebleu.metrics import BLEU
+from sacrebleu.significance import PairedTest
+from tqdm import tqdm
+
+import common
+import mos
+import train
+from data.batching import TokenBatcher, remove_bpe
+from latency import kendall_tau
+from mos import SPACES, ArchConfig, Transformer
+from reproduce import train_stage
+
+# -----------------------------------------------------------------------------
+# Settings
+
+ARMS = {  # the supernets compared, as train.py flags: the router, the experts, the sampling rule
+    "hat": ("--router=none", "--num_experts=1", "--sampling=random"),  # HAT: one random subnet per update
+    "hat_sandwich": ("--router=none", "--num_experts=1", "--sampling=sandwich"),  # HAT's weights, MoS's sampling
+    "layer": ("--router=layer", "--num_experts=2", "--sampling=sandwich"),  # layer-wise MoS
+    "neuron": ("--router=neuron", "--num_experts=2", "--sampling=sandwich"),  # neuron-wise MoS
+}
+STAGES = ("panel", "standalone")  # --until: stop after this stage (default: all)
+PANEL_SEED = 0  # the random candidates the panel is chosen from
+CI = (2.5, 97.5)  # percentiles of the bootstrap interval
+
+
+@dataclass
+class GapConfig:
+    """Every setting of the command line; the defaults are the Multi30k CPU experiment on SPACES['cpu_wide']."""
+    preset: str = "multi30k"  # multi30k | toy (see PRESETS)
+    out: str = "results/gap"  # every stage writes below this folder (checkpoints are git-ignored)
+    space: str = "cpu_wide"
+    panel_size: int = 8  # K archs; the space's smallest and largest are always two of them
+    candidates: int = 64  # random archs whose latency is measured to choose the panel from
+    seeds: tuple = (1337, 1338)  # every arm is trained once per seed (initialisation, data order, sampled subnets)
+    arms: tuple = tuple(ARMS)
+    until: str = "all"  # panel | standalone | all
+    test_sentences: int = 0  # BLEU on the first N test sentences; 0 = all
+    bootstrap: int = 1000  # resamples for the intervals over archs and for the paired test
+    latency_warmup: int = 5  # the panel's latency measurement (common.measure_latency, beam protocol)
+    latency_iters: int = 20
+    threads: int = 2
+    extra: tuple = ("--max_minutes=0", "--bleu_sentences=-1")  # train.py flags for every run (standalone, supernet)
+
+
+PRESETS = {
+    "multi30k": dict(),
+    # the synthetic task on the tiny space: the whole pipeline in about a minute (tests)
+    "toy": dict(space="tiny", panel_size=4, candidates=12, test_sentences=30, bootstrap=100, latency_warmup=1,
+                latency_iters=2, threads=1, extra=("--preset=toy", "--max_steps=30", "--bleu_sentences=-1",
+                                                   "--save_interval=0", "--eval_interval=1000")),
+}
+
+
+# -----------------------------------------------------------------------------
+# Stage 1: the panel
+
+
+def stratify(latencies, k: int, lo: float, hi: float) -> list:
+    """Indices of k candidates spread evenly inside the latency range [lo, hi]: for each of k equally spaced targets
+    strictly between lo and hi, the not yet chosen candidate closest to it. Sorted by latency."""
+    lat = np.asarray(latencies, dtype=float)
+    if k > len(lat):
+        raise SystemExit(f"error: a panel of {k} inner archs needs at least {k} candidates, got {len(lat)}; "
+                         f"raise --candidates")
+    chosen = []
+    for target in np.linspace(lo, hi, k + 2)[1:-1]:
+        free = [i for i in range(len(lat)) if i not in chosen]
+        chosen.append(min(free, key=lambda i: abs(lat[i] - target)))
+    return sorted(chosen, key=lambda i: lat[i])
+
+
+def machine() -> str:
+    """The CPU (or GPU) every latency figure was measured on, in words."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.processor() or platform.machine())
+    simd = "AVX-512" if "avx512f" in info else "AVX2" if "avx2" in info else "no AVX2"
+    return f"{name}, {simd}, {os.cpu_count()} cores"
+
+
+def choose_panel(cfg: GapConfig, corpus, path: Path) -> list:
+    """The panel's archs: measure the latency of the space's smallest, largest and `candidates` random archs (random
+    weights, this corpus's vocabularies), keep `panel_size` of them spread over the range. Written once to `path`."""
+    space = SPACES[cfg.space]
+    rng, candidates = random.Random(PANEL_SEED), [space.smallest(), space.largest()]
+    while len(candidates) < cfg.candidates + 2:
+        arch = space.sample(rng)
+        candidates += [arch] if arch not in candidates else []
+    measured = []
+    for arch in tqdm(candidates, desc="panel latency", dynamic_ncols=True):
+        model = Transformer(arch, len(corpus.src_vocab), len(corpus.tgt_vocab), space.qkv_dim)
+        measured.append(common.measure_latency(model, warmup=cfg.latency_warmup, iters=cfg.latency_iters,
+                                               threads=cfg.threads)["median_ms"])
+    # the ends are the space's smallest and largest archs; the others spread between their latencies
+    chosen = [0] + [2 + i for i in stratify(measured[2:], cfg.panel_size - 2, measured[0], measured[1])] + [1]
+    panel = [dict(name=f"arch{j}", arch=candidates[i].to_dict(), latency_ms=measured[i],
+                  params=mos.num_params(candidates[i], space, len(corpus.src_vocab), len(corpus.tgt_vocab)))
+             for j, i in enumerate(chosen)]
+    (path.parent / "panel").mkdir(parents=True, exist_ok=True)
+    for entry in panel:  # one JSON arch file each, what train.py --arch reads; panel.json last, as the stage's mark
+        common.write_json(path.parent / "panel" / f"{entry['name']}.json", entry["arch"])
+    measured_all = [dict(arch=a.to_dict(), latency_ms=m) for a, m in zip(candidates, measured)]
+    common.write_json(path, dict(space=cfg.space, machine=machine(), threads=cfg.threads, protocol="beam",
+                                 note="latency of random weights, median of latency_iters runs; chosen before any "
+                                      "supernet was scored", panel=panel, candidates=measured_all))
+    return panel
+
+
+# -----------------------------------------------------------------------------
+# Stages 2 and 3: training, and scoring the panel with inherited weights
+
+
+def score_inherited(folder: Path, panel, corpus, cfg: GapConfig) -> dict:
+    """Test loss and BLEU of every panel arch cut from the supernet in `folder` (no retraining), the translations in
+    hyps_test_archI.txt. Written to inherited.json after each arch, so a stopped scoring continues."""
+    path, ckpt = folder / "inherited.json", common.load_checkpoint(folder / "ckpt.pt")
+    done = common.read_json(path, "scores") if path.exists() else {}
+    common.check_vocab(ckpt, corpus, folder / "ckpt.pt")
+    supernet, run = common.model_from_checkpoint(ckpt).eval(), ckpt["config"]
+    for entry in panel:
+        if entry["name"] in done:
+            continue
+        t = time.time()
+        subnet = supernet.subnet(ArchConfig.from_dict(entry["arch"]))
+        done[entry["name"]] = common.evaluate(subnet, corpus, "test", torch.device("cpu"), run["max_tokens"],
+                                              cfg.test_sentences, run["beam"], run["lenpen"],
+                                              hyps_path=folder / f"hyps_test_{entry['name']}.txt")
+        done[entry["name"]]["decode_seconds"] = round(time.time() - t, 1)
+        common.write_json(path, done)
+        print(f"{folder.name} {entry['name']}: inherited test loss {done[entry['name']]['loss']:.3f}, "
+              f"BLEU {done[entry['name']]['bleu']:.2f}")
+    return done
+
+
+def training_cost(ckpt: dict, corpus) -> dict:
+    """What training the supernet cost: updates, subnet forward-backward passes, an estimate of the FLOPs
+    (6 x parameters x target tokens per pass, with the output projection, the embeddings' lookups not counted) and
+    the wall time. The subnets of every step are sampled again exactly as train.py sampled them."""
+    run = train.TrainConfig(**ckpt["config"])
+    space, (src, tgt) = mos.SearchSpace.from_dict(ckpt["model_args"]["space"]), corpus.splits["train"]
+    batches = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], run.max_tokens, seed=run.seed).batches(0)
+    tokens_per_update = sum(len(t) for t in tgt) / len(batches)  # mean target tokens of one batch
+    V = len(corpus.tgt_vocab)
+    params = [mos.num_params(a, space, 0, 0, embeddings=False) + a.dec_embed_dim * V
+              for step in range(ckpt["step"]) for a in train.subnets_for(step, run, space)]
+    return dict(updates=ckpt["step"], subnet_passes=len(params), train_flops=6 * tokens_per_update * sum(params),
+                train_seconds=round(ckpt["train_seconds"], 1))
+
+
+# -----------------------------------------------------------------------------
+# Stage 4: the gap, the rankings, the paired test
+
+
+def spearman_rho(a, b) -> float:
+    """Spearman's rho: the correlation of the two rankings (tied values share their mean rank)."""
+    def ranks(x):
+        x = np.asarray(x, dtype=float)
+        r = np.empty(len(x))
+        r[np.argsort(x, kind="stable")] = np.arange(len(x))
+        return np.array([r[x == v].mean() for v in x])  # ties: the mean of their ranks
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def gap_statistics(inherited, standalone, n_boot: int, seed=0) -> dict:
+    """inherited and standalone: per panel arch, dicts with 'bleu' and 'loss'. The mean gap (inherited minus
+    standalone) and mean |gap| of BLEU and loss, and Kendall tau and Spearman rho between the inherited and the
+    standalone ranking, each with a bootstrap interval over archs (resampled with replacement)."""
+    stats, rng = {}, np.random.default_rng(seed)
+    resamples = [rng.integers(0, len(standalone), len(standalone)) for _ in range(n_boot)]  # (K,) arch indices each
+    for key in ("bleu", "loss"):
+        x = np.array([r[key] for r in inherited])  # (K,)
+        y = np.array([r[key] for r in standalone])  # (K,)
+        stats[f"mean_gap_{key}"] = float((x - y).mean())
+        stats[f"mean_abs_gap_{key}"] = float(np.abs(x - y).mean())
+        for name, fn in (("kendall", kendall_tau), ("spearman", spearman_rho)):
+            with np.errstate(invalid="ignore", divide="ignore"):  # a resample of one repeated arch has no ranking
+                boot = [fn(x[i], y[i]) for i in resamples]
+            stats[f"{name}_{key}"] = fn(x, y)
+            stats[f"{name}_{key}_ci"] = [float(v) for v in np.nanpercentile(boot, CI)] if n_boot else None
+    return stats
+
+
+def paired_test(systems: dict, refs: list, n_samples: int) -> dict:
+    """sacrebleu's paired bootstrap over the concatenated translations of the panel: each system against the first
+    (the baseline). systems: name -> list of BPE'd lines; refs: the matching references. Returns name -> result."""
+    text = lambda lines: [remove_bpe(line) for line in lines]
+    named = [(name, text(lines)) for name, lines in systems.items()]
+    _, scores = PairedTest(named, {"BLEU": BLEU(tokenize="none", force=True)}, [text(refs)], test_type="bs",
+                           n_samples=n_samples)()
+    return {name: dict(bleu=float(r.score), p_value=None if r.p_value is None else float(r.p_value),
+                       ci=float(r.ci)) for (name, _), r in zip(named, scores["BLEU"])}
+
+
+def report(out: Path, cfg: GapConfig, panel, corpus):
+    """gap.json, gap.md and gap.png from every finished standalone run and every fully scored supernet."""
+    names = [e["name"] for e in panel]
+    standalone = {n: common.read_json(out / "standalone" / n / "results.json", "results")["model"]
+                  for n in names if (out / "standalone" / n / "results.json").exists()}
+    runs = {}
+    summary = None
+    for seed in cfg.seeds:
+        for arm in cfg.arms:
+            folder = out / f"supernet_{arm}_s{seed}"
+            path = folder / "inherited.json"
+            scored = common.read_json(path, "scores") if path.exists() else {}
+            if set(scored) >= set(names) and (folder / "cost.json").exists():
+                runs[(arm, seed)] = dict(inherited=scored, cost=common.read_json(folder / "cost.json", "cost"))
+    if len(standalone) < len(names) or not runs:
+        print(f"report: {len(standalone)}/{len(names)} standalone runs and {len(runs)} scored supernets so far")
+        return None
+    ref = [standalone[n] for n in names]
+    rows = [dict(arm=arm, seed=seed, **r["cost"], **gap_statistics([r["inherited"][n] for n in names], ref,
+                                                                       cfg.bootstrap))
+            for (arm, seed), r in runs.items()]
+    n_test = cfg.test_sentences or len(corpus.refs["test"])
+    refs = corpus.refs["test"][:n_test] * len(names)
+    paired = {}
+    for seed in cfg.seeds:  # the arms of one seed, decoding the same archs, against the first arm
+        arms = [arm for arm in cfg.arms if (arm, seed) in runs]
+        if len(arms) > 1:
+            paired[seed] = paired_test({arm: [line for n in names for line in read_lines(
+                out / f"supernet_{arm}_s{seed}" / f"hyps_test_{n}.txt")] for arm in arms}, refs, cfg.bootstrap)
+    summary = summarise(rows, cfg.arms)
+    common.write_json(out / "gap.json", dict(settings=asdict(cfg), machine=machine(), panel=panel,
+                                             standalone=standalone, runs=rows, per_arm=summary,
+                                             inherited={f"{a}_s{s}": r["inherited"] for (a, s), r in runs.items()},
+                                             paired_bootstrap={str(s): p for s, p in paired.items()}))
+    write_markdown(out / "gap.md", panel, standalone, runs, summary, paired)
+    plot(out / "gap.png", panel, standalone, runs)
+    return summary
+
+
+def read_lines(path: Path) -> list:
+    """The lines of a translations file."""
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def summarise(rows, arms) -> dict:
+    """Per arm, over its seeds: the mean, the smallest and the largest of each statistic and cost."""
+    keys = ("mean_abs_gap_bleu", "mean_abs_gap_loss", "mean_gap_bleu", "mean_gap_loss", "kendall_bleu",
+            "spearman_bleu", "kendall_loss", "spearman_loss", "train_flops", "train_seconds", "subnet_passes")
+    out = {}
+    for arm in arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        if mine:
+            out[arm] = dict(seeds=[r["seed"] for r in mine],
+                            **{k: dict(mean=float(np.mean([r[k] for r in mine])),
+                                       min=float(np.min([r[k] for r in mine])),
+                                       max=float(np.max([r[k] for r in mine]))) for k in keys})
+    return out
+
+
+def write_markdown(path: Path, panel, standalone, runs, summary, paired):
+    """The tables of gap.md: per arm (mean over seeds, [min, max]), per arch, and the paired tests."""
+    span = lambda s, f: f"{s['mean']:{f}} [{s['min']:{f}}, {s['max']:{f}}]"
+    lines = ["| arm | seeds | mean abs gap BLEU | mean gap BLEU | mean abs gap loss | Kendall tau (BLEU) | "
+             "Spearman rho (BLEU) | Kendall tau (loss) | subnet passes | train PFLOPs | train hours |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for arm, s in summary.items():
+        lines.append(f"| {arm} | {len(s['seeds'])} | {span(s['mean_abs_gap_bleu'], '.2f')} | "
+                     f"{span(s['mean_gap_bleu'], '.2f')} | {span(s['mean_abs_gap_loss'], '.3f')} | "
+                     f"{span(s['kendall_bleu'], '.2f')} | {span(s['spearman_bleu'], '.2f')} | "
+                     f"{span(s['kendall_loss'], '.2f')} | {s['subnet_passes']['mean']:.0f} | "
+                     f"{s['train_flops']['mean'] / 1e15:.1f} | {s['train_seconds']['mean'] / 3600:.2f} |")
+    keys = sorted(runs, key=lambda k: (list(summary).index(k[0]), k[1]))
+    lines += ["", "Test BLEU per panel arch: standalone, then inherited from each supernet (arm_sSEED)", "",
+              "| arch | latency ms | params | standalone | " + " | ".join(f"{a}_s{s}" for a, s in keys) + " |",
+              "|---" * (4 + len(keys)) + "|"]
+    for e in panel:
+        lines.append(f"| {e['name']} | {e['latency_ms']:.1f} | {e['params'] / 1e6:.2f}M | "
+                     f"{standalone[e['name']]['bleu']:.2f} | "
+                     + " | ".join(f"{runs[k]['inherited'][e['name']]['bleu']:.2f}" for k in keys) + " |")
+    for seed, result in paired.items():
+        first = next(iter(result))
+        lines += ["", f"Paired bootstrap (sacrebleu), seed {seed}, all panel archs' test translations concatenated, "
+                      f"against {first}: " + "; ".join(
+                          f"{n} {r['bleu']:.2f}" + ("" if r["p_value"] is None else f" (p = {r['p_value']:.4f})")
+                          for n, r in result.items())]
+    with common.atomic_open(path) as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(path: Path, panel, standalone, runs):
+    """Inherited against standalone test BLEU and loss, one colour per arm, one marker per seed, the diagonal drawn."""
+    import matplotlib
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    colours = dict(zip(ARMS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    seeds = sorted({s for _, s in runs})
+    for ax, key in zip(axes, ("bleu", "loss")):
+        x = [standalone[e["name"]][key] for e in panel]
+        for (arm, seed), r in sorted(runs.items()):
+            ax.scatter(x, [r["inherited"][e["name"]][key] for e in panel], color=colours.get(arm),
+                       marker="osD^v"[seeds.index(seed) % 5], label=f"{arm} seed {seed}", alpha=0.8)
+        every = x + [r["inherited"][e["name"]][key] for r in runs.values() for e in panel]
+        lo, hi = min(every), max(every)
+        ax.plot([lo, hi], [lo, hi], color="grey", linewidth=1, linestyle="--")  # inherited = standalone
+        ax.set(xlabel=f"standalone test {key.upper() if key == 'bleu' else key}",
+               ylabel=f"inherited (supernet) test {key.upper() if key == 'bleu' else key}")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("panel archs: quality with inherited weights against the same arch trained from scratch")
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# The stages in order
+
+
+@common.releases_locks
+def main(argv):
+    """Run every stage that has not finished, up to --until, then the report."""
+    cfg = common.parse_settings(GapConfig, argv, presets=PRESETS)
+    common.check_settings(asdict(cfg), dict(panel_size=(2, None), candidates=(1, None), test_sentences=(0, None),
+                                            bootstrap=(0, None), latency_warmup=(0, None), latency_iters=(1, None),
+                                            threads=(1, None)),
+                          dict(space=SPACES, until=(*STAGES, "all")))
+    unknown = [arm for arm in cfg.arms if arm not in ARMS]
+    if unknown or not cfg.arms or not cfg.seeds:
+        raise SystemExit(f"error: --arms={list(cfg.arms)} --seeds={list(cfg.seeds)}; give one or more arms of "
+                         f"{list(ARMS)} and one or more integer seeds")
+    if not all(isinstance(flag, str) for flag in cfg.extra):
+        raise SystemExit(f"error: --extra={list(cfg.extra)}; give train.py flags as strings, e.g. ['--max_steps=60']")
+    run = train.parse_config(list(cfg.extra))  # a bad train.py flag fails now, before any stage runs
+    out = Path(cfg.out)
+    common.lock_folder(out)  # one writer per experiment folder
+    common.write_json(out / "settings.json", asdict(cfg))
+    corpus = common.load_data(run.data, run.data_dir, run.data_source, run.seed)  # every model is scored on it
+    threads = torch.get_num_threads()  # measure_latency pins its own count and restores it
+
+    # 1. the panel, fixed before anything is trained
+    path = out / "panel.json"
+    panel = common.read_json(path, "panel")["panel"] if path.exists() else choose_panel(cfg, corpus, path)
+    print("panel: " + ", ".join(f"{e['name']} {e['latency_ms']:.1f} ms" for e in panel))
+    if cfg.until == "panel":
+        return panel
+    torch.set_num_threads(threads)
+    train_flags = [*cfg.extra, f"--space={cfg.space}", f"--test_sentences={cfg.test_sentences}"]
+
+    # 2. the standalone reference: every panel arch from scratch, one budget
+    for e in panel:
+        train_stage(out / "standalone" / e["name"], [*train_flags, f"--arch={out / 'panel' / (e['name'] + '.json')}"])
+    if cfg.until == "standalone":
+        return panel
+
+    # 3. the supernets, seed by seed (so that every arm has one seed before any has two), each scored when trained
+    summary = None
+    for seed in cfg.seeds:
+        for arm in cfg.arms:
+            folder = out / f"supernet_{arm}_s{seed}"
+            train_stage(folder, [*train_flags, *ARMS[arm], f"--seed={seed}"])
+            score_inherited(folder, panel, corpus, cfg)
+            if not (folder / "cost.json").exists():
+                common.write_json(folder / "cost.json", training_cost(common.load_checkpoint(folder / "ckpt.pt"),
+                                                                      corpus))
+            summary = report(out, cfg, panel, corpus)  # 4. the report, over everything finished so far
+    return summary
+
+
+if __name__ == "__main__":
+    common.run(main)

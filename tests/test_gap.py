@@ -1,0 +1,125 @@
+"""gap.py: the panel's stratification, the gap and ranking statistics on hand-made numbers, the paired test, the
+training cost, and the whole pipeline on the toy task."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import gap
+import mos
+import train
+from common import bleu_score
+from data.batching import make_toy_corpus
+
+
+def test_stratify_spreads_over_the_latency_range():
+    lat = [5.0, 1.0, 9.0, 3.0, 7.0, 2.0, 8.0]
+    assert gap.stratify(lat, 3, lo=1.0, hi=9.0) == [3, 0, 4]  # targets 3, 5, 7 ms
+    assert gap.stratify(lat, 5, lo=0.0, hi=9.6) == [5, 3, 0, 4, 6]  # targets 1.6, 3.2, 4.8, 6.4, 8 ms
+    # candidates crowd in the middle: a target whose closest candidate is taken gets the next closest
+    assert gap.stratify([5.0, 5.1, 5.2, 6.0], 2, lo=2.0, hi=11.0) == [0, 3]  # targets 5, 8 ms
+    assert gap.stratify([5.0, 5.1, 5.2], 2, lo=0.0, hi=15.0) == [0, 2]  # targets 5, 10 ms
+    with pytest.raises(SystemExit, match="candidates"):
+        gap.stratify([1.0, 2.0], 3, lo=0.0, hi=3.0)
+
+
+def test_gap_statistics_on_hand_made_numbers():
+    standalone = [dict(bleu=b, loss=l) for b, l in [(10, 3.0), (20, 2.5), (30, 2.0), (40, 1.5)]]
+    same_order = [dict(bleu=b, loss=l) for b, l in [(12, 3.1), (18, 2.6), (33, 2.2), (41, 1.6)]]
+    s = gap.gap_statistics(same_order, standalone, n_boot=200)
+    assert s["mean_gap_bleu"] == pytest.approx(1.0) and s["mean_abs_gap_bleu"] == pytest.approx(2.0)  # +2 -2 +3 +1
+    assert s["mean_gap_loss"] == pytest.approx(0.125) and s["mean_abs_gap_loss"] == pytest.approx(0.125)
+    assert s["kendall_bleu"] == s["spearman_bleu"] == s["kendall_loss"] == pytest.approx(1.0)
+    assert s["kendall_bleu_ci"] == [pytest.approx(1.0), pytest.approx(1.0)]  # every resample ranks alike
+
+    one_swap = [dict(bleu=b, loss=l) for b, l in [(20, 2.5), (10, 3.0), (30, 2.0), (40, 1.5)]]
+    s = gap.gap_statistics(one_swap, standalone, n_boot=200)
+    assert s["kendall_bleu"] == pytest.approx(4 / 6)  # 5 of 6 pairs concordant, 1 discordant
+    assert s["spearman_bleu"] == pytest.approx(1 - 6 * 2 / (4 * 15))  # 1 - 6 sum d^2 / (n (n^2 - 1))
+    lo, hi = s["kendall_bleu_ci"]
+    assert -1 <= lo <= s["kendall_bleu"] <= hi <= 1
+
+    reversed_ = list(reversed(standalone))
+    s = gap.gap_statistics(reversed_, standalone, n_boot=0)
+    assert s["kendall_bleu"] == pytest.approx(-1.0) and s["spearman_loss"] == pytest.approx(-1.0)
+    assert s["mean_gap_bleu"] == pytest.approx(0.0) and s["mean_abs_gap_bleu"] == pytest.approx(20.0)
+
+
+def test_spearman_with_ties():
+    # ranks of a: 0, 1.5, 1.5, 3; of b: 0, 1, 2, 3 -> covariance 4.5, variances 4.5 and 5
+    assert gap.spearman_rho([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert math.isnan(gap.spearman_rho([1, 1, 1], [1, 2, 3]))  # a constant has no ranking
+
+
+def test_paired_test_finds_the_better_system():
+    refs = ["a b c d e f", "g h i j k", "l m n o p q r"] * 20
+    worse = ["a b x d e y", "g h i z k", "l m n o"] * 20
+    close = worse[:-1] + ["l m n o p"]  # one sentence of 60 a little better
+    result = gap.paired_test({"base": worse, "better": list(refs), "close": close}, refs, n_samples=200)
+    assert result["base"]["p_value"] is None  # the baseline is not tested against itself
+    assert result["better"]["bleu"] == pytest.approx(100.0) and result["base"]["bleu"] < 90
+    assert result["better"]["p_value"] < 0.05 and result["close"]["p_value"] > 0.05
+    assert result["base"]["bleu"] == pytest.approx(bleu_score(worse, refs)[0])
+
+
+def test_training_cost_counts_the_sampled_subnets():
+    corpus = make_toy_corpus(seed=0)
+    space = mos.SPACES["tiny"]
+    for sampling, per_step in (("random", 1), ("sandwich", 3)):
+        cfg = train.parse_config(["--preset=toy", f"--sampling={sampling}", "--n_random=1"])
+        ckpt = dict(config=vars(cfg), model_args=dict(space=space.to_dict()), step=7, train_seconds=12.34)
+        cost = gap.training_cost(ckpt, corpus)
+        assert cost["updates"] == 7 and cost["subnet_passes"] == 7 * per_step and cost["train_seconds"] == 12.3
+        archs = [a for step in range(7) for a in train.subnets_for(step, cfg, space)]
+        smallest = mos.num_params(space.smallest(), space, 0, 0, embeddings=False)
+        assert cost["train_flops"] > 6 * len(archs) * smallest  # at least the smallest subnet per pass
+
+
+def test_gap_pipeline_on_the_toy_task(tmp_path):
+    """Every stage end to end on the toy task with two arms and two seeds: the panel, the standalone runs, the
+    supernets, the inherited scores and their translations, the report; a rerun resumes a half-scored supernet."""
+    out = tmp_path / "gap"
+    flags = [f"--out={out}", "--preset=toy", "--panel_size=3", "--candidates=5", "--arms=['hat','neuron']",
+             "--seeds=[1,2]", "--test_sentences=12", "--bootstrap=50",
+             "--extra=['--preset=toy','--max_steps=8','--bleu_sentences=-1','--save_interval=0']"]
+    panel = gap.main([*flags, "--until=panel"])
+    assert not (out / "standalone").exists()  # --until=panel stops after the panel
+    space = mos.SPACES["tiny"]
+    archs = [mos.ArchConfig.from_dict(e["arch"]) for e in panel]
+    assert len(panel) == 3 and archs[0] == space.smallest() and archs[-1] == space.largest()
+    inner = [e["latency_ms"] for e in panel[1:-1]]
+    assert inner == sorted(inner) and len({json.dumps(e["arch"]) for e in panel}) == 3
+    assert json.loads((out / "panel" / "arch1.json").read_text()) == panel[1]["arch"]
+
+    summary = gap.main(flags)
+    assert set(summary) == {"hat", "neuron"} and all(s["seeds"] == [1, 2] for s in summary.values())
+    report = json.loads((out / "gap.json").read_text())
+    corpus = make_toy_corpus(seed=train.parse_config(["--preset=toy"]).seed)
+    refs = corpus.refs["test"][:12]
+    standalone = [json.loads((out / "standalone" / e["name"] / "results.json").read_text())["model"] for e in panel]
+    for arm in ("hat", "neuron"):
+        for seed in (1, 2):
+            folder = out / f"supernet_{arm}_s{seed}"
+            inherited = json.loads((folder / "inherited.json").read_text())
+            for e in panel:  # every BLEU comes from translations kept beside it
+                hyps = (folder / f"hyps_test_{e['name']}.txt").read_text().splitlines()
+                assert len(hyps) == 12 and bleu_score(hyps, refs)[0] == pytest.approx(inherited[e["name"]]["bleu"])
+            row = next(r for r in report["runs"] if r["arm"] == arm and r["seed"] == seed)
+            again = gap.gap_statistics([inherited[e["name"]] for e in panel], standalone, n_boot=50)
+            assert row["kendall_loss"] == pytest.approx(again["kendall_loss"])
+            assert row["mean_abs_gap_bleu"] == pytest.approx(again["mean_abs_gap_bleu"])
+            assert row["subnet_passes"] == 8 * (1 if arm == "hat" else 3)
+    mean = np.mean([r["mean_abs_gap_loss"] for r in report["runs"] if r["arm"] == "neuron"])
+    assert summary["neuron"]["mean_abs_gap_loss"]["mean"] == pytest.approx(mean)
+    assert set(report["paired_bootstrap"]) == {"1", "2"} and (out / "gap.png").exists()
+    assert "| neuron | 2 |" in (out / "gap.md").read_text()
+
+    # resume: a supernet whose scoring stopped after some archs scores only the rest, to the same numbers
+    path = out / "supernet_neuron_s2" / "inherited.json"
+    before = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in before.items() if k != "arch2"}))
+    gap.main(flags)
+    after = json.loads(path.read_text())
+    assert after["arch2"]["loss"] == pytest.approx(before["arch2"]["loss"]) and after["arch0"] == before["arch0"]
