@@ -64,6 +64,8 @@ def apply_overrides(cfg, pairs):
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text
+            if kind is tuple and text.startswith("[") and text.endswith("]"):  # [a.json,b.json]: bare words
+                value = [literal_or_word(item.strip()) for item in text[1:-1].split(",") if item.strip()]
         if kind is bool and text.lower() in ("true", "false"):
             value = text.lower() == "true"
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -74,6 +76,14 @@ def apply_overrides(cfg, pairs):
             raise SystemExit(f"error: --{key}={text} should be a {kind.__name__}" + (" or None" if optional else ""))
         setattr(cfg, key, value)
     return cfg
+
+
+def literal_or_word(text: str):
+    """A Python literal (3, 1.5, 'x', [1]) if the text is one, else the text itself as a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def field_kind(annotation):
@@ -295,6 +305,57 @@ def measure_latency(model: Transformer, src_len=SRC_LEN, tgt_len=TGT_LEN, beam=B
                 iqr_ms=float(q3 - q1), std_ms=float(total.std()), min_ms=float(total.min()),
                 encoder_ms=float(np.median(encoder)), iters=iters, threads=threads, device=str(device),
                 src_len=src_len, tgt_len=tgt_len, beam=beam, protocol=protocol)
+
+
+BUSY_LOAD = 0.5  # runnable processes beyond our own threads (1-minute load average) that make a figure suspect
+DRIFT = 0.10  # the reference subnet's spread over rounds above which the machine changed during a measurement
+
+
+def machine_state(threads: int) -> dict:
+    """The conditions of a latency measurement: the 1-minute load average, the cores, and `others`, the load beyond
+    the `threads` this measurement keeps busy itself (an estimate: the average lags by about a minute)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return dict(load_1min=round(load, 2), cores=os.cpu_count(), others=round(max(0.0, load - threads), 2),
+                time=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def measure_interleaved(models: dict, reference: str, rounds=5, warmup=20, iters=20, measure=None, log=print,
+                        **protocol) -> dict:
+    """Latency of several plain models measured side by side, so that a busy or drifting machine hits them all
+    alike: after one warm-up each, `rounds` round-robin passes time every model once (`iters` runs, median), the
+    reference model first. Per model: the median over rounds of its ms and of its ratio to the same round's
+    reference, and their spreads ((max - min) / median). Warns when other work loads the cores or the reference
+    drifts by more than DRIFT. `measure` is measure_latency unless a test passes a fake timer."""
+    measure = measure or measure_latency
+    threads = protocol.get("threads", 2)
+    before = machine_state(threads)
+    if reference not in models:
+        raise SystemExit(f"error: reference {reference!r} is not one of the models {list(models)}")
+    order = [reference] + [name for name in models if name != reference]
+    for name in order:  # build oneDNN primitives and fill caches before any timed round
+        measure(models[name], warmup=warmup, iters=1, **protocol)
+    ms = {name: [] for name in order}  # name -> per-round median ms
+    for _ in range(rounds):
+        for name in order:
+            ms[name].append(measure(models[name], warmup=1, iters=iters, **protocol)["median_ms"])
+    after = machine_state(threads)
+    spread = lambda x: float((max(x) - min(x)) / np.median(x))
+    results = {}
+    for name in order:
+        ratio = [m / r for m, r in zip(ms[name], ms[reference])]  # (rounds,) relative to the same round
+        results[name] = dict(median_ms=float(np.median(ms[name])), spread=spread(ms[name]), rounds_ms=ms[name],
+                             ratio_to_reference=float(np.median(ratio)), ratio_spread=spread(ratio))
+    warnings = []
+    if max(before["others"], after["others"]) > BUSY_LOAD:
+        warnings.append(f"other work loads the cores (load {before['load_1min']} before, {after['load_1min']} "
+                        f"after, {threads} threads of ours): trust the ratios to the reference more than the ms")
+    if results[reference]["spread"] > DRIFT:
+        warnings.append(f"the reference {reference!r} varied by {results[reference]['spread']:.0%} over {rounds} "
+                        f"rounds: the machine's state changed during the measurement")
+    for w in warnings:
+        log(f"warning: {w}")
+    return dict(reference=reference, rounds=rounds, iters=iters, before=before, after=after, warnings=warnings,
+                models=results, protocol={k: str(v) for k, v in protocol.items()})
 
 
 def predict(predictor: dict, X) -> np.ndarray:

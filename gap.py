@@ -43,11 +43,11 @@ from reproduce import train_stage
 # -----------------------------------------------------------------------------
 # Settings
 
-ARMS = {  # the supernets compared, as train.py flags: the router, the experts, the sampling rule
+ARMS = {  # the supernets compared, as train.py flags (the order they train in: HAT against neuron-wise MoS first)
     "hat": ("--router=none", "--num_experts=1", "--sampling=random"),  # HAT: one random subnet per update
+    "neuron": ("--router=neuron", "--num_experts=2", "--sampling=sandwich"),  # neuron-wise MoS
     "hat_sandwich": ("--router=none", "--num_experts=1", "--sampling=sandwich"),  # HAT's weights, MoS's sampling
     "layer": ("--router=layer", "--num_experts=2", "--sampling=sandwich"),  # layer-wise MoS
-    "neuron": ("--router=neuron", "--num_experts=2", "--sampling=sandwich"),  # neuron-wise MoS
 }
 STAGES = ("panel", "standalone")  # --until: stop after this stage (default: all)
 PANEL_SEED = 0  # the random candidates the panel is chosen from

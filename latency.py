@@ -19,6 +19,7 @@ and recorded thread count, and the median with the IQR beside HAT's 10%-trimmed 
     python latency.py dataset --space=cpu --n=300 --out=results/latency/cpu.csv   # appends: a rerun resumes
     python latency.py fit --out=results/latency/cpu.csv   # linear vs HAT's MLP predictor: JSON, scatter plot, tau
     python latency.py hat                                 # the same predictor recipe on HAT's published CSVs
+    python latency.py remeasure --space=cpu_wide --archs=[a.json,b.json] --log=remeasure.jsonl   # side by side
 
 Settings are the LatencyConfig fields, changed with --key=value as in train.py; the first bare word is the command.
 """
@@ -39,8 +40,8 @@ from tqdm import tqdm
 import mos
 from mos import FEATURE_NAMES, SPACES, Transformer
 from common import (BEAM, SRC_LEN, TGT_LEN, brief, check_settings, encode_array, get_device, load_checkpoint,
-                    load_predictor, lock_file, measure_latency, model_from_checkpoint, parse_settings,
-                    predict, releases_locks, resolve_arch, run, writable_folder, write_json)
+                    load_predictor, lock_file, measure_interleaved, measure_latency, model_from_checkpoint,
+                    parse_settings, predict, releases_locks, resolve_arch, run, writable_folder, write_json)
 from data.batching import atomic_open
 
 ROOT = Path(__file__).resolve().parent
@@ -56,7 +57,7 @@ HEADER = ["space", "arch", *FEATURE_NAMES, "median_ms", "trimmed_mean_ms", "iqr_
 @dataclass
 class LatencyConfig:
     """Every setting of the command line; the defaults measure on this 2-core CPU."""
-    command: str = "measure"  # measure | depth | dataset | fit | hat
+    command: str = "measure"  # measure | depth | dataset | fit | hat | remeasure
     # what to time
     ckpt: str = ""  # supernet (or standalone) checkpoint; empty: random weights of `space`
     space: str = "cpu"  # without a ckpt: cpu | cpu_wide | iwslt14 | tiny
@@ -74,6 +75,10 @@ class LatencyConfig:
     iters: int = 50  # timed runs (HAT: 300 for its README figures, 20 for its datasets)
     repeats: int = 3  # `measure`: the whole measurement this many times, to show it repeats
     log: str = ""  # also append every figure as one JSON line to this file
+    # remeasure: several subnets interleaved in rounds, each round led by a fixed reference subnet
+    archs: tuple = ()  # JSON arch files or largest | smallest | middle
+    reference: str = "smallest"
+    rounds: int = 5
     # dataset and predictor
     n: int = 300  # `dataset`: random subnets to measure
     out: str = "results/latency/cpu.csv"  # the latency dataset: `dataset` appends to it, `fit` reads it
@@ -87,6 +92,7 @@ class LatencyConfig:
 # the range of every numeric setting (None: unbounded)
 LIMITS = dict(src_vocab=(5, None), tgt_vocab=(5, None), threads=(1, None), src_len=(1, None), tgt_len=(1, None),
               beam=(1, None), warmup=(0, None), iters=(1, None), repeats=(1, None), n=(1, None), mlp_steps=(1, None),
+              rounds=(1, None),
               mlp_lr=(0, None), seed=(0, None))
 
 
@@ -329,6 +335,28 @@ def cmd_hat(cfg: LatencyConfig):
     print(f"-> {out}")
 
 
+def cmd_remeasure(cfg: LatencyConfig) -> dict:
+    """Time --archs side by side (common.measure_interleaved) under one machine state: the way to compare subnets
+    measured for different searches or supernets. Latency depends on the shapes only, so random weights do."""
+    if not cfg.archs:
+        raise SystemExit("error: remeasure needs --archs=[a.json,b.json,...] (JSON arch files or largest|smallest)")
+    space, make = subnet_maker(cfg)
+    names = list(dict.fromkeys([cfg.reference, *cfg.archs]))  # the reference first, each arch once
+    models = {name: make(resolve_arch(name, space)) for name in names}
+    timing = protocol(cfg)
+    warmup, iters = timing.pop("warmup"), timing.pop("iters")
+    r = measure_interleaved(models, cfg.reference, cfg.rounds, warmup, iters, **timing)
+    for name, m in r["models"].items():
+        print(f"{name}: {m['median_ms']:.1f} ms (spread {m['spread']:.0%} over {cfg.rounds} rounds) | "
+              f"x{m['ratio_to_reference']:.2f} the reference (spread {m['ratio_spread']:.0%})")
+    print(f"load average {r['before']['load_1min']} before, {r['after']['load_1min']} after | {cfg.protocol} protocol, "
+          f"{cfg.device}, {cfg.threads} threads")
+    if cfg.log:
+        with open(cfg.log, "a") as f:
+            f.write(json.dumps({**r, "ckpt": cfg.ckpt, "space": space.name}) + "\n")
+    return r
+
+
 @releases_locks
 def main(argv):
     """Run one command; returns what it measured (for tests and notebooks)."""
@@ -346,7 +374,7 @@ def main(argv):
             return measure_repeated(cfg, make, arch, "standalone model" if hasattr(make, "arch") else cfg.arch)
         return [measure_repeated(cfg, make, with_dec_layers(arch, n), f"{cfg.arch}, {n} decoder layers")
                 for n in sorted(space.dec_layers)]
-    commands = {"dataset": cmd_dataset, "fit": cmd_fit, "hat": cmd_hat}
+    commands = {"dataset": cmd_dataset, "fit": cmd_fit, "hat": cmd_hat, "remeasure": cmd_remeasure}
     if cfg.command not in commands:
         raise SystemExit(f"error: unknown command {cfg.command!r}; use measure, depth, {', '.join(commands)}")
     return commands[cfg.command](cfg)

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 import mos
-from common import (check_budgets, check_settings, check_vocab, get_device, load_checkpoint, load_data, load_predictor,
-                    lock_folder, measure_latency, model_from_checkpoint, parse_settings, predict, releases_locks, run,
-                    split_batches, valid_loss, write_json)
+from common import (BUSY_LOAD, check_budgets, check_settings, check_vocab, get_device, load_checkpoint, load_data,
+                    load_predictor, lock_folder, machine_state, measure_latency, model_from_checkpoint, parse_settings,
+                    predict, releases_locks, run, split_batches, valid_loss, write_json)
 from data.batching import atomic_open
 from mos import ArchConfig
 
@@ -198,19 +198,28 @@ class Cache:
     """Per-arch numbers, kept in memory and in a JSON file (rewritten atomically after every new entry). `tag` says
     what they depend on; a file made under another tag is ignored."""
 
-    def __init__(self, path, tag):
-        """Load the stored values of `path` if they were made under the same `tag`."""
-        self.path, self.tag, self.data = Path(path), tag, {}
+    def __init__(self, path, tag, conditions=None):
+        """Load the stored values of `path` if they were made under the same `tag`. `conditions` (the machine's
+        state when this session started) is appended to the file's list of sessions, beside the values."""
+        self.path, self.tag, self.data, self.sessions = Path(path), tag, {}, []
         if self.path.exists():
             try:
                 stored = json.loads(self.path.read_text())
             except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested too deeply
                 raise SystemExit(f"error: {self.path} is not valid JSON (edited by hand?); delete it to rescore")
             if isinstance(stored, dict) and stored.get("tag") == tag and isinstance(stored.get("values"), dict):
-                self.data = stored["values"]
+                self.data, self.sessions = stored["values"], list(stored.get("sessions", []))
                 print(f"resuming from {self.path}: {sum(len(v) for v in self.data.values())} cached values")
             else:
                 print(f"ignoring {self.path}: it was made with other settings or another checkpoint")
+        if conditions:
+            self.sessions.append(conditions)
+            self.save()
+
+    def save(self):
+        """Rewrite the file atomically: a kill mid-write leaves the previous one."""
+        with atomic_open(self.path) as f:
+            f.write(json.dumps({"tag": self.tag, "values": self.data, "sessions": self.sessions}))
 
     def wrap(self, kind, fn):
         """fn(arch) -> float, computed once per arch and stored under `kind`."""
@@ -221,8 +230,7 @@ class Cache:
             key = arch_key(arch)
             if key not in table:
                 table[key] = fn(arch)
-                with atomic_open(self.path) as f:  # a kill mid-write leaves the previous file
-                    f.write(json.dumps({"tag": self.tag, "values": self.data}))
+                self.save()
             return table[key]
         return cached
 
@@ -314,7 +322,7 @@ def main(argv):
                                                ckpt_mtime=stat.st_mtime, valid_sentences=cfg.valid_sentences,
                                                max_tokens=cfg.max_tokens, threads=cfg.threads, device=cfg.device,
                                                search_iters=cfg.search_iters, search_warmup=cfg.search_warmup,
-                                               protocol=cfg.protocol))
+                                               protocol=cfg.protocol), conditions=machine_state(cfg.threads))
     fitness = cache.wrap("valid_loss", lambda arch: valid_loss(supernet.subnet(arch), batches))
     predicted = None if predictor is None else (
         lambda arch: float(predict(predictor, mos.arch_features(arch, space).numpy())[0]))
@@ -332,11 +340,16 @@ def main(argv):
             r = evolve(space, fitness, latency, float(budget), cfg, random.Random(cfg.seed), floor=floor)
         except BudgetError as e:
             raise SystemExit(f"error: {e}")
+        before = machine_state(cfg.threads)  # the final figure is only as good as the machine was quiet
         runs = [timed(r["arch"], cfg.final_warmup, cfg.final_iters)["median_ms"] for _ in range(cfg.final_repeats)]
+        conditions = dict(before=before, after=machine_state(cfg.threads))
+        if max(before["others"], conditions["after"]["others"]) > BUSY_LOAD:
+            print(f"warning: other work loaded the cores while budget {budget:g} ms's winner was re-measured (load "
+                  f"{before['load_1min']} -> {conditions['after']['load_1min']}); `latency.py remeasure` repeats it")
         final = sorted(runs)[len(runs) // 2]  # the median of the repeats
         result = dict(budget_ms=float(budget), arch=r["arch"].to_dict(), valid_loss=r["valid_loss"],
                       search_latency_ms=r["latency_ms"], measured_ms=final, measured_runs_ms=runs,
-                      measured_spread=(max(runs) - min(runs)) / final,
+                      measured_spread=(max(runs) - min(runs)) / final, conditions=conditions,
                       predicted_ms=predicted(r["arch"]) if predicted else None,
                       within_budget=final <= budget, over_budget_pct=max(0.0, 100 * (final / budget - 1)),
                       params_no_emb=mos.num_params(r["arch"], space, 0, 0, embeddings=False),

@@ -3,6 +3,7 @@ fails clearly, an end-to-end search on a tiny supernet, determinism and the resu
 Run: python -m pytest -q tests/test_search.py"""
 
 import dataclasses
+import json
 import random
 
 import pytest
@@ -123,6 +124,9 @@ def test_search_resumes_from_cache(tiny, tmp_path, monkeypatch):
     again = run_search(tiny, tmp_path, "--latency=measured", "--search_iters=2", "--search_warmup=0")
     assert [r["arch"] for r in first] == [r["arch"] for r in again]
     assert len(timed) == n_timed + 2  # only the two winners' final re-measurement: no candidate was timed again
+    # the conditions: the machine's load during each winner's re-measurement, and one entry per search session
+    assert set(again[0]["conditions"]["before"]) >= {"load_1min", "cores", "others", "time"}
+    assert len(json.loads((tmp_path / "cache.json").read_text())["sessions"]) == 2
 
 
 def test_search_rejects_unreachable_budget(tiny, tmp_path):

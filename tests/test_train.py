@@ -134,6 +134,10 @@ def test_settings_overrides_presets_and_errors():
         train.parse_config(["--max_steps=many"])
     with pytest.raises(SystemExit, match="unknown preset"):
         train.parse_config(["--preset=wmt"])
+    # a list of bare words fills a tuple field: --archs=[a.json,b.json] needs no quotes
+    import gap
+    cfg = common.parse_settings(gap.GapConfig, ["--arms=[hat,neuron]", "--seeds=[1, 2]", "--extra=['--lr=1']"])
+    assert (cfg.arms, cfg.seeds, cfg.extra) == (("hat", "neuron"), (1, 2), ("--lr=1",))
 
 
 @pytest.mark.skipif(not MULTI30K.exists(), reason="needs ../shared/data/multi30k")
