@@ -307,8 +307,9 @@ def cmd_fit(cfg: LatencyConfig):
     predictor, report, test = fit_predictor(X, y, cfg)
     t = report["test"][report["chosen"]]
     out = Path(cfg.predictor)
+    percentiles = {str(q): float(np.percentile(y, q)) for q in range(1, 100)}  # search.py --budget_percentiles
     save_predictor(predictor, out, space=space, protocol=protocol, feature_names=list(FEATURE_NAMES), data=cfg.out,
-                   **report)
+                   measured_percentiles=percentiles, **report)
     p = predict(load_predictor(out), X)
     plot_predictor(y, p, test, f"{report['chosen']} predictor, {space} space: test tau {t['kendall_tau']:.3f}, "
                                f"RMSE {t['rmse_ms']:.2f} ms", out.with_suffix(".png"))

@@ -47,6 +47,8 @@ class SearchConfig:
     out_dir: str = "results/search"
     budgets: tuple = (18.0, 27.0, 36.0)  # ms, one search each: 1/4, 1/2, 3/4 of the way from the smallest subnet
     # (9.4 ms) to the largest (45 ms) of the cpu space, measured on the 2-core CPU (results/latency/README.md)
+    budget_percentiles: tuple = ()  # e.g. [25,50,75]: instead of --budgets, these percentiles of the measured
+    # latencies of the space's random subnets (latency.py fit stores them in the predictor), so each budget binds
     latency: str = "predicted"  # predicted (latency.py fit's predictor) | measured (time every candidate)
     predictor: str = "results/latency/predictor.json"
     population: int = 40
@@ -305,6 +307,14 @@ def main(argv):
         raise SystemExit(f"error: predictor {cfg.predictor} was fit on latencies of the "
                          f"{predictor.get('protocol', 'hat')!r} protocol; pass --protocol="
                          f"{predictor.get('protocol', 'hat')} or refit it with latency.py --protocol={cfg.protocol}")
+    if cfg.budget_percentiles:
+        stored = (predictor or {}).get("measured_percentiles", {})
+        if not stored or not all(str(q) in stored for q in cfg.budget_percentiles):
+            raise SystemExit(f"error: --budget_percentiles={list(cfg.budget_percentiles)} needs integer percentiles "
+                             f"1-99 and a predictor that stores them ({cfg.predictor}): refit it with latency.py fit")
+        cfg = replace(cfg, budgets=tuple(round(stored[str(q)], 2) for q in cfg.budget_percentiles))
+        print(f"budgets: percentiles {list(cfg.budget_percentiles)} of the measured random subnets -> "
+              f"{list(cfg.budgets)} ms")
     if cfg.latency == "predicted" and predictor is None:
         raise SystemExit(f"error: --latency=predicted needs {cfg.predictor}: run `python latency.py dataset` and "
                          f"`python latency.py fit`, or pass --latency=measured")

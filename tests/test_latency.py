@@ -122,6 +122,9 @@ def test_dataset_resumes_and_fit_writes_outputs(tmp_path):
     X, y, _, protocol = latency.read_latency_csv(out)
     assert protocol == "beam" and saved["protocol"] == "beam"
     assert np.allclose(predict(latency.load_predictor(pred_path), X).shape, y.shape)
+    # the measured latencies' percentiles, from which search.py --budget_percentiles takes its budgets
+    pct = saved["measured_percentiles"]
+    assert len(pct) == 99 and pct["50"] == pytest.approx(np.median(y)) and pct["25"] <= pct["50"] <= pct["75"]
 
 
 def test_cli_measure_and_depth(tmp_path):
