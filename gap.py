@@ -3,9 +3,9 @@ The paper's central claim, measured: how far is a subnet with weights inherited 
 the same architecture trained from scratch, and does the supernet rank subnets the way standalone training does?
 HAT's weight sharing against MoS, on a fixed panel of architectures.
 
-    python gap.py --extra='["--data_source=../shared/data/multi30k/tok"]'   # Multi30k, cpu_wide: many CPU hours
+    python gap.py --data_source=../shared/data/multi30k/tok   # Multi30k, cpu_wide: many CPU hours (results/gap)
     python gap.py --until=panel                       # only stage 1: choose and write the panel
-    python gap.py --preset=toy --out=out_gap_toy      # the same pipeline on the synthetic task, about a minute
+    python gap.py --preset=toy --out=out_gap_toy      # the same pipeline on the synthetic task, a minute or two
 
 Stages (rerun the same command after a stop: a finished stage is skipped, a training run resumes from its checkpoint,
 a half-scored supernet continues with its next arch):
@@ -70,6 +70,7 @@ class GapConfig:
     latency_warmup: int = 5  # the panel's latency measurement (common.measure_latency, beam protocol)
     latency_iters: int = 20
     threads: int = 2
+    data_source: str = ""  # where train.py prepares the corpus from if it is not prepared (folder, URL, tarball)
     extra: tuple = ("--max_minutes=0", "--bleu_sentences=-1")  # train.py flags for every run (standalone, supernet)
 
 
@@ -358,7 +359,8 @@ def main(argv):
                          f"{list(ARMS)} and one or more integer seeds")
     if not all(isinstance(flag, str) for flag in cfg.extra):
         raise SystemExit(f"error: --extra={list(cfg.extra)}; give train.py flags as strings, e.g. ['--max_steps=60']")
-    run = train.parse_config(list(cfg.extra))  # a bad train.py flag fails now, before any stage runs
+    extra = [*cfg.extra, *([f"--data_source={cfg.data_source}"] if cfg.data_source else [])]
+    run = train.parse_config(extra)  # a bad train.py flag fails now, before any stage runs
     out = Path(cfg.out)
     common.lock_folder(out)  # one writer per experiment folder
     common.write_json(out / "settings.json", asdict(cfg))
@@ -372,7 +374,7 @@ def main(argv):
     if cfg.until == "panel":
         return panel
     torch.set_num_threads(threads)
-    train_flags = [*cfg.extra, f"--space={cfg.space}", f"--test_sentences={cfg.test_sentences}"]
+    train_flags = [*extra, f"--space={cfg.space}", f"--test_sentences={cfg.test_sentences}"]
 
     # 2. the standalone reference: every panel arch from scratch, one budget
     for e in panel:
