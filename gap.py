@@ -221,6 +221,10 @@ def paired_test(systems: dict, refs: list, n_samples: int) -> dict:
     """sacrebleu's paired bootstrap over the concatenated translations of the panel: each system against the first
     (the baseline). systems: name -> list of BPE'd lines; refs: the matching references. Returns name -> result."""
     text = lambda lines: [remove_bpe(line) for line in lines]
+    for name, lines in systems.items():
+        if len(lines) != len(refs):
+            raise SystemExit(f"error: {name} has {len(lines)} translations for {len(refs)} references; score the "
+                             f"same sentences (--test_sentences) everywhere")
     named = [(name, text(lines)) for name, lines in systems.items()]
     _, scores = PairedTest(named, {"BLEU": BLEU(tokenize="none", force=True)}, [text(refs)], test_type="bs",
                            n_samples=n_samples)()
@@ -262,7 +266,7 @@ def report(out: Path, cfg: GapConfig, panel, corpus):
                                              standalone=standalone, runs=rows, per_arm=summary,
                                              inherited={f"{a}_s{s}": r["inherited"] for (a, s), r in runs.items()},
                                              paired_bootstrap={str(s): p for s, p in paired.items()}))
-    write_markdown(out / "gap.md", panel, standalone, runs, summary, paired)
+    write_markdown(out / "gap.md", panel, standalone, runs, rows, summary, paired)
     plot(out / "gap.png", panel, standalone, runs)
     return summary
 
@@ -287,8 +291,9 @@ def summarise(rows, arms) -> dict:
     return out
 
 
-def write_markdown(path: Path, panel, standalone, runs, summary, paired):
-    """The tables of gap.md: per arm (mean over seeds, [min, max]), per arch, and the paired tests."""
+def write_markdown(path: Path, panel, standalone, runs, rows, summary, paired):
+    """The tables of gap.md: per arm (mean over seeds, [min, max]), per run (the rankings' bootstrap intervals over
+    archs), per arch, and the paired tests."""
     span = lambda s, f: f"{s['mean']:{f}} [{s['min']:{f}}, {s['max']:{f}}]"
     lines = ["| arm | seeds | mean abs gap BLEU | mean gap BLEU | mean abs gap loss | Kendall tau (BLEU) | "
              "Spearman rho (BLEU) | Kendall tau (loss) | subnet passes | train PFLOPs | train hours |",
@@ -298,7 +303,14 @@ def write_markdown(path: Path, panel, standalone, runs, summary, paired):
                      f"{span(s['mean_gap_bleu'], '.2f')} | {span(s['mean_abs_gap_loss'], '.3f')} | "
                      f"{span(s['kendall_bleu'], '.2f')} | {span(s['spearman_bleu'], '.2f')} | "
                      f"{span(s['kendall_loss'], '.2f')} | {s['subnet_passes']['mean']:.0f} | "
-                     f"{s['train_flops']['mean'] / 1e15:.1f} | {s['train_seconds']['mean'] / 3600:.2f} |")
+                     f"{s['train_flops']['mean'] / 1e15:.3g} | {s['train_seconds']['mean'] / 3600:.2f} |")
+    ci = lambda r, key: f"{r[key]:.2f} [{r[key + '_ci'][0]:.2f}, {r[key + '_ci'][1]:.2f}]" if r[key + "_ci"] else \
+        f"{r[key]:.2f}"
+    lines += ["", "Per run, with 95% bootstrap intervals over the panel's archs", "",
+              "| arm | seed | mean abs gap BLEU | Kendall tau (BLEU) | Spearman rho (BLEU) | Kendall tau (loss) | "
+              "Spearman rho (loss) |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['arm']} | {r['seed']} | {r['mean_abs_gap_bleu']:.2f} | {ci(r, 'kendall_bleu')} | "
+              f"{ci(r, 'spearman_bleu')} | {ci(r, 'kendall_loss')} | {ci(r, 'spearman_loss')} |" for r in rows]
     keys = sorted(runs, key=lambda k: (list(summary).index(k[0]), k[1]))
     lines += ["", "Test BLEU per panel arch: standalone, then inherited from each supernet (arm_sSEED)", "",
               "| arch | latency ms | params | standalone | " + " | ".join(f"{a}_s{s}" for a, s in keys) + " |",

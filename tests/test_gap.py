@@ -62,6 +62,8 @@ def test_paired_test_finds_the_better_system():
     assert result["better"]["bleu"] == pytest.approx(100.0) and result["base"]["bleu"] < 90
     assert result["better"]["p_value"] < 0.05 and result["close"]["p_value"] > 0.05
     assert result["base"]["bleu"] == pytest.approx(bleu_score(worse, refs)[0])
+    with pytest.raises(SystemExit, match="59 translations for 60 references"):
+        gap.paired_test({"base": worse, "short": worse[:-1]}, refs, n_samples=10)
 
 
 def test_training_cost_counts_the_sampled_subnets():
