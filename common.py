@@ -60,12 +60,9 @@ def apply_overrides(cfg, pairs):
         if key not in kinds:
             raise SystemExit(f"error: unknown setting --{key}; settings are {list(kinds)}")
         kind, optional = field_kind(kinds[key])
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-            if kind is tuple and text.startswith("[") and text.endswith("]"):  # [a.json,b.json]: bare words
-                value = [literal_or_word(item.strip()) for item in text[1:-1].split(",") if item.strip()]
+        value = literal_or_word(text)
+        if kind is tuple and isinstance(value, str) and text.startswith("[") and text.endswith("]"):
+            value = [literal_or_word(item.strip()) for item in text[1:-1].split(",") if item.strip()]  # [a.json,b]
         if kind is bool and text.lower() in ("true", "false"):
             value = text.lower() == "true"
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -319,6 +316,14 @@ def machine_state(threads: int) -> dict:
                 time=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
+def busy_warning(before: dict, after: dict, threads: int):
+    """A warning (text) if other work loaded the cores between two machine_state()s, else None."""
+    if max(before["others"], after["others"]) > BUSY_LOAD:
+        return (f"other work loads the cores (load {before['load_1min']} before, {after['load_1min']} after, "
+                f"{threads} threads of ours): trust ratios to a reference measured alongside more than the ms")
+    return None
+
+
 def measure_interleaved(models: dict, reference: str, rounds=5, warmup=20, iters=20, measure=None, log=print,
                         **protocol) -> dict:
     """Latency of several plain models measured side by side, so that a busy or drifting machine hits them all
@@ -345,10 +350,7 @@ def measure_interleaved(models: dict, reference: str, rounds=5, warmup=20, iters
         ratio = [m / r for m, r in zip(ms[name], ms[reference])]  # (rounds,) relative to the same round
         results[name] = dict(median_ms=float(np.median(ms[name])), spread=spread(ms[name]), rounds_ms=ms[name],
                              ratio_to_reference=float(np.median(ratio)), ratio_spread=spread(ratio))
-    warnings = []
-    if max(before["others"], after["others"]) > BUSY_LOAD:
-        warnings.append(f"other work loads the cores (load {before['load_1min']} before, {after['load_1min']} "
-                        f"after, {threads} threads of ours): trust the ratios to the reference more than the ms")
+    warnings = [busy] if (busy := busy_warning(before, after, threads)) else []
     if results[reference]["spread"] > DRIFT:
         warnings.append(f"the reference {reference!r} varied by {results[reference]['spread']:.0%} over {rounds} "
                         f"rounds: the machine's state changed during the measurement")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import mos
-from common import (BUSY_LOAD, check_budgets, check_settings, check_vocab, get_device, load_checkpoint, load_data,
+from common import (busy_warning, check_budgets, check_settings, check_vocab, get_device, load_checkpoint, load_data,
                     load_predictor, lock_folder, machine_state, measure_latency, model_from_checkpoint, parse_settings,
                     predict, releases_locks, run, split_batches, valid_loss, write_json)
 from data.batching import atomic_open
@@ -353,9 +353,8 @@ def main(argv):
         before = machine_state(cfg.threads)  # the final figure is only as good as the machine was quiet
         runs = [timed(r["arch"], cfg.final_warmup, cfg.final_iters)["median_ms"] for _ in range(cfg.final_repeats)]
         conditions = dict(before=before, after=machine_state(cfg.threads))
-        if max(before["others"], conditions["after"]["others"]) > BUSY_LOAD:
-            print(f"warning: other work loaded the cores while budget {budget:g} ms's winner was re-measured (load "
-                  f"{before['load_1min']} -> {conditions['after']['load_1min']}); `latency.py remeasure` repeats it")
+        if busy := busy_warning(before, conditions["after"], cfg.threads):
+            print(f"warning: budget {budget:g} ms's winner: {busy}; `latency.py remeasure` repeats it side by side")
         final = sorted(runs)[len(runs) // 2]  # the median of the repeats
         result = dict(budget_ms=float(budget), arch=r["arch"].to_dict(), valid_loss=r["valid_loss"],
                       search_latency_ms=r["latency_ms"], measured_ms=final, measured_runs_ms=runs,
