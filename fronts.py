@@ -1,0 +1,440 @@
+"""
+Latency-BLEU fronts and the retraining saving, on the supernets of the gap experiment (gap.py): does the search use
+its budget, and do MoS subnets need less retraining than HAT's to reach their standalone quality?
+
+    python fronts.py --data_source=../shared/data/multi30k/tok     # after gap.py trained the seed's four supernets
+    python fronts.py --until=latency                               # stage 1 only (needs no supernet)
+    python fronts.py --remeasure_sessions=2                        # in a later session: time the winners again
+    python fronts.py --preset=toy --gap=out_gap_toy --out=out_fronts_toy   # the same stages on the synthetic task
+
+Stages (rerun the same command after a stop: a finished stage is skipped, a training run resumes from its checkpoint,
+the latency dataset and the search caches continue where they stopped):
+  1. latency.csv, predictor.json: `latency_n` random subnets of the space timed (random weights: latency depends on
+     the shapes only; run it on a quiet machine) and the predictor fit on them. The budgets are the `percentiles` of
+     those measured latencies, so that every budget excludes part of the space.
+  2. search_ARM: search.py on the arm's supernet (seed `seed`) under those budgets, fitness on the full valid split.
+  3. noise.json: the fitness noise floor per arm: a winner's valid loss under another batching (evaluation order),
+     its bootstrap spread over valid sentences, and the paired spread of the highest budget's winner minus the
+     lowest's.
+  4. remeasure.jsonl: every winner of every arm and the gap panel's archs timed side by side
+     (common.measure_interleaved, every round led by the panel's arch0, the space's smallest subnet), one line per
+     session; --remeasure_sessions=2 in a later session adds a second.
+  5. finetune_ARM_pP: each winner with inherited weights (0 steps), then finetuned from its supernet for each of
+     `finetune_steps`; scratch_HASH: the same arch from scratch for each of `scratch_steps` (the last is the gap
+     experiment's full budget). Test loss and BLEU at every point, translations kept.
+  6. fronts.json, fronts.md, fronts.png (latency against test BLEU, one line per arm, the gap panel's standalone
+     archs as reference) and steps.png (test BLEU against training steps, finetuned and from scratch).
+Settings are the FrontsConfig fields, changed with --key=value as in train.py. Checkpoints (*.pt) stay out of git.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+import latency
+import search
+import train
+from data.batching import TokenBatcher, collate
+from gap import ARMS, machine, paired_test, read_lines
+from mos import PAD, SPACES, ArchConfig, Transformer
+from reproduce import TOY_LATENCY, TOY_SEARCH
+
+# -----------------------------------------------------------------------------
+# Settings
+
+
+@dataclass
+class FrontsConfig:
+    """Every setting of the command line; the defaults follow gap.py's Multi30k experiment on SPACES['cpu_wide']."""
+    preset: str = "multi30k"  # multi30k | toy (see PRESETS)
+    gap: str = "results/gap"  # gap.py's folder: the supernets supernet_ARM_sSEED and the panel
+    out: str = "results/fronts"
+    seed: int = 1337  # whose supernets are searched (one seed suffices here)
+    arms: tuple = tuple(ARMS)
+    until: str = "all"  # latency: only stage 1 (it needs no supernet; run it on a quiet machine) | all
+    percentiles: tuple = (25, 50, 75)  # the budgets: these percentiles of the random subnets' measured latencies
+    latency_n: int = 240  # random subnets timed for the predictor and the percentiles
+    latency_warmup: int = 10
+    latency_iters: int = 20
+    threads: int = 2
+    remeasure_sessions: int = 1  # interleaved measurements of all winners to hold, one per run of stage 4
+    remeasure_rounds: int = 5
+    remeasure_iters: int = 20
+    noise_bootstrap: int = 1000  # resamples of the valid sentences for the noise floor (and of the paired test)
+    finetune_steps: tuple = (250, 500, 1000)  # from the supernet's weights, one run continued to each in turn
+    finetune_lr: float = 5e-4  # reproduce.py's finetuning recipe
+    finetune_warmup: int = 100
+    scratch_steps: tuple = (250, 500, 1000, 1500)  # the same arch from scratch; 1,500 = gap.py's standalone budget
+    test_sentences: int = 0  # BLEU on the first N test sentences; 0 = all
+    data_source: str = ""  # where train.py prepares the corpus from if it is not prepared (folder, URL, tarball)
+    extra: tuple = ("--max_minutes=0", "--bleu_sentences=-1")  # train.py flags for every run (as gap.py's)
+
+
+PRESETS = {
+    "multi30k": dict(),
+    # the synthetic task on the tiny space, on gap.py's toy supernets: every stage in seconds (tests)
+    "toy": dict(gap="out_gap_toy", arms=("hat", "neuron"), percentiles=(25, 75), latency_n=12, latency_warmup=1,
+                latency_iters=2, threads=1, remeasure_rounds=2, remeasure_iters=2, noise_bootstrap=50,
+                finetune_steps=(4, 8), finetune_lr=1e-3, finetune_warmup=2, scratch_steps=(4, 8), test_sentences=30,
+                extra=("--preset=toy", "--bleu_sentences=-1", "--save_interval=0", "--eval_interval=1000")),
+}
+LIMITS = dict(seed=(0, None), latency_n=(12, None), latency_warmup=(0, None), latency_iters=(1, None),
+              threads=(1, None), remeasure_sessions=(1, None), remeasure_rounds=(1, None), remeasure_iters=(1, None),
+              noise_bootstrap=(1, None), finetune_lr=(0, None), finetune_warmup=(0, None), test_sentences=(0, None))
+
+
+# -----------------------------------------------------------------------------
+# Training to several step counts in one run
+
+
+def train_curve(folder: Path, flags, steps) -> dict:
+    """train.py in `folder` up to each of `steps` in turn, as one run resumed with a larger --max_steps each time.
+    The learning rate (inverse square root after warm-up) does not depend on max_steps and a resumed run continues
+    exactly, so the model after S steps is the model of a run of S steps. Each S's results.json and translations
+    are kept as results_stepS.json and hyps_test_stepS.txt. Returns S -> the test scores."""
+    scores = {}
+    for s in steps:
+        kept = folder / f"results_step{s}.json"
+        if not kept.exists():
+            ckpt, result = folder / "ckpt.pt", folder / "results.json"
+            if not (result.exists() and common.load_checkpoint(ckpt)["step"] == s):  # else: tested, not yet renamed
+                resume = ["--resume=True"] if ckpt.exists() else []
+                print(f"[run] train.py {' '.join(flags)} --max_steps={s} --out_dir={folder} {' '.join(resume)}")
+                result.unlink(missing_ok=True)  # the previous step count's, already kept
+                train.main([*flags, f"--max_steps={s}", f"--out_dir={folder}", *resume])
+                if not result.exists():  # Ctrl-C or SIGTERM: train.py saved its checkpoint and returned
+                    raise common.Stopped(common.received[-1]) if common.received else SystemExit(
+                        f"stopped during {folder}; rerun the same command to continue")
+            if (folder / "hyps_test_model.txt").exists():  # (a stop between the two renames has moved it)
+                os.replace(folder / "hyps_test_model.txt", folder / f"hyps_test_step{s}.txt")
+            os.replace(result, kept)
+        scores[s] = common.read_json(kept, "results")["model"]
+    return scores
+
+
+def arch_name(arch: ArchConfig) -> str:
+    """A short stable name for an arch (its scratch-training folder): 8 hex digits of its JSON's SHA-1."""
+    return hashlib.sha1(search.arch_key(arch).encode()).hexdigest()[:8]
+
+
+# -----------------------------------------------------------------------------
+# The fitness noise floor
+
+
+@torch.inference_mode()
+def sentence_losses(model, corpus, split: str, max_tokens: int):
+    """(loss sums (N,), target tokens (N,)) of every sentence of a split, nats, no smoothing (search's fitness is
+    loss sums / tokens over the split)."""
+    src, tgt = corpus.splits[split]
+    sums, ntok = np.zeros(len(src)), np.zeros(len(src))
+    batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], max_tokens, shuffle=False)
+    for idx in batcher.batches(0):
+        s, tgt_in, tgt_out = collate(src, tgt, idx)  # (B, S), (B, T), (B, T)
+        logits = model(s, tgt_in)  # (B, T, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), tgt_out, ignore_index=PAD, reduction="none")  # (B, T)
+        sums[idx], ntok[idx] = nll.sum(1).numpy(), (tgt_out != PAD).sum(1).numpy()
+    return sums, ntok
+
+
+def noise_floor(supernet, winners: list, corpus, max_tokens: int, n_boot: int, seed=0) -> dict:
+    """How much of a fitness difference is noise. Evaluation is dropout-free, so a repeat differs only by the batching
+    (float rounding): `rebatched_delta`. The valid split is a sample of sentences: `bootstrap_std` of each winner's
+    loss over resampled sentences, and the paired std and 95% interval of (last winner - first winner), both winners
+    scored on the same resampled sentences."""
+    rng = np.random.default_rng(seed)
+    models = [supernet.subnet(ArchConfig.from_dict(w["arch"])).eval() for w in winners]
+    losses = [sentence_losses(m, corpus, "valid", max_tokens) for m in models]  # per winner: (N,), (N,)
+    n = len(losses[0][0])
+    resamples = rng.integers(0, n, (n_boot, n))  # (n_boot, N) sentence indices
+    boot = np.array([[s[i].sum() / t[i].sum() for i in resamples] for s, t in losses])  # (winners, n_boot)
+    full = [float(s.sum() / t.sum()) for s, t in losses]
+    rebatched = common.valid_loss(models[0], common.split_batches(corpus, "valid", max_tokens // 4, "cpu"))
+    diff = boot[-1] - boot[0]  # (n_boot,) paired: the same sentences for both
+    return dict(valid_loss=full, bootstrap_std=[float(b.std()) for b in boot],
+                rebatched_delta=abs(rebatched - full[0]), paired_diff=full[-1] - full[0], paired_std=float(diff.std()),
+                paired_ci=[float(v) for v in np.percentile(diff, (2.5, 97.5))], n_sentences=n, n_boot=n_boot)
+
+
+# -----------------------------------------------------------------------------
+# The report
+
+
+def scores_of(folder: Path, steps) -> dict:
+    """S -> test scores of every step count that has finished in a train_curve folder."""
+    return {s: common.read_json(folder / f"results_step{s}.json", "results")["model"]
+            for s in steps if (folder / f"results_step{s}.json").exists()}
+
+
+def report(out: Path, cfg: FrontsConfig, rows, noise, sessions, corpus, panel):
+    """fronts.json, fronts.md, fronts.png and steps.png from the finished stages."""
+    names = {r["name"]: r for r in rows}
+    ms = {name: [s["models"][name]["median_ms"] for s in sessions if name in s["models"]] for name in names}
+    for r in rows:  # the interleaved measurement: the first session's, and the spread over sessions
+        r["interleaved_ms"] = ms[r["name"]][0] if ms[r["name"]] else None
+        r["interleaved_sessions_ms"] = ms[r["name"]]
+    checks = [budget_check(cfg, arm, [r for r in rows if r["arm"] == arm], noise.get(arm), sessions, corpus, out)
+              for arm in cfg.arms if sum(r["arm"] == arm for r in rows) > 1]
+    across = latency_across_sessions(sessions, panel)
+    common.write_json(out / "fronts.json", dict(settings=asdict(cfg), machine=machine(), winners=rows, noise=noise,
+                                                remeasure_sessions=sessions, latency_across_sessions=across,
+                                                budget_checks=checks))
+    write_markdown(out / "fronts.md", cfg, rows, noise, sessions, checks, across)
+    plot(out, cfg, rows, sessions)
+
+
+def latency_across_sessions(sessions, panel) -> dict:
+    """Per arch timed in the interleaved sessions: its ms and its ratio to the round's reference in each session,
+    with their spreads ((max - min) / median) over sessions; for a panel arch also gap.py's figure (`panel_ms`)."""
+    earlier = {e["name"]: e["latency_ms"] for e in panel}
+    spread = lambda x: float((max(x) - min(x)) / np.median(x))
+    across = {}
+    for name in (sessions[0]["models"] if sessions else {}):
+        ms = [s["models"][name]["median_ms"] for s in sessions if name in s["models"]]
+        ratio = [s["models"][name]["ratio_to_reference"] for s in sessions if name in s["models"]]
+        every = ms + ([earlier[name]] if name in earlier else [])
+        across[name] = dict(panel_ms=earlier.get(name), ms=ms, ratio=ratio, ms_spread=spread(every),
+                            ratio_spread=spread(ratio))
+    return across
+
+
+def budget_check(cfg, arm, rows, noise, sessions, corpus, out) -> dict:
+    """The acceptance: is the highest budget's winner measurably slower, and no worse within noise, than the
+    lowest's? Slower: its time over the lowest winner's, per interleaved round (all rounds of all sessions).
+    No worse: the valid-loss difference against its paired bootstrap interval, and test BLEU (inherited and after
+    the longest finetuning) with sacrebleu's paired bootstrap."""
+    lo, hi = rows[0], rows[-1]
+    ratios = [h / l for s in sessions if lo["name"] in s["models"]
+              for h, l in zip(s["models"][hi["name"]]["rounds_ms"], s["models"][lo["name"]]["rounds_ms"])]
+    check = dict(arm=arm, low=lo["name"], high=hi["name"], same_arch=lo["arch"] == hi["arch"],
+                 slower_ratio_median=float(np.median(ratios)) if ratios else None,
+                 slower_ratio_min=float(min(ratios)) if ratios else None)
+    if noise:
+        check.update(valid_loss_diff=noise["paired_diff"], valid_loss_diff_ci=noise["paired_ci"])
+    refs = corpus.refs["test"][:cfg.test_sentences or len(corpus.refs["test"])]
+    for step in (0, cfg.finetune_steps[-1]):
+        files = [out / f"finetune_{r['name']}" / f"hyps_test_step{step}.txt" for r in (lo, hi)]
+        if all(f.exists() for f in files):
+            test = paired_test({"low": read_lines(files[0]), "high": read_lines(files[1])}, refs, cfg.noise_bootstrap)
+            check[f"bleu_step{step}"] = dict(low=test["low"]["bleu"], high=test["high"]["bleu"],
+                                             p_value=test["high"]["p_value"])
+    return check
+
+
+def write_markdown(path: Path, cfg, rows, noise, sessions, checks, across):
+    """The tables of fronts.md: the winners, the noise floor, the steps curves and the budget checks."""
+    f1 = lambda x: "" if x is None else f"{x:.1f}"
+    f2 = lambda x: "" if x is None else f"{x:.2f}"
+    lines = ["| arm | percentile | budget ms | predicted ms | search re-measured ms | interleaved ms (sessions) | "
+             "params (no emb.) | valid loss | " + " | ".join(f"BLEU ft {s}" for s in (0, *cfg.finetune_steps))
+             + " | " + " | ".join(f"BLEU scratch {s}" for s in cfg.scratch_steps) + " |",
+             "|---" * (8 + 1 + len(cfg.finetune_steps) + len(cfg.scratch_steps)) + "|"]
+    for r in rows:
+        ft = [f2(r["finetune"].get(s, {}).get("bleu")) for s in (0, *cfg.finetune_steps)]
+        sc = [f2(r["scratch"].get(s, {}).get("bleu")) for s in cfg.scratch_steps]
+        lines.append(f"| {r['arm']} | {r['percentile']} | {r['budget_ms']:.1f} | {f1(r['predicted_ms'])} | "
+                     f"{r['measured_ms']:.1f} | {' / '.join(f'{m:.1f}' for m in r['interleaved_sessions_ms'])} | "
+                     f"{r['params_no_emb'] / 1e6:.2f}M | {r['valid_loss']:.4f} | {' | '.join(ft)} | "
+                     f"{' | '.join(sc)} |")
+    lines += ["", "Fitness noise floor (valid split, nats/token): a winner evaluated under another batching, the "
+                  "bootstrap std over valid sentences, and the highest budget's winner minus the lowest's (paired)", "",
+              "| arm | rebatched delta | bootstrap std | paired diff | paired 95% interval |", "|---|---|---|---|---|"]
+    lines += [f"| {arm} | {n['rebatched_delta']:.1e} | {max(n['bootstrap_std']):.4f} | {n['paired_diff']:+.4f} | "
+              f"[{n['paired_ci'][0]:+.4f}, {n['paired_ci'][1]:+.4f}] |" for arm, n in noise.items()]
+    lines += ["", "Highest against lowest budget, per arm", "",
+              "| arm | same arch | slower: ms ratio, median [min] over rounds | valid loss diff [95%] | "
+              "inherited BLEU low / high (p) | finetuned BLEU low / high (p) |", "|---|---|---|---|---|---|"]
+    for c in checks:
+        bleu = lambda key: (f"{c[key]['low']:.2f} / {c[key]['high']:.2f} (p = {c[key]['p_value']:.3f})"
+                            if key in c and c[key]["p_value"] is not None else "")
+        ci = c.get("valid_loss_diff_ci")
+        lines.append(f"| {c['arm']} | {c['same_arch']} | {f2(c['slower_ratio_median'])} [{f2(c['slower_ratio_min'])}]"
+                     f" | {c.get('valid_loss_diff', float('nan')):+.4f}"
+                     + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "") + f" | {bleu('bleu_step0')} | "
+                     f"{bleu(f'bleu_step{cfg.finetune_steps[-1]}')} |")
+    if sessions:
+        lines += ["", "Latency across sessions, ms (ratio to arch0 of the same round); the panel's first figure is "
+                      "gap.py's, measured one arch after the other when the panel was chosen", "",
+                  "| arch | panel.json | " + " | ".join(f"session {i + 1}" for i in range(len(sessions)))
+                  + " | spread of ms (all figures) | spread of ratio |", "|---" * (4 + len(sessions)) + "|"]
+        lines += [f"| {name} | {f1(a['panel_ms'])} | " + " | ".join(
+                  f"{m:.1f} (x{q:.2f})" for m, q in zip(a["ms"], a["ratio"])) +
+                  f" | {a['ms_spread']:.1%} | {a['ratio_spread']:.1%} |" for name, a in across.items()]
+    for i, s in enumerate(sessions):
+        lines.append(f"\nInterleaved session {i + 1}: {s['time']}, {s['machine']}, load {s['before']['load_1min']} "
+                     f"before / {s['after']['load_1min']} after" + "".join(f"; warning: {w}" for w in s["warnings"]))
+    with common.atomic_open(path) as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(out: Path, cfg, rows, sessions):
+    """fronts.png: interleaved latency against test BLEU, inherited (dashed) and finetuned (solid) per arm, with the
+    gap panel's standalone archs; steps.png: test BLEU against training steps, finetuned and from scratch."""
+    import matplotlib
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+    colours = dict(zip(ARMS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    last = cfg.finetune_steps[-1]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    panel = Path(cfg.gap) / "panel.json"
+    if panel.exists():
+        for e in common.read_json(panel, "panel")["panel"]:
+            result = Path(cfg.gap) / "standalone" / e["name"] / "results.json"
+            if result.exists():  # at the latency measured beside the winners
+                ms = sessions[0]["models"][e["name"]]["median_ms"] if sessions else e["latency_ms"]
+                ax.scatter(ms, common.read_json(result, "results")["model"]["bleu"], color="grey", marker="x",
+                           label="gap panel, standalone 1,500 steps" if e["name"] == "arch0" else None)
+    for arm in cfg.arms:
+        mine = [r for r in rows if r["arm"] == arm and r["interleaved_ms"] is not None]
+        for step, style in ((0, "--"), (last, "-")):
+            points = sorted((r["interleaved_ms"], r["finetune"][step]["bleu"]) for r in mine if step in r["finetune"])
+            if points:
+                ax.plot(*zip(*points), style, marker="o", color=colours[arm],
+                        label=f"{arm}, {'inherited' if step == 0 else f'finetuned {step} steps'}")
+    ax.set(xlabel="latency, ms (interleaved re-measurement)", ylabel="test BLEU", title="latency against BLEU")
+    ax.legend(fontsize=7)
+    fig.savefig(out / "fronts.png", dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(cfg.arms), figsize=(4 * len(cfg.arms), 4), sharey=True, squeeze=False)
+    markers = dict(zip(cfg.percentiles, "os^vD<>"))
+    for ax, arm in zip(axes[0], cfg.arms):
+        for r in (r for r in rows if r["arm"] == arm):
+            for curve, style, how in ((r["finetune"], "-", "finetuned"), (r["scratch"], ":", "from scratch")):
+                points = sorted((s, v["bleu"]) for s, v in curve.items())
+                if points:
+                    ax.plot(*zip(*points), style, marker=markers[r["percentile"]], color=colours[arm],
+                            alpha=1.0 if how == "finetuned" else 0.5, label=f"p{r['percentile']}, {how}")
+        ax.set(title=arm, xlabel="training steps (0 = inherited)")
+        ax.legend(fontsize=6)
+    axes[0][0].set(ylabel="test BLEU")
+    fig.suptitle("retraining: finetuned from the supernet (solid) against from scratch (dotted)")
+    fig.savefig(out / "steps.png", dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# The stages in order
+
+
+@common.releases_locks
+def main(argv):
+    """Run every stage that has not finished, then the report."""
+    cfg = common.parse_settings(FrontsConfig, argv, presets=PRESETS)
+    common.check_settings(asdict(cfg), LIMITS, dict(until=("latency", "all")))
+    if [arm for arm in cfg.arms if arm not in ARMS] or not cfg.arms:
+        raise SystemExit(f"error: --arms={list(cfg.arms)}; give one or more arms of {list(ARMS)}")
+    if sorted(set(cfg.percentiles)) != list(cfg.percentiles) or not all(1 <= q <= 99 for q in cfg.percentiles):
+        raise SystemExit(f"error: --percentiles={list(cfg.percentiles)}; give increasing integers 1-99, e.g. [25,50,75]")
+    for name in ("finetune_steps", "scratch_steps"):
+        steps = getattr(cfg, name)
+        if not steps or sorted(set(steps)) != list(steps) or steps[0] < 1:
+            raise SystemExit(f"error: --{name}={list(steps)}; give increasing positive step counts, e.g. [250,500]")
+    extra = [*cfg.extra, *([f"--data_source={cfg.data_source}"] if cfg.data_source else [])]
+    run = train.parse_config(extra)  # a bad train.py flag fails now, before any stage runs
+    gap, out, toy = Path(cfg.gap), Path(cfg.out), cfg.preset == "toy"
+    if not (gap / "panel.json").exists():
+        raise SystemExit(f"error: {gap / 'panel.json'} not found: run gap.py first, or pass --gap=FOLDER")
+    panel_file = common.read_json(gap / "panel.json", "panel")
+    space, panel = panel_file["space"], panel_file["panel"]  # the gap experiment's space and archs
+    common.lock_folder(out)  # one writer per folder
+    common.write_json(out / "settings.json", asdict(cfg))
+    corpus = common.load_data(run.data, run.data_dir, run.data_source, run.seed)
+    threads = torch.get_num_threads()  # latency.py and search.py pin their own thread count
+
+    # 1. the latency dataset (random weights, quiet machine) and the predictor; its percentiles are the budgets
+    predictor = out / "predictor.json"
+    if not predictor.exists():
+        data = [f"--space={space}", f"--src_vocab={len(corpus.src_vocab)}", f"--tgt_vocab={len(corpus.tgt_vocab)}",
+                f"--out={out / 'latency.csv'}", f"--predictor={predictor}", f"--threads={cfg.threads}"]
+        quick = TOY_LATENCY if toy else (f"--warmup={cfg.latency_warmup}", f"--iters={cfg.latency_iters}")
+        latency.main(["dataset", *data, f"--n={cfg.latency_n}", *quick])
+        latency.main(["fit", *data, *quick])
+        torch.set_num_threads(threads)
+    if cfg.until == "latency":
+        return common.read_json(predictor, "predictor")["measured_percentiles"]
+    ckpts = {arm: gap / f"supernet_{arm}_s{cfg.seed}" / "ckpt.pt" for arm in cfg.arms}
+    missing = [str(p.parent) for p in ckpts.values() if not (p.parent / "inherited.json").exists()]
+    if missing:
+        raise SystemExit(f"error: {', '.join(missing)} not trained and scored yet: run gap.py first "
+                         f"(--seeds=[{cfg.seed}] suffices)")
+
+    # 2. the search per arm: the same budgets, fitness on the whole valid split
+    n_valid = len(corpus.splits["valid"][0])
+    winners = {}
+    for arm in cfg.arms:
+        folder = out / f"search_{arm}"
+        if not (folder / "results.json").exists():
+            search.main([f"--ckpt={ckpts[arm]}", f"--predictor={predictor}", f"--out_dir={folder}",
+                         f"--budget_percentiles=[{','.join(str(q) for q in cfg.percentiles)}]",
+                         f"--threads={cfg.threads}", *(TOY_SEARCH if toy else ()), f"--valid_sentences={n_valid}"])
+            torch.set_num_threads(threads)
+        found = common.read_json(folder / "results.json", "search results")["results"]
+        winners[arm] = [dict(arm=arm, name=f"{arm}_p{q}", percentile=q, **{k: r[k] for k in (
+            "budget_ms", "arch", "valid_loss", "predicted_ms", "measured_ms", "params_no_emb")})
+            for q, r in zip(cfg.percentiles, found)]
+
+    # 3. the fitness noise floor, per arm
+    path = out / "noise.json"
+    noise = common.read_json(path, "noise") if path.exists() else {}
+    for arm in cfg.arms:
+        if arm not in noise:
+            supernet = common.model_from_checkpoint(common.load_checkpoint(ckpts[arm])).eval()
+            noise[arm] = noise_floor(supernet, [winners[arm][0], winners[arm][-1]], corpus, run.max_tokens,
+                                     cfg.noise_bootstrap)
+            common.write_json(path, noise)
+
+    # 4. every winner timed side by side, once per session
+    path = out / "remeasure.jsonl"
+    sessions = common.read_jsonl(path) if path.exists() else []
+    if len(sessions) < cfg.remeasure_sessions:
+        archs = {e["name"]: e["arch"] for e in panel}  # arch0, the space's smallest, leads every round
+        archs.update({w["name"]: w["arch"] for ws in winners.values() for w in ws})
+        models = {name: Transformer(ArchConfig.from_dict(a), len(corpus.src_vocab), len(corpus.tgt_vocab),
+                                    SPACES[space].qkv_dim).eval() for name, a in archs.items()}
+        r = common.measure_interleaved(models, panel[0]["name"], cfg.remeasure_rounds, cfg.latency_warmup,
+                                       cfg.remeasure_iters, threads=cfg.threads)
+        common.append_jsonl(path, dict(r, machine=machine(), time=r["before"]["time"]))
+        sessions = common.read_jsonl(path)
+        torch.set_num_threads(threads)
+
+    # 5. inherited, finetuned and from-scratch test BLEU of every winner
+    train_flags = [*extra, f"--space={space}", f"--test_sentences={cfg.test_sentences}"]
+    rows = [w for ws in winners.values() for w in ws]
+    for w in tqdm(rows, desc="inherited", dynamic_ncols=True):  # 0 steps: cut from the supernet, scored as is
+        folder = out / f"finetune_{w['name']}"
+        if not (folder / "results_step0.json").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            common.write_json(folder / "arch.json", w["arch"])
+            supernet = common.model_from_checkpoint(common.load_checkpoint(ckpts[w["arm"]])).eval()
+            result = common.evaluate(supernet.subnet(ArchConfig.from_dict(w["arch"])), corpus, "test",
+                                     torch.device("cpu"), run.max_tokens, cfg.test_sentences, run.beam, run.lenpen,
+                                     hyps_path=folder / "hyps_test_step0.txt")
+            common.write_json(folder / "results_step0.json", dict(split="test", model=result))
+    for w in rows:
+        folder = out / f"finetune_{w['name']}"
+        train_curve(folder, [*train_flags, f"--arch={folder / 'arch.json'}", f"--init={ckpts[w['arm']]}",
+                             f"--lr={cfg.finetune_lr}", f"--warmup={cfg.finetune_warmup}"], cfg.finetune_steps)
+    for w in rows:  # an arch that several winners share is trained from scratch once
+        folder = out / f"scratch_{arch_name(ArchConfig.from_dict(w['arch']))}"
+        folder.mkdir(parents=True, exist_ok=True)
+        common.write_json(folder / "arch.json", w["arch"])
+        train_curve(folder, [*train_flags, f"--arch={folder / 'arch.json'}"], cfg.scratch_steps)
+    for w in rows:
+        w["finetune"] = scores_of(out / f"finetune_{w['name']}", (0, *cfg.finetune_steps))
+        w["scratch"] = scores_of(out / f"scratch_{arch_name(ArchConfig.from_dict(w['arch']))}", cfg.scratch_steps)
+
+    # 6. the report
+    report(out, cfg, rows, noise, sessions, corpus, panel)
+    print(f"fronts complete -> {out}/fronts.md, fronts.png, steps.png")
+    return rows
+
+
+if __name__ == "__main__":
+    common.run(main)

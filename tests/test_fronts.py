@@ -1,0 +1,99 @@
+"""fronts.py: a curve of step counts equals straight runs, the per-sentence losses equal the search's fitness, and
+(slow) the whole pipeline on gap.py's toy supernets."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import fronts
+import gap
+import mos
+import train
+from common import bleu_score
+from data.batching import make_toy_corpus
+
+
+def test_train_curve_equals_straight_runs(tmp_path):
+    """One run continued from 3 to 6 steps keeps each step count's scores, and its model after 6 steps is the
+    model of a straight 6-step run: the same weights, loss and translations."""
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps(mos.SPACES["tiny"].smallest().to_dict()))
+    flags = ["--preset=toy", f"--arch={arch}", "--bleu_sentences=-1", "--test_sentences=10", "--save_interval=0"]
+    scores = fronts.train_curve(tmp_path / "curve", flags, (3, 6))
+    train.main([*flags, "--max_steps=6", f"--out_dir={tmp_path / 'straight'}"])
+    straight = json.loads((tmp_path / "straight" / "results.json").read_text())["model"]
+    assert set(scores) == {3, 6} and scores[6]["loss"] == straight["loss"] and scores[6]["bleu"] == straight["bleu"]
+    assert scores[3]["loss"] != scores[6]["loss"]
+    for s in (3, 6):
+        kept = (tmp_path / "curve" / f"hyps_test_step{s}.txt").read_text().splitlines()
+        assert len(kept) == 10
+    assert (tmp_path / "curve" / "hyps_test_step6.txt").read_text() == \
+        (tmp_path / "straight" / "hyps_test_model.txt").read_text()
+    a = common.load_checkpoint(tmp_path / "curve" / "ckpt.pt")["model"]
+    b = common.load_checkpoint(tmp_path / "straight" / "ckpt.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert fronts.train_curve(tmp_path / "curve", flags, (3, 6)) == scores  # finished: read back, nothing trained
+
+
+def test_sentence_losses_add_up_to_the_fitness():
+    """The noise floor resamples per-sentence losses; their token-weighted mean is search.py's fitness."""
+    corpus = make_toy_corpus(seed=0)
+    torch.manual_seed(0)
+    space = mos.SPACES["tiny"]
+    model = mos.SuperTransformer(space, len(corpus.src_vocab), len(corpus.tgt_vocab)).subnet(space.largest()).eval()
+    sums, ntok = fronts.sentence_losses(model, corpus, "valid", max_tokens=512)
+    assert len(sums) == len(corpus.splits["valid"][0]) and (ntok > 0).all()
+    assert ntok.tolist() == [len(t) for t in corpus.splits["valid"][1]]  # every target token (EOS included)
+    fitness = common.valid_loss(model, common.split_batches(corpus, "valid", 512, "cpu"))
+    assert sums.sum() / ntok.sum() == pytest.approx(fitness, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_fronts_pipeline_on_the_toy_task(tmp_path):
+    """gap.py's toy supernets (one seed, two arms), then every fronts.py stage; a rerun reads everything back, and
+    --remeasure_sessions=2 adds a second interleaved session."""
+    out_gap, out = tmp_path / "gap", tmp_path / "fronts"
+    gap.main([f"--out={out_gap}", "--preset=toy", "--panel_size=3", "--candidates=5", "--arms=['hat','neuron']",
+              "--seeds=[1337]", "--test_sentences=12", "--bootstrap=20",
+              "--extra=['--preset=toy','--max_steps=8','--bleu_sentences=-1','--save_interval=0']"])
+    flags = ["--preset=toy", f"--gap={out_gap}", f"--out={out}"]  # seed 1337: the toy corpus of every stage
+    rows = fronts.main(flags)
+    predictor = json.loads((out / "predictor.json").read_text())
+    corpus = make_toy_corpus(seed=train.parse_config(["--preset=toy"]).seed)
+    refs = corpus.refs["test"][:30]
+    noise = json.loads((out / "noise.json").read_text())
+    assert [r["name"] for r in rows] == ["hat_p25", "hat_p75", "neuron_p25", "neuron_p75"]
+    for r in rows:
+        assert r["budget_ms"] == pytest.approx(predictor["measured_percentiles"][str(r["percentile"])], abs=0.01)
+        assert r["predicted_ms"] <= r["budget_ms"]  # the search's hard constraint
+        assert set(r["finetune"]) == {0, 4, 8} and set(r["scratch"]) == {4, 8}
+        for step in (0, 4, 8):  # every BLEU comes from translations kept beside it
+            hyps = (out / f"finetune_{r['name']}" / f"hyps_test_step{step}.txt").read_text().splitlines()
+            assert bleu_score(hyps, refs)[0] == pytest.approx(r["finetune"][step]["bleu"])
+    for arm in ("hat", "neuron"):  # the fitness is the whole valid split: the noise floor rescored it
+        low, high = [r for r in rows if r["arm"] == arm]
+        assert noise[arm]["valid_loss"] == [pytest.approx(low["valid_loss"]), pytest.approx(high["valid_loss"])]
+        assert noise[arm]["rebatched_delta"] < 1e-4 and noise[arm]["bootstrap_std"][0] > 0
+        assert noise[arm]["paired_diff"] == pytest.approx(high["valid_loss"] - low["valid_loss"], abs=1e-5)
+    report = json.loads((out / "fronts.json").read_text())
+    session = report["remeasure_sessions"][0]
+    assert set(session["models"]) == {"arch0", "arch1", "arch2", *[r["name"] for r in rows]}  # panel and winners
+    assert session["reference"] == "arch0" and report["latency_across_sessions"]["arch1"]["panel_ms"] > 0
+    check = next(c for c in report["budget_checks"] if c["arm"] == "neuron")
+    ratios = [h / l for h, l in zip(session["models"]["neuron_p75"]["rounds_ms"],
+                                    session["models"]["neuron_p25"]["rounds_ms"])]
+    assert check["slower_ratio_median"] == pytest.approx(float(np.median(ratios)))
+    assert check["bleu_step0"]["low"] == pytest.approx(rows[2]["finetune"][0]["bleu"])
+    for name in ("fronts.png", "steps.png", "fronts.md"):
+        assert (out / name).exists()
+
+    again = fronts.main([*flags, "--remeasure_sessions=2"])  # nothing retrained; one more interleaved session
+    assert [r["finetune"] for r in again] == [r["finetune"] for r in rows]
+    assert len(common.read_jsonl(out / "remeasure.jsonl")) == 2
+    report = json.loads((out / "fronts.json").read_text())
+    assert len(report["winners"][0]["interleaved_sessions_ms"]) == 2
+    ms = report["latency_across_sessions"]["hat_p25"]["ms"]
+    assert report["latency_across_sessions"]["hat_p25"]["ms_spread"] == pytest.approx((max(ms) - min(ms)) / np.median(ms))
