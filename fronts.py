@@ -175,11 +175,10 @@ def scores_of(folder: Path, steps) -> dict:
 
 def report(out: Path, cfg: FrontsConfig, rows, noise, sessions, corpus, panel):
     """fronts.json, fronts.md, fronts.png and steps.png from the finished stages."""
-    names = {r["name"]: r for r in rows}
-    ms = {name: [s["models"][name]["median_ms"] for s in sessions if name in s["models"]] for name in names}
-    for r in rows:  # the interleaved measurement: the first session's, and the spread over sessions
-        r["interleaved_ms"] = ms[r["name"]][0] if ms[r["name"]] else None
-        r["interleaved_sessions_ms"] = ms[r["name"]]
+    for r in rows:  # the interleaved measurement: every session's figure, the first one plotted
+        r["interleaved_sessions_ms"] = [s["models"][r["name"]]["median_ms"] for s in sessions
+                                        if r["name"] in s["models"]]
+        r["interleaved_ms"] = r["interleaved_sessions_ms"][0] if r["interleaved_sessions_ms"] else None
     checks = [budget_check(cfg, arm, [r for r in rows if r["arm"] == arm], noise.get(arm), sessions, corpus, out)
               for arm in cfg.arms if sum(r["arm"] == arm for r in rows) > 1]
     across = latency_across_sessions(sessions, panel)
@@ -331,7 +330,8 @@ def main(argv):
     if [arm for arm in cfg.arms if arm not in ARMS] or not cfg.arms:
         raise SystemExit(f"error: --arms={list(cfg.arms)}; give one or more arms of {list(ARMS)}")
     if sorted(set(cfg.percentiles)) != list(cfg.percentiles) or not all(1 <= q <= 99 for q in cfg.percentiles):
-        raise SystemExit(f"error: --percentiles={list(cfg.percentiles)}; give increasing integers 1-99, e.g. [25,50,75]")
+        raise SystemExit(f"error: --percentiles={list(cfg.percentiles)}; give increasing integers 1-99, "
+                         f"e.g. [25,50,75]")
     for name in ("finetune_steps", "scratch_steps"):
         steps = getattr(cfg, name)
         if not steps or sorted(set(steps)) != list(steps) or steps[0] < 1:
