@@ -66,7 +66,7 @@ class FrontsConfig:
     latency_iters: int = 20
     threads: int = 2
     remeasure_sessions: int = 1  # interleaved measurements of all winners to hold, one per run of stage 4
-    remeasure_rounds: int = 5
+    remeasure_rounds: int = 10  # round spreads of 9-42% on this VM (results/fronts/README.md): more rounds
     remeasure_iters: int = 20
     noise_bootstrap: int = 1000  # resamples of the valid sentences for the noise floor (and of the paired test)
     finetune_steps: tuple = (250, 500, 1000)  # from the supernet's weights, one run continued to each in turn
