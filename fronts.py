@@ -214,7 +214,8 @@ def budget_check(cfg, arm, rows, noise, sessions, corpus, out) -> dict:
               for h, l in zip(s["models"][hi["name"]]["rounds_ms"], s["models"][lo["name"]]["rounds_ms"])]
     check = dict(arm=arm, low=lo["name"], high=hi["name"], same_arch=lo["arch"] == hi["arch"],
                  slower_ratio_median=float(np.median(ratios)) if ratios else None,
-                 slower_ratio_min=float(min(ratios)) if ratios else None)
+                 slower_ratio_min=float(min(ratios)) if ratios else None,
+                 slower_rounds=[sum(q > 1 for q in ratios), len(ratios)])  # in how many rounds it was slower
     if noise:
         check.update(valid_loss_diff=noise["paired_diff"], valid_loss_diff_ci=noise["paired_ci"])
     refs = corpus.refs["test"][:cfg.test_sentences or len(corpus.refs["test"])]
@@ -248,14 +249,16 @@ def write_markdown(path: Path, cfg, rows, noise, sessions, checks, across):
     lines += [f"| {arm} | {n['rebatched_delta']:.1e} | {max(n['bootstrap_std']):.4f} | {n['paired_diff']:+.4f} | "
               f"[{n['paired_ci'][0]:+.4f}, {n['paired_ci'][1]:+.4f}] |" for arm, n in noise.items()]
     lines += ["", "Highest against lowest budget, per arm", "",
-              "| arm | same arch | slower: ms ratio, median [min] over rounds | valid loss diff [95%] | "
-              "inherited BLEU low / high (p) | finetuned BLEU low / high (p) |", "|---|---|---|---|---|---|"]
+              "| arm | same arch | slower: ms ratio, median [min] over rounds (rounds slower) | "
+              "valid loss diff [95%] | inherited BLEU low / high (p) | finetuned BLEU low / high (p) |",
+              "|---|---|---|---|---|---|"]
     for c in checks:
         bleu = lambda key: (f"{c[key]['low']:.2f} / {c[key]['high']:.2f} (p = {c[key]['p_value']:.3f})"
                             if key in c and c[key]["p_value"] is not None else "")
         ci = c.get("valid_loss_diff_ci")
-        lines.append(f"| {c['arm']} | {c['same_arch']} | {f2(c['slower_ratio_median'])} [{f2(c['slower_ratio_min'])}]"
-                     f" | {c.get('valid_loss_diff', float('nan')):+.4f}"
+        slower = (f"{f2(c['slower_ratio_median'])} [{f2(c['slower_ratio_min'])}] "
+                  f"({c['slower_rounds'][0]} of {c['slower_rounds'][1]})")
+        lines.append(f"| {c['arm']} | {c['same_arch']} | {slower} | {c.get('valid_loss_diff', float('nan')):+.4f}"
                      + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "") + f" | {bleu('bleu_step0')} | "
                      f"{bleu(f'bleu_step{cfg.finetune_steps[-1]}')} |")
     if sessions:

@@ -86,6 +86,7 @@ def test_fronts_pipeline_on_the_toy_task(tmp_path):
     ratios = [h / l for h, l in zip(session["models"]["neuron_p75"]["rounds_ms"],
                                     session["models"]["neuron_p25"]["rounds_ms"])]
     assert check["slower_ratio_median"] == pytest.approx(float(np.median(ratios)))
+    assert check["slower_rounds"] == [sum(q > 1 for q in ratios), 2]  # toy: 2 rounds
     assert check["bleu_step0"]["low"] == pytest.approx(rows[2]["finetune"][0]["bleu"])
     for name in ("fronts.png", "steps.png", "fronts.md"):
         assert (out / name).exists()
