@@ -324,6 +324,11 @@ def busy_warning(before: dict, after: dict, threads: int):
     return None
 
 
+def spread(values) -> float:
+    """(max - min) / median: how far repeated figures of one thing disagree."""
+    return float((max(values) - min(values)) / np.median(values))
+
+
 def measure_interleaved(models: dict, reference: str, rounds=5, warmup=20, iters=20, measure=None, log=print,
                         **protocol) -> dict:
     """Latency of several plain models measured side by side, so that a busy or drifting machine hits them all
@@ -344,7 +349,6 @@ def measure_interleaved(models: dict, reference: str, rounds=5, warmup=20, iters
         for name in order:
             ms[name].append(measure(models[name], warmup=1, iters=iters, **protocol)["median_ms"])
     after = machine_state(threads)
-    spread = lambda x: float((max(x) - min(x)) / np.median(x))
     results = {}
     for name in order:
         ratio = [m / r for m, r in zip(ms[name], ms[reference])]  # (rounds,) relative to the same round

@@ -27,6 +27,7 @@ the latency dataset and the search caches continue where they stopped):
 Settings are the FrontsConfig fields, changed with --key=value as in train.py. Checkpoints (*.pt) stay out of git.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -45,7 +46,7 @@ import train
 from data.batching import TokenBatcher, collate
 from gap import ARMS, machine, paired_test, read_lines
 from mos import PAD, SPACES, ArchConfig, Transformer
-from reproduce import TOY_LATENCY, TOY_SEARCH
+from reproduce import TOY_LATENCY, TOY_SEARCH, train_stage
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -103,19 +104,11 @@ def train_curve(folder: Path, flags, steps) -> dict:
     scores = {}
     for s in steps:
         kept = folder / f"results_step{s}.json"
-        if not kept.exists():
-            ckpt, result = folder / "ckpt.pt", folder / "results.json"
-            if not (result.exists() and common.load_checkpoint(ckpt)["step"] == s):  # else: tested, not yet renamed
-                resume = ["--resume=True"] if ckpt.exists() else []
-                print(f"[run] train.py {' '.join(flags)} --max_steps={s} --out_dir={folder} {' '.join(resume)}")
-                result.unlink(missing_ok=True)  # the previous step count's, already kept
-                train.main([*flags, f"--max_steps={s}", f"--out_dir={folder}", *resume])
-                if not result.exists():  # Ctrl-C or SIGTERM: train.py saved its checkpoint and returned
-                    raise common.Stopped(common.received[-1]) if common.received else SystemExit(
-                        f"stopped during {folder}; rerun the same command to continue")
+        if not kept.exists():  # (a results.json already there is this step count's, tested but not yet renamed)
+            train_stage(folder, [*flags, f"--max_steps={s}"])  # resumes from the previous step count's checkpoint
             if (folder / "hyps_test_model.txt").exists():  # (a stop between the two renames has moved it)
                 os.replace(folder / "hyps_test_model.txt", folder / f"hyps_test_step{s}.txt")
-            os.replace(result, kept)
+            os.replace(folder / "results.json", kept)
         scores[s] = common.read_json(kept, "results")["model"]
     return scores
 
@@ -175,32 +168,30 @@ def scores_of(folder: Path, steps) -> dict:
 
 def report(out: Path, cfg: FrontsConfig, rows, noise, sessions, corpus, panel):
     """fronts.json, fronts.md, fronts.png and steps.png from the finished stages."""
+    across = latency_across_sessions(sessions, panel)
     for r in rows:  # the interleaved measurement: every session's figure, the first one plotted
-        r["interleaved_sessions_ms"] = [s["models"][r["name"]]["median_ms"] for s in sessions
-                                        if r["name"] in s["models"]]
+        r["interleaved_sessions_ms"] = across[r["name"]]["ms"] if r["name"] in across else []
         r["interleaved_ms"] = r["interleaved_sessions_ms"][0] if r["interleaved_sessions_ms"] else None
     checks = [budget_check(cfg, arm, [r for r in rows if r["arm"] == arm], noise.get(arm), sessions, corpus, out)
               for arm in cfg.arms if sum(r["arm"] == arm for r in rows) > 1]
-    across = latency_across_sessions(sessions, panel)
     common.write_json(out / "fronts.json", dict(settings=asdict(cfg), machine=machine(), winners=rows, noise=noise,
                                                 remeasure_sessions=sessions, latency_across_sessions=across,
                                                 budget_checks=checks))
     write_markdown(out / "fronts.md", cfg, rows, noise, sessions, checks, across)
-    plot(out, cfg, rows, sessions)
+    plot(out, cfg, rows, sessions, panel)
 
 
 def latency_across_sessions(sessions, panel) -> dict:
     """Per arch timed in the interleaved sessions: its ms and its ratio to the round's reference in each session,
     with their spreads ((max - min) / median) over sessions; for a panel arch also gap.py's figure (`panel_ms`)."""
     earlier = {e["name"]: e["latency_ms"] for e in panel}
-    spread = lambda x: float((max(x) - min(x)) / np.median(x))
     across = {}
     for name in (sessions[0]["models"] if sessions else {}):
         ms = [s["models"][name]["median_ms"] for s in sessions if name in s["models"]]
         ratio = [s["models"][name]["ratio_to_reference"] for s in sessions if name in s["models"]]
         every = ms + ([earlier[name]] if name in earlier else [])
-        across[name] = dict(panel_ms=earlier.get(name), ms=ms, ratio=ratio, ms_spread=spread(every),
-                            ratio_spread=spread(ratio))
+        across[name] = dict(panel_ms=earlier.get(name), ms=ms, ratio=ratio, ms_spread=common.spread(every),
+                            ratio_spread=common.spread(ratio))
     return across
 
 
@@ -276,7 +267,7 @@ def write_markdown(path: Path, cfg, rows, noise, sessions, checks, across):
         f.write("\n".join(lines) + "\n")
 
 
-def plot(out: Path, cfg, rows, sessions):
+def plot(out: Path, cfg, rows, sessions, panel):
     """fronts.png: interleaved latency against test BLEU, inherited (dashed) and finetuned (solid) per arm, with the
     gap panel's standalone archs; steps.png: test BLEU against training steps, finetuned and from scratch."""
     import matplotlib
@@ -285,14 +276,12 @@ def plot(out: Path, cfg, rows, sessions):
     colours = dict(zip(ARMS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     last = cfg.finetune_steps[-1]
     fig, ax = plt.subplots(figsize=(7, 5))
-    panel = Path(cfg.gap) / "panel.json"
-    if panel.exists():
-        for e in common.read_json(panel, "panel")["panel"]:
-            result = Path(cfg.gap) / "standalone" / e["name"] / "results.json"
-            if result.exists():  # at the latency measured beside the winners
-                ms = sessions[0]["models"][e["name"]]["median_ms"] if sessions else e["latency_ms"]
-                ax.scatter(ms, common.read_json(result, "results")["model"]["bleu"], color="grey", marker="x",
-                           label="gap panel, standalone 1,500 steps" if e["name"] == "arch0" else None)
+    for e in panel:
+        result = Path(cfg.gap) / "standalone" / e["name"] / "results.json"
+        if result.exists():  # at the latency measured beside the winners
+            ms = sessions[0]["models"][e["name"]]["median_ms"] if sessions else e["latency_ms"]
+            ax.scatter(ms, common.read_json(result, "results")["model"]["bleu"], color="grey", marker="x",
+                       label="gap panel, standalone 1,500 steps" if e["name"] == "arch0" else None)
     for arm in cfg.arms:
         mine = [r for r in rows if r["arm"] == arm and r["interleaved_ms"] is not None]
         for step, style in ((0, "--"), (last, "-")):
@@ -383,13 +372,17 @@ def main(argv):
             "budget_ms", "arch", "valid_loss", "predicted_ms", "measured_ms", "params_no_emb")})
             for q, r in zip(cfg.percentiles, found)]
 
+    @functools.cache
+    def supernet_of(arm):
+        """The arm's supernet, loaded once: the noise floor and the inherited scores both cut subnets from it."""
+        return common.model_from_checkpoint(common.load_checkpoint(ckpts[arm])).eval()
+
     # 3. the fitness noise floor, per arm
     path = out / "noise.json"
     noise = common.read_json(path, "noise") if path.exists() else {}
     for arm in cfg.arms:
         if arm not in noise:
-            supernet = common.model_from_checkpoint(common.load_checkpoint(ckpts[arm])).eval()
-            noise[arm] = noise_floor(supernet, [winners[arm][0], winners[arm][-1]], corpus, run.max_tokens,
+            noise[arm] = noise_floor(supernet_of(arm), [winners[arm][0], winners[arm][-1]], corpus, run.max_tokens,
                                      cfg.noise_bootstrap)
             common.write_json(path, noise)
 
@@ -415,8 +408,7 @@ def main(argv):
         if not (folder / "results_step0.json").exists():
             folder.mkdir(parents=True, exist_ok=True)
             common.write_json(folder / "arch.json", w["arch"])
-            supernet = common.model_from_checkpoint(common.load_checkpoint(ckpts[w["arm"]])).eval()
-            result = common.evaluate(supernet.subnet(ArchConfig.from_dict(w["arch"])), corpus, "test",
+            result = common.evaluate(supernet_of(w["arm"]).subnet(ArchConfig.from_dict(w["arch"])), corpus, "test",
                                      torch.device("cpu"), run.max_tokens, cfg.test_sentences, run.beam, run.lenpen,
                                      hyps_path=folder / "hyps_test_step0.txt")
             common.write_json(folder / "results_step0.json", dict(split="test", model=result))
