@@ -217,7 +217,7 @@ def test_search_stopped_by_sigterm_keeps_its_cache_and_finds_the_same_subnets(ti
 
 
 def test_latency_dataset_stopped_by_sigterm_keeps_whole_rows_and_continues(tmp_path):
-    cmd = ["latency.py", "dataset", "--space=tiny", "--n=12", "--threads=1", "--warmup=0", "--iters=20",
+    cmd = ["latency.py", "dataset", "--space=tiny", "--n=12", "--threads=1", "--warmup=0", "--iters=8",
            "--src_vocab=30", "--tgt_vocab=30"]
     finish(start(*cmd, f"--out={tmp_path / 'reference.csv'}"))
     out = tmp_path / "stopped.csv"
