@@ -14,8 +14,9 @@ a half-scored supernet continues with its next arch):
   3. supernet_ARM_sSEED: every arm (ARMS) for every seed, the same data, updates and recipe; right after each one,
      inherited.json: every panel arch cut from it (no retraining), test loss and BLEU, translations kept;
   4. gap.json, gap.md, gap.png: per arm, inherited against standalone: mean |gap|, Kendall tau and Spearman rho of the
-     two rankings with a bootstrap interval over archs, the arm's training cost, sacrebleu's paired bootstrap
-     between arms on the same archs. Written after every scored supernet, so a partial run reports what it has.
+     two rankings with a bootstrap interval over archs, the arm's training cost, sacrebleu's paired bootstrap of
+     each arm against HAT and of the MoS arms against HAT with the sandwich rule (BASELINES), on the same archs.
+     Written after every scored supernet, so a partial run reports what it has.
 Settings are the GapConfig fields, changed with --key=value as in train.py. Checkpoints (*.pt) stay out of git.
 """
 
@@ -49,6 +50,8 @@ ARMS = {  # the supernets compared, as train.py flags (the order they train in: 
     "hat_sandwich": ("--router=none", "--num_experts=1", "--sampling=sandwich"),  # HAT's weights, MoS's sampling
     "layer": ("--router=layer", "--num_experts=2", "--sampling=sandwich"),  # layer-wise MoS
 }
+BASELINES = ("hat", "hat_sandwich")  # the paired test: every arm against HAT (the paper's baseline), then the rest
+# against HAT with MoS's sampling (the same updates and subnets per update, so the router is the only difference)
 STAGES = ("panel", "standalone")  # --until: stop after this stage (default: all)
 PANEL_SEED = 0  # the random candidates the panel is chosen from
 CI = (2.5, 97.5)  # percentiles of the bootstrap interval
@@ -232,6 +235,20 @@ def paired_test(systems: dict, refs: list, n_samples: int) -> dict:
                        ci=float(r.ci)) for (name, _), r in zip(named, scores["BLEU"])}
 
 
+def paired_groups(arms) -> dict:
+    """baseline -> the arms paired-tested against it: for each of BASELINES that ran, every other arm except the
+    baselines before it (they were already tested against it). ("hat", "neuron", "hat_sandwich", "layer") gives
+    hat: neuron, hat_sandwich, layer and hat_sandwich: neuron, layer."""
+    groups, done = {}, []
+    for base in BASELINES:
+        if base in arms:
+            others = [arm for arm in arms if arm != base and arm not in done]
+            if others:
+                groups[base] = others
+            done.append(base)
+    return groups
+
+
 def report(out: Path, cfg: GapConfig, panel, corpus):
     """gap.json, gap.md and gap.png from every finished standalone run and every fully scored supernet."""
     names = [e["name"] for e in panel]
@@ -255,12 +272,14 @@ def report(out: Path, cfg: GapConfig, panel, corpus):
             for (arm, seed), r in runs.items()]
     n_test = cfg.test_sentences or len(corpus.refs["test"])
     refs = corpus.refs["test"][:n_test] * len(names)
-    paired = {}
-    for seed in cfg.seeds:  # the arms of one seed, decoding the same archs, against the first arm
-        arms = [arm for arm in cfg.arms if (arm, seed) in runs]
-        if len(arms) > 1:
-            paired[seed] = paired_test({arm: [line for n in names for line in read_lines(
-                out / f"supernet_{arm}_s{seed}" / f"hyps_test_{n}.txt")] for arm in arms}, refs, cfg.bootstrap)
+    paired = {}  # seed -> baseline -> arm -> result
+    for seed in cfg.seeds:  # the arms of one seed, decoding the same archs, against each baseline
+        hyps = lambda arm: [line for n in names for line in read_lines(
+            out / f"supernet_{arm}_s{seed}" / f"hyps_test_{n}.txt")]
+        groups = paired_groups([arm for arm in cfg.arms if (arm, seed) in runs])
+        if groups:
+            paired[seed] = {base: paired_test({arm: hyps(arm) for arm in (base, *others)}, refs, cfg.bootstrap)
+                            for base, others in groups.items()}
     summary = summarise(rows, cfg.arms)
     common.write_json(out / "gap.json", dict(settings=asdict(cfg), machine=machine(), panel=panel,
                                              standalone=standalone, runs=rows, per_arm=summary,
@@ -319,12 +338,12 @@ def write_markdown(path: Path, panel, standalone, runs, rows, summary, paired):
         lines.append(f"| {e['name']} | {e['latency_ms']:.1f} | {e['params'] / 1e6:.2f}M | "
                      f"{standalone[e['name']]['bleu']:.2f} | "
                      + " | ".join(f"{runs[k]['inherited'][e['name']]['bleu']:.2f}" for k in keys) + " |")
-    for seed, result in paired.items():
-        first = next(iter(result))
-        lines += ["", f"Paired bootstrap (sacrebleu), seed {seed}, all panel archs' test translations concatenated, "
-                      f"against {first}: " + "; ".join(
-                          f"{n} {r['bleu']:.2f}" + ("" if r["p_value"] is None else f" (p = {r['p_value']:.4f})")
-                          for n, r in result.items())]
+    for seed, by_base in paired.items():
+        for base, result in by_base.items():
+            lines += ["", f"Paired bootstrap (sacrebleu), seed {seed}, all panel archs' test translations "
+                          f"concatenated, against {base}: " + "; ".join(
+                              f"{n} {r['bleu']:.2f}" + ("" if r["p_value"] is None else f" (p = {r['p_value']:.4f})")
+                              for n, r in result.items())]
     with common.atomic_open(path) as f:
         f.write("\n".join(lines) + "\n")
 

@@ -66,6 +66,15 @@ def test_paired_test_finds_the_better_system():
         gap.paired_test({"base": worse, "short": worse[:-1]}, refs, n_samples=10)
 
 
+def test_paired_groups_test_mos_against_both_baselines():
+    # the router's own effect is MoS against hat_sandwich (same sampling); every arm is also tested against hat
+    assert gap.paired_groups(("hat", "neuron", "hat_sandwich", "layer")) == {
+        "hat": ["neuron", "hat_sandwich", "layer"], "hat_sandwich": ["neuron", "layer"]}
+    assert gap.paired_groups(("neuron", "hat_sandwich", "layer")) == {"hat_sandwich": ["neuron", "layer"]}
+    assert gap.paired_groups(("hat", "hat_sandwich")) == {"hat": ["hat_sandwich"]}  # nothing left for the second
+    assert gap.paired_groups(("neuron", "layer")) == {}  # no baseline, no test
+
+
 def test_training_cost_counts_the_sampled_subnets():
     corpus = make_toy_corpus(seed=0)
     space = mos.SPACES["tiny"]
@@ -116,6 +125,10 @@ def test_gap_pipeline_on_the_toy_task(tmp_path):
     mean = np.mean([r["mean_abs_gap_loss"] for r in report["runs"] if r["arm"] == "neuron"])
     assert summary["neuron"]["mean_abs_gap_loss"]["mean"] == pytest.approx(mean)
     assert set(report["paired_bootstrap"]) == {"1", "2"} and (out / "gap.png").exists()
+    for seed in ("1", "2"):  # neuron against hat only: hat_sandwich did not run
+        tested = report["paired_bootstrap"][seed]
+        assert list(tested) == ["hat"] and tested["hat"]["hat"]["p_value"] is None
+        assert 0 <= tested["hat"]["neuron"]["p_value"] <= 1
     assert "| neuron | 2 |" in (out / "gap.md").read_text()
 
     # resume: a supernet whose scoring stopped after some archs scores only the rest, to the same numbers
