@@ -239,13 +239,11 @@ def paired_groups(arms) -> dict:
     """baseline -> the arms paired-tested against it: for each of BASELINES that ran, every other arm except the
     baselines before it (they were already tested against it). ("hat", "neuron", "hat_sandwich", "layer") gives
     hat: neuron, hat_sandwich, layer and hat_sandwich: neuron, layer."""
-    groups, done = {}, []
-    for base in BASELINES:
-        if base in arms:
-            others = [arm for arm in arms if arm != base and arm not in done]
-            if others:
-                groups[base] = others
-            done.append(base)
+    groups = {}
+    for i, base in enumerate(BASELINES):
+        others = [arm for arm in arms if arm not in BASELINES[:i + 1]]
+        if base in arms and others:
+            groups[base] = others
     return groups
 
 
@@ -274,11 +272,12 @@ def report(out: Path, cfg: GapConfig, panel, corpus):
     refs = corpus.refs["test"][:n_test] * len(names)
     paired = {}  # seed -> baseline -> arm -> result
     for seed in cfg.seeds:  # the arms of one seed, decoding the same archs, against each baseline
-        hyps = lambda arm: [line for n in names for line in read_lines(
-            out / f"supernet_{arm}_s{seed}" / f"hyps_test_{n}.txt")]
-        groups = paired_groups([arm for arm in cfg.arms if (arm, seed) in runs])
+        hyps = {arm: [line for n in names for line in read_lines(out / f"supernet_{arm}_s{seed}" /
+                                                                  f"hyps_test_{n}.txt")]
+                for arm in cfg.arms if (arm, seed) in runs}  # each arm's files read once, for every baseline
+        groups = paired_groups(list(hyps))
         if groups:
-            paired[seed] = {base: paired_test({arm: hyps(arm) for arm in (base, *others)}, refs, cfg.bootstrap)
+            paired[seed] = {base: paired_test({arm: hyps[arm] for arm in (base, *others)}, refs, cfg.bootstrap)
                             for base, others in groups.items()}
     summary = summarise(rows, cfg.arms)
     common.write_json(out / "gap.json", dict(settings=asdict(cfg), machine=machine(), panel=panel,
