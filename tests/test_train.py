@@ -239,8 +239,8 @@ def test_failed_results_write_keeps_the_previous_file(tmp_path, monkeypatch):
 def test_same_seed_same_losses_other_seed_other_losses(tmp_path):
     a, b = run(tmp_path, "--max_steps=4", name="a"), run(tmp_path, "--max_steps=4", name="b")
     c = run(tmp_path, "--max_steps=4", "--seed=7", name="c")
-    same = [(ra, rb) for ra, rb in zip(losses(a), losses(b)) if ra != rb]  # the records where a and b part ways
-    assert len(losses(a)) == len(losses(b)) == 4 and not same, f"same seed, other losses: {same[:1]}"
+    parted = [(ra, rb) for ra, rb in zip(losses(a), losses(b)) if ra != rb]  # the records where a and b part ways
+    assert len(losses(a)) == len(losses(b)) == 4 and not parted, f"same seed, other losses: {parted[:1]}"
     assert losses(a) != losses(c), "another seed gave the same losses"
 
 
