@@ -239,9 +239,10 @@ def test_failed_results_write_keeps_the_previous_file(tmp_path, monkeypatch):
 def test_same_seed_same_losses_other_seed_other_losses(tmp_path):
     a, b = run(tmp_path, "--max_steps=4", name="a"), run(tmp_path, "--max_steps=4", name="b")
     c = run(tmp_path, "--max_steps=4", "--seed=7", name="c")
-    parted = [(ra, rb) for ra, rb in zip(losses(a), losses(b)) if ra != rb]  # the records where a and b part ways
-    assert len(losses(a)) == len(losses(b)) == 4 and not parted, f"same seed, other losses: {parted[:1]}"
-    assert losses(a) != losses(c), "another seed gave the same losses"
+    a, b, c = losses(a), losses(b), losses(c)
+    parted = [(ra, rb) for ra, rb in zip(a, b) if ra != rb]  # the records where the two same-seed runs part ways
+    assert len(a) == len(b) == 4 and not parted, f"same seed, other losses: {parted[:1]}"
+    assert a != c, "another seed gave the same losses"
 
 
 def test_bad_arch_files_give_one_line_errors_in_every_command(tmp_path):
