@@ -2,8 +2,9 @@
 Latency-BLEU fronts and the retraining saving, on the supernets of the gap experiment (gap.py): does the search use
 its budget, and do MoS subnets need less retraining than HAT's to reach their standalone quality?
 
-    python fronts.py --data_source=../shared/data/multi30k/tok     # after gap.py trained the seed's four supernets
+    python fronts.py --data_source=../shared/data/multi30k/tok     # after gap.py trained and scored the seed's arms
     python fronts.py --until=latency                               # stage 1 only (needs no supernet)
+    python fronts.py --arms=[layer] --until=supernets              # one arm's stages 2, 3 and 5a
     python fronts.py --remeasure_sessions=2                        # in a later session: time the winners again
     python fronts.py --preset=toy --gap=out_gap_toy --out=out_fronts_toy   # the same stages on the synthetic task
 
@@ -12,22 +13,26 @@ the latency dataset and the search caches continue where they stopped):
   1. latency.csv, predictor.json: `latency_n` random subnets of the space timed (random weights: latency depends on
      the shapes only; run it on a quiet machine) and the predictor fit on them. The budgets are the `percentiles` of
      those measured latencies, so that every budget excludes part of the space.
-  2. search_ARM: search.py on the arm's supernet (seed `seed`) under those budgets, fitness on the full valid split.
+  Then, arm by arm, everything that needs the arm's supernet (seed `seed`). Where its checkpoint is gone (they stay
+  out of git, so a fresh checkout has none), the same run is trained again from its stored settings into
+  supernet_ARM_sSEED/, and regenerated.json says whether it repeated the first run number for number:
+  2. search_ARM: search.py on the arm's supernet under those budgets, fitness on the full valid split.
   3. noise.json: the fitness noise floor per arm: a winner's valid loss under another batching (evaluation order),
      its bootstrap spread over valid sentences, and the paired spread of the highest budget's winner minus the
      lowest's.
+  5a. finetune_ARM_pP: each winner with inherited weights (0 steps), then finetuned from its supernet for each of
+     `finetune_steps`. Test loss and BLEU at every point, translations kept.
+  After all arms:
   4. remeasure.jsonl: every winner of every arm and the gap panel's archs timed side by side
      (common.measure_interleaved, every round led by the panel's arch0, the space's smallest subnet), one line per
      session; --remeasure_sessions=2 in a later session adds a second.
-  5. finetune_ARM_pP: each winner with inherited weights (0 steps), then finetuned from its supernet for each of
-     `finetune_steps`; scratch_HASH: the same arch from scratch for each of `scratch_steps` (the last is the gap
-     experiment's full budget). Test loss and BLEU at every point, translations kept.
+  5b. scratch_HASH: each winner's arch from scratch for each of `scratch_steps` (the last is the gap experiment's
+     full budget), scored as in 5a.
   6. fronts.json, fronts.md, fronts.png (latency against test BLEU, one line per arm, the gap panel's standalone
      archs as reference) and steps.png (test BLEU against training steps, finetuned and from scratch).
 Settings are the FrontsConfig fields, changed with --key=value as in train.py. Checkpoints (*.pt) stay out of git.
 """
 
-import functools
 import hashlib
 import json
 import os
@@ -37,7 +42,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import common
 import latency
@@ -58,9 +62,9 @@ class FrontsConfig:
     preset: str = "multi30k"  # multi30k | toy (see PRESETS)
     gap: str = "results/gap"  # gap.py's folder: the supernets supernet_ARM_sSEED and the panel
     out: str = "results/fronts"
-    seed: int = 1337  # whose supernets are searched (one seed suffices here)
+    seed: int = 1338  # whose supernets are searched (one seed suffices here; see results/fronts/README.md)
     arms: tuple = tuple(ARMS)
-    until: str = "all"  # latency: only stage 1 (it needs no supernet; run it on a quiet machine) | all
+    until: str = "all"  # latency: only stage 1 (no supernet; a quiet machine) | supernets: up to 5a (a few arms) | all
     percentiles: tuple = (25, 50, 75)  # the budgets: these percentiles of the random subnets' measured latencies
     latency_n: int = 240  # random subnets timed for the predictor and the percentiles
     latency_warmup: int = 10
@@ -116,6 +120,54 @@ def train_curve(folder: Path, flags, steps) -> dict:
 def arch_name(arch: ArchConfig) -> str:
     """A short stable name for an arch (its scratch-training folder): 8 hex digits of its JSON's SHA-1."""
     return hashlib.sha1(search.arch_key(arch).encode()).hexdigest()[:8]
+
+
+# -----------------------------------------------------------------------------
+# A supernet whose checkpoint is gone
+
+
+TIMING_KEYS = ("tok_per_s", "train_seconds", "decode_seconds")  # differ between two runs of the same training
+
+
+def supernet_checkpoint(gap_run: Path, out: Path) -> Path:
+    """The checkpoint of gap.py's supernet run `gap_run`: its own if it is still there, else the same run trained
+    again into out/<its name> from the settings it stored (config.json). Checkpoints stay out of git, so a fresh
+    checkout has none. Training is seeded throughout, so the second run should repeat the first: regenerated.json
+    compares their training logs and test losses (on another kind of machine, float rounding may part them)."""
+    if (gap_run / "ckpt.pt").exists():
+        return gap_run / "ckpt.pt"
+    folder = out / gap_run.name
+    stored = common.read_json(gap_run / "config.json", "training settings")
+    as_flag = lambda k, v: f"--{k}={v}" if common.literal_or_word(str(v)) == v else f"--{k}={v!r}"  # '1' a string
+    train_stage(folder, [as_flag(k, v) for k, v in stored.items() if k not in ("out_dir", "resume")])
+    if not (folder / "regenerated.json").exists():
+        common.write_json(folder / "regenerated.json", compare_runs(gap_run, folder))
+    return folder / "ckpt.pt"
+
+
+def compare_runs(first: Path, second: Path) -> dict:
+    """How far two runs of one training setting part: every number of their training logs (step by step) and of
+    their results.json, timings left out. identical = not one number differs."""
+    def numbers(record, prefix=""):
+        """{'largest.loss': 2.33, ...}: every number of a (nested) record, by its path."""
+        flat = {}
+        for k, v in record.items():
+            if isinstance(v, dict):
+                flat.update(numbers(v, f"{prefix}{k}."))
+            elif isinstance(v, (int, float)) and k not in TIMING_KEYS:
+                flat[prefix + k] = v
+        return flat
+
+    logs = [common.read_jsonl(run / "train_log.jsonl") for run in (first, second)]
+    pairs = [(f"train_log step {a.get('step')}", numbers(a), numbers(b)) for a, b in zip(*logs)]
+    pairs.append(("results.json", *(numbers(common.read_json(run / "results.json", "results"))
+                                    for run in (first, second))))
+    diffs = [(where, key, abs(a[key] - b[key])) for where, a, b in pairs for key in sorted(a.keys() & b.keys())]
+    first_diff = next(((where, key) for where, key, d in diffs if d), None)
+    return dict(first=str(first), second=str(second), records=len(pairs), same_length=len(logs[0]) == len(logs[1]),
+                numbers=len(diffs), identical=len(logs[0]) == len(logs[1]) and first_diff is None,
+                max_abs_diff=max((d for *_, d in diffs), default=0.0),
+                first_difference=" ".join(first_diff) if first_diff else None)
 
 
 # -----------------------------------------------------------------------------
@@ -318,7 +370,7 @@ def plot(out: Path, cfg, rows, sessions, panel):
 def main(argv):
     """Run every stage that has not finished, then the report."""
     cfg = common.parse_settings(FrontsConfig, argv, presets=PRESETS)
-    common.check_settings(asdict(cfg), LIMITS, dict(until=("latency", "all")))
+    common.check_settings(asdict(cfg), LIMITS, dict(until=("latency", "supernets", "all")))
     if [arm for arm in cfg.arms if arm not in ARMS] or not cfg.arms:
         raise SystemExit(f"error: --arms={list(cfg.arms)}; give one or more arms of {list(ARMS)}")
     if sorted(set(cfg.percentiles)) != list(cfg.percentiles) or not all(1 <= q <= 99 for q in cfg.percentiles):
@@ -351,47 +403,68 @@ def main(argv):
         torch.set_num_threads(threads)
     if cfg.until == "latency":
         return common.read_json(predictor, "predictor")["measured_percentiles"]
-    ckpts = {arm: gap / f"supernet_{arm}_s{cfg.seed}" / "ckpt.pt" for arm in cfg.arms}
-    missing = [str(p.parent) for p in ckpts.values() if not (p.parent / "inherited.json").exists()]
+    runs = {arm: gap / f"supernet_{arm}_s{cfg.seed}" for arm in cfg.arms}
+    missing = [str(run) for run in runs.values() if not (run / "inherited.json").exists()]
     if missing:
         raise SystemExit(f"error: {', '.join(missing)} not trained and scored yet: run gap.py first "
                          f"(--seeds=[{cfg.seed}] suffices)")
 
-    # 2. the search per arm: the same budgets, fitness on the whole valid split
+    # 2, 3 and 5a, arm by arm: everything that needs the arm's supernet, so that it is loaded (or, where its
+    # checkpoint is gone, trained again) once, and a stop loses at most one arm's supernet
     n_valid = len(corpus.splits["valid"][0])
+    train_flags = [*extra, f"--space={space}", f"--test_sentences={cfg.test_sentences}"]
+    path = out / "noise.json"
+    noise = common.read_json(path, "noise") if path.exists() else {}
     winners = {}
     for arm in cfg.arms:
-        folder = out / f"search_{arm}"
-        if not (folder / "results.json").exists():
-            search.main([f"--ckpt={ckpts[arm]}", f"--predictor={predictor}", f"--out_dir={folder}",
+        search_dir = out / f"search_{arm}"
+        done = (search_dir / "results.json").exists() and arm in noise and all(
+            (out / f"finetune_{arm}_p{q}" / f"results_step{s}.json").exists()
+            for q in cfg.percentiles for s in (0, *cfg.finetune_steps))
+        ckpt = None if done else supernet_checkpoint(runs[arm], out)  # (finished arms need no supernet)
+        # 2. the search: the same budgets for every arm, fitness on the full valid split
+        if not (search_dir / "results.json").exists():
+            search.main([f"--ckpt={ckpt}", f"--predictor={predictor}", f"--out_dir={search_dir}",
                          f"--budget_percentiles=[{','.join(str(q) for q in cfg.percentiles)}]",
                          f"--threads={cfg.threads}", *(TOY_SEARCH if toy else ()), f"--valid_sentences={n_valid}"])
             torch.set_num_threads(threads)
-        found = common.read_json(folder / "results.json", "search results")["results"]
+        found = common.read_json(search_dir / "results.json", "search results")["results"]
         winners[arm] = [dict(arm=arm, name=f"{arm}_p{q}", percentile=q, **{k: r[k] for k in (
             "budget_ms", "arch", "valid_loss", "predicted_ms", "measured_ms", "params_no_emb")})
             for q, r in zip(cfg.percentiles, found)]
-
-    @functools.cache
-    def supernet_of(arm):
-        """The arm's supernet, loaded once: the noise floor and the inherited scores both cut subnets from it."""
-        return common.model_from_checkpoint(common.load_checkpoint(ckpts[arm])).eval()
-
-    # 3. the fitness noise floor, per arm
-    path = out / "noise.json"
-    noise = common.read_json(path, "noise") if path.exists() else {}
-    for arm in cfg.arms:
+        if done:
+            continue
+        supernet = common.model_from_checkpoint(common.load_checkpoint(ckpt)).eval()
+        # 3. the fitness noise floor
         if arm not in noise:
-            noise[arm] = noise_floor(supernet_of(arm), [winners[arm][0], winners[arm][-1]], corpus, run.max_tokens,
+            noise[arm] = noise_floor(supernet, [winners[arm][0], winners[arm][-1]], corpus, run.max_tokens,
                                      cfg.noise_bootstrap)
             common.write_json(path, noise)
+        # 5a. every winner with inherited weights (0 steps: cut from the supernet, scored as is), then finetuned
+        for w in winners[arm]:
+            folder = out / f"finetune_{w['name']}"
+            if not (folder / "results_step0.json").exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                common.write_json(folder / "arch.json", w["arch"])
+                result = common.evaluate(supernet.subnet(ArchConfig.from_dict(w["arch"])), corpus, "test",
+                                         torch.device("cpu"), run.max_tokens, cfg.test_sentences, run.beam,
+                                         run.lenpen, hyps_path=folder / "hyps_test_step0.txt")
+                common.write_json(folder / "results_step0.json", dict(split="test", model=result))
+        del supernet
+        for w in winners[arm]:
+            folder = out / f"finetune_{w['name']}"
+            train_curve(folder, [*train_flags, f"--arch={folder / 'arch.json'}", f"--init={ckpt}",
+                                 f"--lr={cfg.finetune_lr}", f"--warmup={cfg.finetune_warmup}"], cfg.finetune_steps)
+    rows = [w for ws in winners.values() for w in ws]
+    if cfg.until == "supernets":  # e.g. one arm whose supernet is here now; the rest wants every arm's winners
+        return rows
 
     # 4. every winner timed side by side, once per session
     path = out / "remeasure.jsonl"
     sessions = common.read_jsonl(path) if path.exists() else []
     if len(sessions) < cfg.remeasure_sessions:
         archs = {e["name"]: e["arch"] for e in panel}  # arch0, the space's smallest, leads every round
-        archs.update({w["name"]: w["arch"] for ws in winners.values() for w in ws})
+        archs.update({w["name"]: w["arch"] for w in rows})
         models = {name: Transformer(ArchConfig.from_dict(a), len(corpus.src_vocab), len(corpus.tgt_vocab),
                                     SPACES[space].qkv_dim).eval() for name, a in archs.items()}
         r = common.measure_interleaved(models, panel[0]["name"], cfg.remeasure_rounds, cfg.latency_warmup,
@@ -400,22 +473,7 @@ def main(argv):
         sessions = common.read_jsonl(path)
         torch.set_num_threads(threads)
 
-    # 5. inherited, finetuned and from-scratch test BLEU of every winner
-    train_flags = [*extra, f"--space={space}", f"--test_sentences={cfg.test_sentences}"]
-    rows = [w for ws in winners.values() for w in ws]
-    for w in tqdm(rows, desc="inherited", dynamic_ncols=True):  # 0 steps: cut from the supernet, scored as is
-        folder = out / f"finetune_{w['name']}"
-        if not (folder / "results_step0.json").exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            common.write_json(folder / "arch.json", w["arch"])
-            result = common.evaluate(supernet_of(w["arm"]).subnet(ArchConfig.from_dict(w["arch"])), corpus, "test",
-                                     torch.device("cpu"), run.max_tokens, cfg.test_sentences, run.beam, run.lenpen,
-                                     hyps_path=folder / "hyps_test_step0.txt")
-            common.write_json(folder / "results_step0.json", dict(split="test", model=result))
-    for w in rows:
-        folder = out / f"finetune_{w['name']}"
-        train_curve(folder, [*train_flags, f"--arch={folder / 'arch.json'}", f"--init={ckpts[w['arm']]}",
-                             f"--lr={cfg.finetune_lr}", f"--warmup={cfg.finetune_warmup}"], cfg.finetune_steps)
+    # 5b. the same archs from scratch
     for w in rows:  # an arch that several winners share is trained from scratch once
         folder = out / f"scratch_{arch_name(ArchConfig.from_dict(w['arch']))}"
         folder.mkdir(parents=True, exist_ok=True)

@@ -150,8 +150,11 @@ def choose_panel(cfg: GapConfig, corpus, path: Path) -> list:
 def score_inherited(folder: Path, panel, corpus, cfg: GapConfig) -> dict:
     """Test loss and BLEU of every panel arch cut from the supernet in `folder` (no retraining), the translations in
     hyps_test_archI.txt. Written to inherited.json after each arch, so a stopped scoring continues."""
-    path, ckpt = folder / "inherited.json", common.load_checkpoint(folder / "ckpt.pt")
+    path = folder / "inherited.json"
     done = common.read_json(path, "scores") if path.exists() else {}
+    if all(entry["name"] in done for entry in panel):  # scored: the checkpoint is not needed (nor committed)
+        return done
+    ckpt = common.load_checkpoint(folder / "ckpt.pt")
     common.check_vocab(ckpt, corpus, folder / "ckpt.pt")
     supernet, run = common.model_from_checkpoint(ckpt).eval(), ckpt["config"]
     for entry in panel:

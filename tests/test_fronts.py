@@ -51,6 +51,24 @@ def test_sentence_losses_add_up_to_the_fitness():
     assert sums.sum() / ntok.sum() == pytest.approx(fitness, rel=1e-6)
 
 
+def test_compare_runs_finds_the_first_difference_and_ignores_timings(tmp_path):
+    """regenerated.json's comparison: equal logs with other timings are identical; one changed loss is found."""
+    log = [dict(step=50, lr=1e-4, L=6.7, S=7.8, tok_per_s=100), dict(step=100, lr=2e-4, L=6.0, S=7.1, tok_per_s=90)]
+    results = dict(split="test", largest=dict(loss=2.3, bleu=26.2, decode_seconds=29.1))
+    for name, records, res in (("a", log, results), ("b", [dict(r, tok_per_s=5) for r in log],
+                                                      dict(results, largest=dict(loss=2.3, bleu=26.2,
+                                                                                 decode_seconds=3.0)))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (tmp_path / name / "results.json").write_text(json.dumps(res))
+    same = fronts.compare_runs(tmp_path / "a", tmp_path / "b")
+    assert same["identical"] and same["max_abs_diff"] == 0 and same["numbers"] == 2 * 4 + 2
+    (tmp_path / "b" / "train_log.jsonl").write_text(json.dumps(log[0]) + "\n" + json.dumps(dict(log[1], S=7.25)) + "\n")
+    parted = fronts.compare_runs(tmp_path / "a", tmp_path / "b")
+    assert not parted["identical"] and parted["first_difference"] == "train_log step 100 S"
+    assert parted["max_abs_diff"] == pytest.approx(0.15)
+
+
 @pytest.mark.slow
 def test_fronts_pipeline_on_the_toy_task(tmp_path):
     """gap.py's toy supernets (one seed, two arms), then every fronts.py stage; a rerun reads everything back, and
@@ -59,8 +77,14 @@ def test_fronts_pipeline_on_the_toy_task(tmp_path):
     gap.main([f"--out={out_gap}", "--preset=toy", "--panel_size=3", "--candidates=5", "--arms=['hat','neuron']",
               "--seeds=[1337]", "--test_sentences=12", "--bootstrap=20",
               "--extra=['--preset=toy','--max_steps=8','--bleu_sentences=-1','--save_interval=0']"])
-    flags = ["--preset=toy", f"--gap={out_gap}", f"--out={out}"]  # seed 1337: the toy corpus of every stage
+    flags = ["--preset=toy", f"--gap={out_gap}", f"--out={out}", "--seed=1337"]
+    (out_gap / "supernet_neuron_s1337" / "ckpt.pt").unlink()  # as in a fresh checkout: trained again from its settings
+    first = fronts.main([*flags, "--arms=['neuron']", "--until=supernets"])  # one arm's supernet stages only
+    assert [r["name"] for r in first] == ["neuron_p25", "neuron_p75"] and not (out / "remeasure.jsonl").exists()
     rows = fronts.main(flags)
+    regenerated = json.loads((out / "supernet_neuron_s1337" / "regenerated.json").read_text())
+    assert regenerated["identical"] and regenerated["same_length"] and regenerated["numbers"] > 0
+    assert not (out / "supernet_hat_s1337").exists()  # its checkpoint was there
     predictor = json.loads((out / "predictor.json").read_text())
     corpus = make_toy_corpus(seed=train.parse_config(["--preset=toy"]).seed)
     refs = corpus.refs["test"][:30]
