@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import re
 import signal
 import sys
@@ -308,12 +309,23 @@ BUSY_LOAD = 0.5  # runnable processes beyond our own threads (1-minute load aver
 DRIFT = 0.10  # the reference subnet's spread over rounds above which the machine changed during a measurement
 
 
+def machine() -> str:
+    """The CPU (or GPU) every latency figure was measured on, in words."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.processor() or platform.machine())
+    simd = "AVX-512" if "avx512f" in info else "AVX2" if "avx2" in info else "no AVX2"
+    return f"{name}, {simd}, {os.cpu_count()} cores"
+
+
 def machine_state(threads: int) -> dict:
-    """The conditions of a latency measurement: the 1-minute load average, the cores, and `others`, the load beyond
-    the `threads` this measurement keeps busy itself (an estimate: the average lags by about a minute)."""
+    """The conditions of a latency measurement: the machine, the 1-minute load average, the cores, and `others`, the
+    load beyond the `threads` this measurement keeps busy itself (an estimate: the average lags by about a minute)."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return dict(load_1min=round(load, 2), cores=os.cpu_count(), others=round(max(0.0, load - threads), 2),
-                time=time.strftime("%Y-%m-%d %H:%M:%S"))
+    return dict(machine=machine(), load_1min=round(load, 2), cores=os.cpu_count(),
+                others=round(max(0.0, load - threads), 2), time=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
 def busy_warning(before: dict, after: dict, threads: int):

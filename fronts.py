@@ -48,7 +48,7 @@ import latency
 import search
 import train
 from data.batching import TokenBatcher, collate
-from gap import ARMS, machine, paired_test, read_lines
+from gap import ARMS, paired_test, read_lines
 from mos import PAD, SPACES, ArchConfig, Transformer
 from reproduce import TOY_LATENCY, TOY_SEARCH, train_stage
 
@@ -226,9 +226,9 @@ def report(out: Path, cfg: FrontsConfig, rows, noise, sessions, corpus, panel):
         r["interleaved_ms"] = r["interleaved_sessions_ms"][0] if r["interleaved_sessions_ms"] else None
     checks = [budget_check(cfg, arm, [r for r in rows if r["arm"] == arm], noise.get(arm), sessions, corpus, out)
               for arm in cfg.arms if sum(r["arm"] == arm for r in rows) > 1]
-    common.write_json(out / "fronts.json", dict(settings=asdict(cfg), machine=machine(), winners=rows, noise=noise,
-                                                remeasure_sessions=sessions, latency_across_sessions=across,
-                                                budget_checks=checks))
+    common.write_json(out / "fronts.json", dict(settings=asdict(cfg), machine=common.machine(), winners=rows,
+                                                noise=noise, remeasure_sessions=sessions,
+                                                latency_across_sessions=across, budget_checks=checks))
     write_markdown(out / "fronts.md", cfg, rows, noise, sessions, checks, across)
     plot(out, cfg, rows, sessions, panel)
 
@@ -469,7 +469,7 @@ def main(argv):
                                     SPACES[space].qkv_dim).eval() for name, a in archs.items()}
         r = common.measure_interleaved(models, panel[0]["name"], cfg.remeasure_rounds, cfg.latency_warmup,
                                        cfg.remeasure_iters, threads=cfg.threads)
-        common.append_jsonl(path, dict(r, machine=machine(), time=r["before"]["time"]))
+        common.append_jsonl(path, dict(r, machine=common.machine(), time=r["before"]["time"]))
         sessions = common.read_jsonl(path)
         torch.set_num_threads(threads)
 

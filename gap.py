@@ -21,7 +21,6 @@ Settings are the GapConfig fields, changed with --key=value as in train.py. Chec
 """
 
 import os
-import platform
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -104,17 +103,6 @@ def stratify(latencies, k: int, lo: float, hi: float) -> list:
     return sorted(chosen, key=lambda i: lat[i])
 
 
-def machine() -> str:
-    """The CPU (or GPU) every latency figure was measured on, in words."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.processor() or platform.machine())
-    simd = "AVX-512" if "avx512f" in info else "AVX2" if "avx2" in info else "no AVX2"
-    return f"{name}, {simd}, {os.cpu_count()} cores"
-
-
 def choose_panel(cfg: GapConfig, corpus, path: Path) -> list:
     """The panel's archs: measure the latency of the space's smallest, largest and `candidates` random archs (random
     weights, this corpus's vocabularies), keep `panel_size` of them spread over the range. Written once to `path`."""
@@ -137,7 +125,7 @@ def choose_panel(cfg: GapConfig, corpus, path: Path) -> list:
     for entry in panel:  # one JSON arch file each, what train.py --arch reads; panel.json last, as the stage's mark
         common.write_json(path.parent / "panel" / f"{entry['name']}.json", entry["arch"])
     measured_all = [dict(arch=a.to_dict(), latency_ms=m) for a, m in zip(candidates, measured)]
-    common.write_json(path, dict(space=cfg.space, machine=machine(), threads=cfg.threads, protocol="beam",
+    common.write_json(path, dict(space=cfg.space, machine=common.machine(), threads=cfg.threads, protocol="beam",
                                  note="latency of random weights, median of latency_iters runs; chosen before any "
                                       "supernet was scored", panel=panel, candidates=measured_all))
     return panel
@@ -175,7 +163,8 @@ def score_inherited(folder: Path, panel, corpus, cfg: GapConfig) -> dict:
 def training_cost(ckpt: dict, corpus) -> dict:
     """What training the supernet cost: updates, subnet forward-backward passes, an estimate of the FLOPs
     (6 x parameters x target tokens per pass, with the output projection, the embeddings' lookups not counted) and
-    the wall time. The subnets of every step are sampled again exactly as train.py sampled them."""
+    the wall time, with the machine (this one: where training finished, if it resumed across machines). The subnets
+    of every step are sampled again exactly as train.py sampled them."""
     run = train.TrainConfig(**ckpt["config"])
     space, (src, tgt) = mos.SearchSpace.from_dict(ckpt["model_args"]["space"]), corpus.splits["train"]
     batches = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], run.max_tokens, seed=run.seed).batches(0)
@@ -184,7 +173,7 @@ def training_cost(ckpt: dict, corpus) -> dict:
     params = [mos.num_params(a, space, 0, 0, embeddings=False) + a.dec_embed_dim * V
               for step in range(ckpt["step"]) for a in train.subnets_for(step, run, space)]
     return dict(updates=ckpt["step"], subnet_passes=len(params), train_flops=6 * tokens_per_update * sum(params),
-                train_seconds=round(ckpt["train_seconds"], 1))
+                train_seconds=round(ckpt["train_seconds"], 1), machine=common.machine())
 
 
 # -----------------------------------------------------------------------------
@@ -283,7 +272,7 @@ def report(out: Path, cfg: GapConfig, panel, corpus):
             paired[seed] = {base: paired_test({arm: hyps[arm] for arm in (base, *others)}, refs, cfg.bootstrap)
                             for base, others in groups.items()}
     summary = summarise(rows, cfg.arms)
-    common.write_json(out / "gap.json", dict(settings=asdict(cfg), machine=machine(), panel=panel,
+    common.write_json(out / "gap.json", dict(settings=asdict(cfg), panel=panel,  # (machines: panel.json, cost.json)
                                              standalone=standalone, runs=rows, per_arm=summary,
                                              inherited={f"{a}_s{s}": r["inherited"] for (a, s), r in runs.items()},
                                              paired_bootstrap={str(s): p for s, p in paired.items()}))

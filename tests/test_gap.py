@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+import common
 import gap
 import mos
 import train
@@ -83,6 +84,7 @@ def test_training_cost_counts_the_sampled_subnets():
         ckpt = dict(config=vars(cfg), model_args=dict(space=space.to_dict()), step=7, train_seconds=12.34)
         cost = gap.training_cost(ckpt, corpus)
         assert cost["updates"] == 7 and cost["subnet_passes"] == 7 * per_step and cost["train_seconds"] == 12.3
+        assert cost["machine"] == common.machine()
         archs = [a for step in range(7) for a in train.subnets_for(step, cfg, space)]
         smallest = mos.num_params(space.smallest(), space, 0, 0, embeddings=False)
         assert cost["train_flops"] > 6 * len(archs) * smallest  # at least the smallest subnet per pass
