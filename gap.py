@@ -306,7 +306,7 @@ def write_markdown(path: Path, panel, standalone, runs, rows, summary, paired):
     archs), per arch, and the paired tests."""
     span = lambda s, f: f"{s['mean']:{f}} [{s['min']:{f}}, {s['max']:{f}}]"
     lines = ["| arm | seeds | mean abs gap BLEU | mean gap BLEU | mean abs gap loss | Kendall tau (BLEU) | "
-             "Spearman rho (BLEU) | Kendall tau (loss) | subnet passes | train PFLOPs | train hours |",
+             "Spearman rho (BLEU) | Kendall tau (loss) | subnet passes | train PFLOPs | mean train hours |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, s in summary.items():
         lines.append(f"| {arm} | {len(s['seeds'])} | {span(s['mean_abs_gap_bleu'], '.2f')} | "
@@ -318,9 +318,10 @@ def write_markdown(path: Path, panel, standalone, runs, rows, summary, paired):
         f"{r[key]:.2f}"
     lines += ["", "Per run, with 95% bootstrap intervals over the panel's archs", "",
               "| arm | seed | mean abs gap BLEU | Kendall tau (BLEU) | Spearman rho (BLEU) | Kendall tau (loss) | "
-              "Spearman rho (loss) |", "|---|---|---|---|---|---|---|"]
+              "Spearman rho (loss) | train hours | machine |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['arm']} | {r['seed']} | {r['mean_abs_gap_bleu']:.2f} | {ci(r, 'kendall_bleu')} | "
-              f"{ci(r, 'spearman_bleu')} | {ci(r, 'kendall_loss')} | {ci(r, 'spearman_loss')} |" for r in rows]
+              f"{ci(r, 'spearman_bleu')} | {ci(r, 'kendall_loss')} | {ci(r, 'spearman_loss')} | "
+              f"{r['train_seconds'] / 3600:.2f} | {r.get('machine', 'not recorded')} |" for r in rows]
     keys = sorted(runs, key=lambda k: (list(summary).index(k[0]), k[1]))
     lines += ["", "Test BLEU per panel arch: standalone, then inherited from each supernet (arm_sSEED)", "",
               "| arch | latency ms | params | standalone | " + " | ".join(f"{a}_s{s}" for a, s in keys) + " |",
