@@ -406,17 +406,21 @@ def main(argv):
         return panel
 
     # 3. the supernets, seed by seed (so that every arm has one seed before any has two), each scored when trained
-    summary = None
     for seed in cfg.seeds:
         for arm in cfg.arms:
             folder = out / f"supernet_{arm}_s{seed}"
+            scored = common.read_json(folder / "inherited.json", "scores") if (folder / "inherited.json").exists() \
+                else {}
+            if (folder / "cost.json").exists() and all(e["name"] in scored for e in panel):
+                print(f"[done] {folder} (trained and scored)")
+                continue
             train_stage(folder, [*train_flags, *ARMS[arm], f"--seed={seed}"])
             score_inherited(folder, panel, corpus, cfg)
             if not (folder / "cost.json").exists():
                 common.write_json(folder / "cost.json", training_cost(common.load_checkpoint(folder / "ckpt.pt"),
                                                                       corpus))
-            summary = report(out, cfg, panel, corpus)  # 4. the report, over everything finished so far
-    return summary
+            report(out, cfg, panel, corpus)  # 4. the report, over everything finished so far
+    return report(out, cfg, panel, corpus)
 
 
 if __name__ == "__main__":
