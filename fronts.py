@@ -137,6 +137,9 @@ def supernet_checkpoint(gap_run: Path, out: Path) -> Path:
     if (gap_run / "ckpt.pt").exists():
         return gap_run / "ckpt.pt"
     folder = out / gap_run.name
+    if not (folder / "ckpt.pt").exists():  # (a run regenerated in an earlier checkout: its evidence, no checkpoint)
+        for name in ("results.json", "regenerated.json"):
+            (folder / name).unlink(missing_ok=True)
     stored = common.read_json(gap_run / "config.json", "training settings")
     as_flag = lambda k, v: f"--{k}={v}" if common.literal_or_word(str(v)) == v else f"--{k}={v!r}"  # '1' a string
     train_stage(folder, [as_flag(k, v) for k, v in stored.items() if k not in ("out_dir", "resume")])

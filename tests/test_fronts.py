@@ -120,6 +120,15 @@ def test_fronts_pipeline_on_the_toy_task(tmp_path):
     assert len(common.read_jsonl(out / "remeasure.jsonl")) == 2
     report = json.loads((out / "fronts.json").read_text())
     assert len(report["winners"][0]["interleaved_sessions_ms"]) == 2
+    # a later checkout again: neither checkpoint, one finetuning point missing -> trained again, the same numbers
+    for ckpt in (out / "supernet_neuron_s1337" / "ckpt.pt", out / "finetune_neuron_p75" / "ckpt.pt"):
+        ckpt.unlink()
+    kept = out / "finetune_neuron_p75" / "results_step8.json"
+    before = json.loads(kept.read_text())
+    kept.unlink()
+    fronts.main([*flags, "--arms=['neuron']", "--until=supernets"])
+    assert json.loads((out / "supernet_neuron_s1337" / "regenerated.json").read_text())["identical"]
+    assert json.loads(kept.read_text()) == before
     ms = report["latency_across_sessions"]["hat_p25"]["ms"]
     spread = report["latency_across_sessions"]["hat_p25"]["ms_spread"]
     assert spread == pytest.approx((max(ms) - min(ms)) / np.median(ms))
