@@ -5,6 +5,7 @@ its budget, and do MoS subnets need less retraining than HAT's to reach their st
     python fronts.py --data_source=../shared/data/multi30k/tok     # after gap.py trained and scored the seed's arms
     python fronts.py --until=latency                               # stage 1 only (needs no supernet)
     python fronts.py --arms=[layer] --until=supernets              # one arm's stages 2, 3 and 5a
+    python fronts.py --arms=[layer] --until=scratch                # and its winners from scratch (5b)
     python fronts.py --remeasure_sessions=2                        # in a later session: time the winners again
     python fronts.py --preset=toy --gap=out_gap_toy --out=out_fronts_toy   # the same stages on the synthetic task
 
@@ -22,12 +23,15 @@ the latency dataset and the search caches continue where they stopped):
      lowest's.
   5a. finetune_ARM_pP: each winner with inherited weights (0 steps), then finetuned from its supernet for each of
      `finetune_steps`. Test loss and BLEU at every point, translations kept.
+  Then, needing no supernet:
+  5b. scratch_HASH: each winner's arch from scratch for each of `scratch_steps` (the last is the gap experiment's
+     full budget), scored as in 5a. --until=scratch stops here, so that the arms whose winners are known can be
+     trained from scratch before the other arms have theirs.
   After all arms:
   4. remeasure.jsonl: every winner of every arm and the gap panel's archs timed side by side
      (common.measure_interleaved, every round led by the panel's arch0, the space's smallest subnet), one line per
-     session; --remeasure_sessions=2 in a later session adds a second.
-  5b. scratch_HASH: each winner's arch from scratch for each of `scratch_steps` (the last is the gap experiment's
-     full budget), scored as in 5a.
+     session; --remeasure_sessions=2 in a later session adds a second. It runs after all training, on a quiet
+     machine.
   6. fronts.json, fronts.md, fronts.png (latency against test BLEU, one line per arm, the gap panel's standalone
      archs as reference) and steps.png (test BLEU against training steps, finetuned and from scratch).
 Settings are the FrontsConfig fields, changed with --key=value as in train.py. Checkpoints (*.pt) stay out of git.
@@ -48,7 +52,7 @@ import latency
 import search
 import train
 from data.batching import TokenBatcher, collate
-from gap import ARMS, paired_test, read_lines
+from gap import ARMS, inherited_scores, paired_test, read_lines
 from mos import PAD, SPACES, ArchConfig, Transformer
 from reproduce import TOY_LATENCY, TOY_SEARCH, train_stage
 
@@ -64,7 +68,7 @@ class FrontsConfig:
     out: str = "results/fronts"
     seed: int = 1338  # whose supernets are searched (one seed suffices here; see results/fronts/README.md)
     arms: tuple = tuple(ARMS)
-    until: str = "all"  # latency: only stage 1 (no supernet; a quiet machine) | supernets: up to 5a (a few arms) | all
+    until: str = "all"  # latency: stage 1 only (a quiet machine) | supernets: up to 5a | scratch: up to 5b | all
     percentiles: tuple = (25, 50, 75)  # the budgets: these percentiles of the random subnets' measured latencies
     latency_n: int = 240  # random subnets timed for the predictor and the percentiles
     latency_warmup: int = 10
@@ -373,7 +377,7 @@ def plot(out: Path, cfg, rows, sessions, panel):
 def main(argv):
     """Run every stage that has not finished, then the report."""
     cfg = common.parse_settings(FrontsConfig, argv, presets=PRESETS)
-    common.check_settings(asdict(cfg), LIMITS, dict(until=("latency", "supernets", "all")))
+    common.check_settings(asdict(cfg), LIMITS, dict(until=("latency", "supernets", "scratch", "all")))
     if [arm for arm in cfg.arms if arm not in ARMS] or not cfg.arms:
         raise SystemExit(f"error: --arms={list(cfg.arms)}; give one or more arms of {list(ARMS)}")
     if sorted(set(cfg.percentiles)) != list(cfg.percentiles) or not all(1 <= q <= 99 for q in cfg.percentiles):
@@ -407,7 +411,7 @@ def main(argv):
     if cfg.until == "latency":
         return common.read_json(predictor, "predictor")["measured_percentiles"]
     runs = {arm: gap / f"supernet_{arm}_s{cfg.seed}" for arm in cfg.arms}
-    missing = [str(run) for run in runs.values() if not (run / "inherited.json").exists()]
+    missing = [str(run) for run in runs.values() if not inherited_scores(run, panel)[1]]
     if missing:
         raise SystemExit(f"error: {', '.join(missing)} not trained and scored yet: run gap.py first "
                          f"(--seeds=[{cfg.seed}] suffices)")
@@ -462,6 +466,15 @@ def main(argv):
     if cfg.until == "supernets":  # e.g. one arm whose supernet is here now; the rest wants every arm's winners
         return rows
 
+    # 5b. the same archs from scratch (no supernet needed: the arms given, as soon as their winners are known)
+    for w in rows:  # an arch that several winners share is trained from scratch once
+        folder = out / f"scratch_{arch_name(ArchConfig.from_dict(w['arch']))}"
+        folder.mkdir(parents=True, exist_ok=True)
+        common.write_json(folder / "arch.json", w["arch"])
+        train_curve(folder, [*train_flags, f"--arch={folder / 'arch.json'}"], cfg.scratch_steps)
+    if cfg.until == "scratch":
+        return rows
+
     # 4. every winner timed side by side, once per session
     path = out / "remeasure.jsonl"
     sessions = common.read_jsonl(path) if path.exists() else []
@@ -476,12 +489,6 @@ def main(argv):
         sessions = common.read_jsonl(path)
         torch.set_num_threads(threads)
 
-    # 5b. the same archs from scratch
-    for w in rows:  # an arch that several winners share is trained from scratch once
-        folder = out / f"scratch_{arch_name(ArchConfig.from_dict(w['arch']))}"
-        folder.mkdir(parents=True, exist_ok=True)
-        common.write_json(folder / "arch.json", w["arch"])
-        train_curve(folder, [*train_flags, f"--arch={folder / 'arch.json'}"], cfg.scratch_steps)
     for w in rows:
         w["finetune"] = scores_of(out / f"finetune_{w['name']}", (0, *cfg.finetune_steps))
         w["scratch"] = scores_of(out / f"scratch_{arch_name(ArchConfig.from_dict(w['arch']))}", cfg.scratch_steps)

@@ -135,12 +135,19 @@ def choose_panel(cfg: GapConfig, corpus, path: Path) -> list:
 # Stages 2 and 3: training, and scoring the panel with inherited weights
 
 
+def inherited_scores(folder: Path, panel) -> tuple:
+    """The supernet in `folder`'s inherited.json ({} before its first arch is scored) and whether it holds every
+    panel arch: a fully scored supernet needs its checkpoint no more (checkpoints are never committed)."""
+    path = folder / "inherited.json"
+    scores = common.read_json(path, "scores") if path.exists() else {}
+    return scores, all(entry["name"] in scores for entry in panel)
+
+
 def score_inherited(folder: Path, panel, corpus, cfg: GapConfig) -> dict:
     """Test loss and BLEU of every panel arch cut from the supernet in `folder` (no retraining), the translations in
     hyps_test_archI.txt. Written to inherited.json after each arch, so a stopped scoring continues."""
-    path = folder / "inherited.json"
-    done = common.read_json(path, "scores") if path.exists() else {}
-    if all(entry["name"] in done for entry in panel):  # scored: the checkpoint is not needed (nor committed)
+    done, complete = inherited_scores(folder, panel)
+    if complete:
         return done
     ckpt = common.load_checkpoint(folder / "ckpt.pt")
     common.check_vocab(ckpt, corpus, folder / "ckpt.pt")
@@ -154,7 +161,7 @@ def score_inherited(folder: Path, panel, corpus, cfg: GapConfig) -> dict:
                                               cfg.test_sentences, run["beam"], run["lenpen"],
                                               hyps_path=folder / f"hyps_test_{entry['name']}.txt")
         done[entry["name"]]["decode_seconds"] = round(time.time() - t, 1)
-        common.write_json(path, done)
+        common.write_json(folder / "inherited.json", done)
         print(f"{folder.name} {entry['name']}: inherited test loss {done[entry['name']]['loss']:.3f}, "
               f"BLEU {done[entry['name']]['bleu']:.2f}")
     return done
@@ -249,9 +256,8 @@ def report(out: Path, cfg: GapConfig, panel, corpus):
     for seed in cfg.seeds:
         for arm in cfg.arms:
             folder = out / f"supernet_{arm}_s{seed}"
-            path = folder / "inherited.json"
-            scored = common.read_json(path, "scores") if path.exists() else {}
-            if set(scored) >= set(names) and (folder / "cost.json").exists():
+            scored, complete = inherited_scores(folder, panel)
+            if complete and (folder / "cost.json").exists():
                 runs[(arm, seed)] = dict(inherited=scored, cost=common.read_json(folder / "cost.json", "cost"))
     if len(standalone) < len(names) or not runs:
         print(f"report: {len(standalone)}/{len(names)} standalone runs and {len(runs)} scored supernets so far")
@@ -409,9 +415,7 @@ def main(argv):
     for seed in cfg.seeds:
         for arm in cfg.arms:
             folder = out / f"supernet_{arm}_s{seed}"
-            scored = common.read_json(folder / "inherited.json", "scores") if (folder / "inherited.json").exists() \
-                else {}
-            if (folder / "cost.json").exists() and all(e["name"] in scored for e in panel):
+            if (folder / "cost.json").exists() and inherited_scores(folder, panel)[1]:
                 print(f"[done] {folder} (trained and scored)")
                 continue
             train_stage(folder, [*train_flags, *ARMS[arm], f"--seed={seed}"])

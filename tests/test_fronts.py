@@ -71,8 +71,9 @@ def test_compare_runs_finds_the_first_difference_and_ignores_timings(tmp_path):
 
 @pytest.mark.slow
 def test_fronts_pipeline_on_the_toy_task(tmp_path):
-    """gap.py's toy supernets (one seed, two arms), then every fronts.py stage; a rerun reads everything back, and
-    --remeasure_sessions=2 adds a second interleaved session."""
+    """gap.py's toy supernets (one seed, two arms), then every fronts.py stage (one arm up to its supernet stages,
+    then its scratch runs, then all); a rerun reads everything back, and --remeasure_sessions=2 adds a second
+    interleaved session."""
     out_gap, out = tmp_path / "gap", tmp_path / "fronts"
     gap.main([f"--out={out_gap}", "--preset=toy", "--panel_size=3", "--candidates=5", "--arms=['hat','neuron']",
               "--seeds=[1337]", "--test_sentences=12", "--bootstrap=20",
@@ -81,6 +82,13 @@ def test_fronts_pipeline_on_the_toy_task(tmp_path):
     (out_gap / "supernet_neuron_s1337" / "ckpt.pt").unlink()  # as in a fresh checkout: trained again from its settings
     first = fronts.main([*flags, "--arms=['neuron']", "--until=supernets"])  # one arm's supernet stages only
     assert [r["name"] for r in first] == ["neuron_p25", "neuron_p75"] and not (out / "remeasure.jsonl").exists()
+    assert not list(out.glob("scratch_*"))
+    scratch = fronts.main([*flags, "--arms=['neuron']", "--until=scratch"])  # its winners from scratch, no more
+    assert scratch == first and not (out / "remeasure.jsonl").exists() and not (out / "fronts.json").exists()
+    folders = {out / f"scratch_{fronts.arch_name(mos.ArchConfig.from_dict(r['arch']))}" for r in first}
+    assert set(out.glob("scratch_*")) == folders
+    assert all((f / f"results_step{s}.json").exists() and (f / f"hyps_test_step{s}.txt").exists()
+               for f in folders for s in (4, 8))
     rows = fronts.main(flags)
     regenerated = json.loads((out / "supernet_neuron_s1337" / "regenerated.json").read_text())
     assert regenerated["identical"] and regenerated["same_length"] and regenerated["numbers"] > 0
