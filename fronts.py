@@ -126,6 +126,11 @@ def arch_name(arch: ArchConfig) -> str:
     return hashlib.sha1(search.arch_key(arch).encode()).hexdigest()[:8]
 
 
+def scratch_folder(out: Path, arch: dict) -> Path:
+    """Where an arch (its JSON dict) is trained from scratch: one folder per arch, shared by the winners that are it."""
+    return out / f"scratch_{arch_name(ArchConfig.from_dict(arch))}"
+
+
 # -----------------------------------------------------------------------------
 # A supernet whose checkpoint is gone
 
@@ -468,7 +473,7 @@ def main(argv):
 
     # 5b. the same archs from scratch (no supernet needed: the arms given, as soon as their winners are known)
     for w in rows:  # an arch that several winners share is trained from scratch once
-        folder = out / f"scratch_{arch_name(ArchConfig.from_dict(w['arch']))}"
+        folder = scratch_folder(out, w["arch"])
         folder.mkdir(parents=True, exist_ok=True)
         common.write_json(folder / "arch.json", w["arch"])
         train_curve(folder, [*train_flags, f"--arch={folder / 'arch.json'}"], cfg.scratch_steps)
@@ -491,7 +496,7 @@ def main(argv):
 
     for w in rows:
         w["finetune"] = scores_of(out / f"finetune_{w['name']}", (0, *cfg.finetune_steps))
-        w["scratch"] = scores_of(out / f"scratch_{arch_name(ArchConfig.from_dict(w['arch']))}", cfg.scratch_steps)
+        w["scratch"] = scores_of(scratch_folder(out, w["arch"]), cfg.scratch_steps)
 
     # 6. the report
     report(out, cfg, rows, noise, sessions, corpus, panel)

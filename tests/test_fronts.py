@@ -85,7 +85,7 @@ def test_fronts_pipeline_on_the_toy_task(tmp_path):
     assert not list(out.glob("scratch_*"))
     scratch = fronts.main([*flags, "--arms=['neuron']", "--until=scratch"])  # its winners from scratch, no more
     assert scratch == first and not (out / "remeasure.jsonl").exists() and not (out / "fronts.json").exists()
-    folders = {out / f"scratch_{fronts.arch_name(mos.ArchConfig.from_dict(r['arch']))}" for r in first}
+    folders = {fronts.scratch_folder(out, r["arch"]) for r in first}
     assert set(out.glob("scratch_*")) == folders
     assert all((f / f"results_step{s}.json").exists() and (f / f"hyps_test_step{s}.txt").exists()
                for f in folders for s in (4, 8))
