@@ -6,6 +6,7 @@ its budget, and do MoS subnets need less retraining than HAT's to reach their st
     python fronts.py --until=latency                               # stage 1 only (needs no supernet)
     python fronts.py --arms=[layer] --until=supernets              # one arm's stages 2, 3 and 5a
     python fronts.py --arms=[layer] --until=scratch                # and its winners from scratch (5b)
+    python fronts.py --scratch=False                               # stage 4 and the report before 5b is done
     python fronts.py --remeasure_sessions=2                        # in a later session: time the winners again
     python fronts.py --preset=toy --gap=out_gap_toy --out=out_fronts_toy   # the same stages on the synthetic task
 
@@ -26,7 +27,8 @@ the latency dataset and the search caches continue where they stopped):
   Then, needing no supernet:
   5b. scratch_HASH: each winner's arch from scratch for each of `scratch_steps` (the last is the gap experiment's
      full budget), scored as in 5a. --until=scratch stops here, so that the arms whose winners are known can be
-     trained from scratch before the other arms have theirs.
+     trained from scratch before the other arms have theirs; --scratch=False skips it for one run (the report
+     then shows the scratch runs that have finished, and the next full run trains the rest).
   After all arms:
   4. remeasure.jsonl: every winner of every arm and the gap panel's archs timed side by side
      (common.measure_interleaved, every round led by the panel's arch0, the space's smallest subnet), one line per
@@ -69,6 +71,7 @@ class FrontsConfig:
     seed: int = 1338  # whose supernets are searched (one seed suffices here; see results/fronts/README.md)
     arms: tuple = tuple(ARMS)
     until: str = "all"  # latency: stage 1 only (a quiet machine) | supernets: up to 5a | scratch: up to 5b | all
+    scratch: bool = True  # False: skip stage 5b in this run (stage 4 and the report take the scratch runs finished)
     percentiles: tuple = (25, 50, 75)  # the budgets: these percentiles of the random subnets' measured latencies
     latency_n: int = 240  # random subnets timed for the predictor and the percentiles
     latency_warmup: int = 10
@@ -388,6 +391,8 @@ def main(argv):
     if sorted(set(cfg.percentiles)) != list(cfg.percentiles) or not all(1 <= q <= 99 for q in cfg.percentiles):
         raise SystemExit(f"error: --percentiles={list(cfg.percentiles)}; give increasing integers 1-99, "
                          f"e.g. [25,50,75]")
+    if cfg.until == "scratch" and not cfg.scratch:
+        raise SystemExit("error: --until=scratch with --scratch=False has no stage to run; drop one of the two")
     for name in ("finetune_steps", "scratch_steps"):
         steps = getattr(cfg, name)
         if not steps or sorted(set(steps)) != list(steps) or steps[0] < 1:
@@ -472,7 +477,7 @@ def main(argv):
         return rows
 
     # 5b. the same archs from scratch (no supernet needed: the arms given, as soon as their winners are known)
-    for w in rows:  # an arch that several winners share is trained from scratch once
+    for w in rows if cfg.scratch else ():  # an arch that several winners share is trained from scratch once
         folder = scratch_folder(out, w["arch"])
         folder.mkdir(parents=True, exist_ok=True)
         common.write_json(folder / "arch.json", w["arch"])

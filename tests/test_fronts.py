@@ -69,6 +69,13 @@ def test_compare_runs_finds_the_first_difference_and_ignores_timings(tmp_path):
     assert parted["max_abs_diff"] == pytest.approx(0.15)
 
 
+def test_until_scratch_without_scratch_is_refused(tmp_path):
+    """--until=scratch --scratch=False would run no stage: a one-line error before anything is written."""
+    with pytest.raises(SystemExit, match="no stage to run"):
+        fronts.main(["--until=scratch", "--scratch=False", f"--out={tmp_path / 'fronts'}"])
+    assert not (tmp_path / "fronts").exists()
+
+
 @pytest.mark.slow
 def test_fronts_pipeline_on_the_toy_task(tmp_path):
     """gap.py's toy supernets (one seed, two arms), then every fronts.py stage (one arm up to its supernet stages,
@@ -89,7 +96,12 @@ def test_fronts_pipeline_on_the_toy_task(tmp_path):
     assert set(out.glob("scratch_*")) == folders
     assert all((f / f"results_step{s}.json").exists() and (f / f"hyps_test_step{s}.txt").exists()
                for f in folders for s in (4, 8))
-    rows = fronts.main(flags)
+    early = fronts.main([*flags, "--scratch=False"])  # hat's supernet stages, stage 4 and the report, no 5b
+    assert set(out.glob("scratch_*")) == folders and len(common.read_jsonl(out / "remeasure.jsonl")) == 1
+    assert (out / "fronts.json").exists() and all(r["scratch"] for r in early if r["arm"] == "neuron")
+    assert all(bool(r["scratch"]) == (fronts.scratch_folder(out, r["arch"]) in folders) for r in early)  # hat: none yet
+    rows = fronts.main(flags)  # hat's winners from scratch; the session of stage 4 is kept, the report redone
+    assert len(common.read_jsonl(out / "remeasure.jsonl")) == 1
     regenerated = json.loads((out / "supernet_neuron_s1337" / "regenerated.json").read_text())
     assert regenerated["identical"] and regenerated["same_length"] and regenerated["numbers"] > 0
     assert not (out / "supernet_hat_s1337").exists()  # its checkpoint was there
