@@ -224,7 +224,7 @@ def main(argv):
         print(f"{kind} ({cfg.router} x{cfg.num_experts} experts)" if kind == "supernet" else f"standalone {fixed_arch}",
               f"| {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {cfg.data} | device {device} "
               f"x{world} | {torch.get_num_threads()} threads | "
-              f"{'resuming at step ' + str(step) if resumed else 'from scratch'}")
+              f"{'resuming at step ' + str(step) if resumed else 'from ' + (cfg.init or 'scratch')}")
     src, tgt = corpus.splits["train"]
     batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], cfg.max_tokens, seed=cfg.seed,
                            rank=rank, world_size=world)
