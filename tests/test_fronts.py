@@ -10,6 +10,7 @@ import torch
 import common
 import fronts
 import gap
+import mos
 import train
 from common import bleu_score
 from data.batching import make_toy_corpus
