@@ -88,7 +88,7 @@ def test_fronts_pipeline_on_the_toy_task(tmp_path):
     flags = ["--preset=toy", f"--gap={out_gap}", f"--out={out}", "--seed=1337"]
     (out_gap / "supernet_neuron_s1337" / "ckpt.pt").unlink()  # as in a fresh checkout: trained again from its settings
     first = fronts.main([*flags, "--arms=['neuron']", "--until=supernets"])  # one arm's supernet stages only
-    assert [r["name"] for r in first] == ["neuron_p25", "neuron_p75"] and not (out / "remeasure.jsonl").exists()
+    assert [r["name"] for r in first] == ["neuron_p50", "neuron_p90"] and not (out / "remeasure.jsonl").exists()
     assert not list(out.glob("scratch_*"))
     scratch = fronts.main([*flags, "--arms=['neuron']", "--until=scratch"])  # its winners from scratch, no more
     assert scratch == first and not (out / "remeasure.jsonl").exists() and not (out / "fronts.json").exists()
@@ -109,7 +109,7 @@ def test_fronts_pipeline_on_the_toy_task(tmp_path):
     corpus = make_toy_corpus(seed=train.parse_config(["--preset=toy"]).seed)
     refs = corpus.refs["test"][:30]
     noise = json.loads((out / "noise.json").read_text())
-    assert [r["name"] for r in rows] == ["hat_p25", "hat_p75", "neuron_p25", "neuron_p75"]
+    assert [r["name"] for r in rows] == ["hat_p50", "hat_p90", "neuron_p50", "neuron_p90"]
     for r in rows:
         assert r["budget_ms"] == pytest.approx(predictor["measured_percentiles"][str(r["percentile"])], abs=0.01)
         assert r["predicted_ms"] <= r["budget_ms"]  # the search's hard constraint
@@ -127,11 +127,19 @@ def test_fronts_pipeline_on_the_toy_task(tmp_path):
     assert set(session["models"]) == {"arch0", "arch1", "arch2", *[r["name"] for r in rows]}  # panel and winners
     assert session["reference"] == "arch0" and report["latency_across_sessions"]["arch1"]["panel_ms"] > 0
     check = next(c for c in report["budget_checks"] if c["arm"] == "neuron")
-    ratios = [h / l for h, l in zip(session["models"]["neuron_p75"]["rounds_ms"],
-                                    session["models"]["neuron_p25"]["rounds_ms"])]
+    ratios = [h / l for h, l in zip(session["models"]["neuron_p90"]["rounds_ms"],
+                                    session["models"]["neuron_p50"]["rounds_ms"])]
     assert check["slower_ratio_median"] == pytest.approx(float(np.median(ratios)))
     assert check["slower_rounds"] == [sum(q > 1 for q in ratios), 2]  # toy: 2 rounds
     assert check["bleu_step0"]["low"] == pytest.approx(rows[2]["finetune"][0]["bleu"])
+    assert [c["name"] for c in report["retraining"]] == [r["name"] for r in rows]  # all have the full scratch run
+    for c, r in zip(report["retraining"], rows):  # finetuned minus the same arch's full scratch run, per step count
+        assert c["scratch_bleu"] == pytest.approx(r["scratch"][8]["bleu"])
+        for step in (0, 4, 8):
+            assert c["minus_scratch"][str(step)] == pytest.approx(r["finetune"][step]["bleu"] - r["scratch"][8]["bleu"])
+            assert 0 <= c["p_value"][str(step)] <= 1
+        reached = [s for s in (0, 4, 8) if r["finetune"][s]["bleu"] >= r["scratch"][8]["bleu"]]
+        assert c["steps_to_scratch"] == (min(reached) if reached else None)
     for name in ("fronts.png", "steps.png", "fronts.md"):
         assert (out / name).exists()
 
@@ -141,15 +149,15 @@ def test_fronts_pipeline_on_the_toy_task(tmp_path):
     report = json.loads((out / "fronts.json").read_text())
     assert len(report["winners"][0]["interleaved_sessions_ms"]) == 2
     # a later checkout again: neither checkpoint, one finetuning point missing -> trained again, the same numbers
-    for ckpt in (out / "supernet_neuron_s1337" / "ckpt.pt", out / "finetune_neuron_p75" / "ckpt.pt"):
+    for ckpt in (out / "supernet_neuron_s1337" / "ckpt.pt", out / "finetune_neuron_p90" / "ckpt.pt"):
         ckpt.unlink()
-    kept = out / "finetune_neuron_p75" / "results_step8.json"
+    kept = out / "finetune_neuron_p90" / "results_step8.json"
     before = json.loads(kept.read_text())
     kept.unlink()
     fronts.main([*flags, "--arms=['neuron']", "--until=supernets"])
     assert json.loads((out / "supernet_neuron_s1337" / "regenerated.json").read_text())["identical"]
     untimed = lambda result: {k: v for k, v in result["model"].items() if k not in fronts.TIMING_KEYS}
     assert untimed(json.loads(kept.read_text())) == untimed(before)  # (decode_seconds is the clock's, not the run's)
-    ms = report["latency_across_sessions"]["hat_p25"]["ms"]
-    spread = report["latency_across_sessions"]["hat_p25"]["ms_spread"]
+    ms = report["latency_across_sessions"]["hat_p50"]["ms"]
+    spread = report["latency_across_sessions"]["hat_p50"]["ms_spread"]
     assert spread == pytest.approx((max(ms) - min(ms)) / np.median(ms))
