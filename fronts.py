@@ -34,8 +34,9 @@ the latency dataset and the search caches continue where they stopped):
      (common.measure_interleaved, every round led by the panel's arch0, the space's smallest subnet), one line per
      session; --remeasure_sessions=2 in a later session adds a second. It runs after all training, on a quiet
      machine.
-  6. fronts.json, fronts.md, fronts.png (latency against test BLEU, one line per arm, the gap panel's standalone
-     archs as reference) and steps.png (test BLEU against training steps, finetuned and from scratch).
+  6. fronts.json, fronts.md (with the retraining saving: each winner finetuned minus its arch's full scratch run),
+     fronts.png (latency against test BLEU, one line per arm, the gap panel's standalone archs as reference) and
+     steps.png (test BLEU against training steps, finetuned and from scratch).
 Settings are the FrontsConfig fields, changed with --key=value as in train.py. Checkpoints (*.pt) stay out of git.
 """
 
