@@ -242,9 +242,10 @@ def report(out: Path, cfg: FrontsConfig, rows, noise, sessions, corpus, panel):
     for r in rows:  # the interleaved measurement: every session's figure, the first one plotted
         r["interleaved_sessions_ms"] = across[r["name"]]["ms"] if r["name"] in across else []
         r["interleaved_ms"] = r["interleaved_sessions_ms"][0] if r["interleaved_sessions_ms"] else None
-    checks = [budget_check(cfg, arm, [r for r in rows if r["arm"] == arm], noise.get(arm), sessions, corpus, out)
+    refs = corpus.refs["test"][:cfg.test_sentences or len(corpus.refs["test"])]  # the sentences every run scored
+    checks = [budget_check(cfg, arm, [r for r in rows if r["arm"] == arm], noise.get(arm), sessions, refs, out)
               for arm in cfg.arms if sum(r["arm"] == arm for r in rows) > 1]
-    retraining = retraining_check(cfg, rows, corpus, out)
+    retraining = retraining_check(cfg, rows, refs, out)
     common.write_json(out / "fronts.json", dict(settings=asdict(cfg), machine=common.machine(), winners=rows,
                                                 noise=noise, remeasure_sessions=sessions,
                                                 latency_across_sessions=across, budget_checks=checks,
@@ -267,7 +268,7 @@ def latency_across_sessions(sessions, panel) -> dict:
     return across
 
 
-def budget_check(cfg, arm, rows, noise, sessions, corpus, out) -> dict:
+def budget_check(cfg, arm, rows, noise, sessions, refs, out) -> dict:
     """The acceptance: is the highest budget's winner measurably slower, and no worse within noise, than the
     lowest's? Slower: its time over the lowest winner's, per interleaved round (all rounds of all sessions).
     No worse: the valid-loss difference against its paired bootstrap interval, and test BLEU (inherited and after
@@ -281,7 +282,6 @@ def budget_check(cfg, arm, rows, noise, sessions, corpus, out) -> dict:
                  slower_rounds=[sum(q > 1 for q in ratios), len(ratios)])  # in how many rounds it was slower
     if noise:
         check.update(valid_loss_diff=noise["paired_diff"], valid_loss_diff_ci=noise["paired_ci"])
-    refs = corpus.refs["test"][:cfg.test_sentences or len(corpus.refs["test"])]
     for step in (0, cfg.finetune_steps[-1]):
         files = [out / f"finetune_{r['name']}" / f"hyps_test_step{step}.txt" for r in (lo, hi)]
         if all(f.exists() for f in files):
@@ -291,13 +291,12 @@ def budget_check(cfg, arm, rows, noise, sessions, corpus, out) -> dict:
     return check
 
 
-def retraining_check(cfg, rows, corpus, out) -> list:
+def retraining_check(cfg, rows, refs, out) -> list:
     """The retraining saving, per winner whose arch has finished its full scratch run (the last of scratch_steps,
     the standalone budget): its test BLEU inherited and after each finetuning step count minus that run's, each with
     sacrebleu's paired bootstrap against the scratch run's translations (the same test sentences), and the fewest
     finetuning steps that reach the scratch run's BLEU (None: not within the longest finetuning)."""
     full = cfg.scratch_steps[-1]
-    refs = corpus.refs["test"][:cfg.test_sentences or len(corpus.refs["test"])]
     checks = []
     for r in rows:
         scratch_hyps = scratch_folder(out, r["arch"]) / f"hyps_test_step{full}.txt"
