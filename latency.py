@@ -1,5 +1,5 @@
 """
-Latency of a subnet, timed carefully; a latency dataset; a latency predictor.
+Latency of a subnet, timed carefully; a latency dataset of random subnets; a latency predictor for the search.
 
 What is timed: one dummy sentence of 23 tokens (IWSLT's mean length, HAT's choice) at batch size 1, translated with
 `beam` = 5 hypotheses for exactly 23 decoder steps. Two protocols:
@@ -16,18 +16,21 @@ and recorded thread count, and the median with the IQR beside HAT's 10%-trimmed 
     python latency.py --space=cpu --arch=largest --protocol=hat   # HAT's model-only figure
     python latency.py --ckpt=out/ckpt.pt --arch=middle --repeats=3 --device=cpu
     python latency.py depth --ckpt=out/ckpt.pt            # the same subnet with 1, 2, ... decoder layers
-    python latency.py dataset --space=cpu --n=300 --out=results/latency/cpu.csv   # appends: a rerun resumes
-    python latency.py fit --out=results/latency/cpu.csv   # linear vs HAT's MLP predictor: JSON, scatter plot, tau
-    python latency.py hat                                 # the same predictor recipe on HAT's published CSVs
-    python latency.py remeasure --space=cpu_wide --archs=[a.json,b.json] --log=remeasure.jsonl   # side by side
+    python latency.py dataset --space=cpu --n=300         # out_latency/latency.csv; appends, so a rerun resumes
+    python latency.py fit                                 # linear vs HAT's MLP predictor: JSON, scatter plot, tau
 
+Read top to bottom: the settings, the measurement (`measure_latency`), the predictor, the commands.
 Settings are the LatencyConfig fields, changed with --key=value as in train.py; the first bare word is the command.
+experiments/latency_checks.py adds side-by-side re-measurement and the benchmark on HAT's published latencies.
 """
-
+import base64
 import csv
 import dataclasses
 import json
+import os
+import platform
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,13 +41,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import mos
-from mos import FEATURE_NAMES, SPACES, Transformer
-from common import (BEAM, SRC_LEN, TGT_LEN, brief, check_settings, encode_array, get_device, load_checkpoint,
-                    load_predictor, lock_file, measure_interleaved, measure_latency, model_from_checkpoint,
-                    parse_settings, predict, releases_locks, resolve_arch, run, writable_folder, write_json)
-from data.batching import atomic_open
+from data.files import atomic_open, brief, lock_file, read_json, releases_locks, writable_folder, write_json
+from mos import EOS, FEATURE_NAMES, SPACES, Transformer
+from train import (check_settings, get_device, load_checkpoint, model_from_checkpoint, parse_settings, resolve_arch,
+                   run)
 
-ROOT = Path(__file__).resolve().parent
+SRC_LEN = TGT_LEN = 23  # HAT: the mean IWSLT sentence length (30 for WMT)
+BEAM = 5  # fairseq's default beam, which HAT's latency runs (and MoS's gold latency) use
+PROTOCOLS = ("beam", "hat")  # what is timed: the real beam search (deployed) | HAT's model-only decoder steps
+FILLER = mos.UNK + 1  # any ordinary token id fills the dummy sentence: latency does not depend on which one
+TRIM = 0.1  # HAT's statistic drops the fastest and the slowest 10% of the runs
+BUSY_LOAD = 0.5  # runnable processes beyond our own threads (1-minute load average) that make a figure suspect
 SPLIT = (0.7, 0.15)  # predictor data: train / valid (picks linear or MLP) / test (the rest, reported)
 MLP_WIDTH, MLP_HIDDEN_LAYERS, MLP_BATCH = 400, 3, 128  # HAT's latency_predictor.py: 10 -> 400 -> 3 x 400 -> 1
 HEADER = ["space", "arch", *FEATURE_NAMES, "median_ms", "trimmed_mean_ms", "iqr_ms", "encoder_ms", "threads", "iters",
@@ -57,7 +64,7 @@ HEADER = ["space", "arch", *FEATURE_NAMES, "median_ms", "trimmed_mean_ms", "iqr_
 @dataclass
 class LatencyConfig:
     """Every setting of the command line; the defaults measure on this 2-core CPU."""
-    command: str = "measure"  # measure | depth | dataset | fit | hat | remeasure
+    command: str = "measure"  # measure | depth | dataset | fit
     # what to time
     ckpt: str = ""  # supernet (or standalone) checkpoint; empty: random weights of `space`
     space: str = "cpu"  # without a ckpt: cpu | cpu_wide | iwslt14 | tiny
@@ -75,29 +82,101 @@ class LatencyConfig:
     iters: int = 50  # timed runs (HAT: 300 for its README figures, 20 for its datasets)
     repeats: int = 3  # `measure`: the whole measurement this many times, to show it repeats
     log: str = ""  # also append every figure as one JSON line to this file
-    # remeasure: several subnets interleaved in rounds, each round led by a fixed reference subnet
-    archs: tuple = ()  # JSON arch files or largest | smallest | middle
-    reference: str = "smallest"
-    rounds: int = 5
     # dataset and predictor
     n: int = 300  # `dataset`: random subnets to measure
-    out: str = "results/latency/cpu.csv"  # the latency dataset: `dataset` appends to it, `fit` reads it
-    predictor: str = "results/latency/predictor.json"  # `fit` writes it (and the .png beside it); search.py reads it
-    hat_dir: str = str(ROOT.parent / "shared" / "data" / "hat-latency")
+    out: str = "out_latency/latency.csv"  # the latency dataset: `dataset` appends to it, `fit` reads it
+    predictor: str = "out_latency/predictor.json"  # `fit` writes it (and the .png beside it); search.py reads it
     mlp_steps: int = 2000  # HAT: 5000 steps at lr 1e-5; fewer, faster steps fit as well here
     mlp_lr: float = 1e-4
     seed: int = 0
 
 
-# the range of every numeric setting (None: unbounded)
-LIMITS = dict(src_vocab=(5, None), tgt_vocab=(5, None), threads=(1, None), src_len=(1, None), tgt_len=(1, None),
-              beam=(1, None), warmup=(0, None), iters=(1, None), repeats=(1, None), n=(1, None), mlp_steps=(1, None),
-              rounds=(1, None),
-              mlp_lr=(0, None), seed=(0, None))
+# the settings' checks (train.check_settings): numbers >= 0 but these, and the choices
+BOUNDS = dict(src_vocab=5, tgt_vocab=5, threads=1, src_len=1, tgt_len=1, beam=1, iters=1, repeats=1, n=1, mlp_steps=1)
+CHOICES = dict(space=SPACES, protocol=PROTOCOLS)
 
 
 # -----------------------------------------------------------------------------
-# Measuring
+# The measurement
+
+
+@torch.inference_mode()
+def measure_latency(model: Transformer, src_len=SRC_LEN, tgt_len=TGT_LEN, beam=BEAM, warmup=20, iters=50,
+                    device="cpu", threads=2, protocol="beam") -> dict:
+    """Latency of a plain (extracted) Transformer in ms on one sentence of src_len tokens: the real beam search
+    forced to tgt_len steps (protocol 'beam'), or HAT's encoder once plus tgt_len cached decoder steps over `beam`
+    hypotheses (protocol 'hat'). Returns the median, HAT's trimmed mean, the spread and the protocol."""
+    if protocol not in PROTOCOLS:
+        raise SystemExit(f"error: --protocol={protocol}; choose one of {PROTOCOLS}")
+    device, old_threads = torch.device(device), torch.get_num_threads()
+    torch.set_num_threads(threads)  # thread count changes CPU latency ~2x (README, Latency): fix it, record it
+    model = model.to(device).eval()  # HAT leaves dropout on; we time what would be deployed
+    src = torch.full((1, src_len), FILLER, device=device)  # (1, S) one sentence, no padding
+    src[0, -1] = EOS
+    token = torch.full((beam, 1), FILLER, device=device)  # (K, 1) the newest token of every hypothesis
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # GPU kernels run asynchronously
+
+    def run_once():
+        """One timed unit; returns (encoder ms, total ms)."""
+        sync()
+        t0 = time.perf_counter()
+        enc_outs, src_mask = model.encode(src)
+        sync()
+        t1 = time.perf_counter()
+        if protocol == "beam":  # the deployed call (it encodes again): exactly tgt_len steps, EOS forced at the last
+            mos.beam_search(model, src, beam=beam, max_len_a=0, max_len_b=tgt_len, min_len=tgt_len - 1)
+            sync()
+            return (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+        enc_outs = [m.expand(beam, -1, -1) for m in enc_outs]  # (1, S, C) -> (K, S, C): the beam's copies
+        src_mask, cache = src_mask.expand(beam, -1, -1, -1), {}
+        for _ in range(tgt_len):  # only the newest position is computed; keys/values of earlier ones are cached
+            model.decode(token, enc_outs, src_mask, cache)  # (K, 1, V), the output projection included
+        sync()
+        return (t1 - t0) * 1e3, (time.perf_counter() - t0) * 1e3
+
+    try:
+        for _ in range(warmup):  # first calls build oneDNN primitives and fill the allocator's caches
+            run_once()
+        encoder, total = (np.array(x) for x in zip(*[run_once() for _ in range(iters)]))
+    finally:
+        torch.set_num_threads(old_threads)
+    k = int(TRIM * iters)
+    q1, q3 = np.percentile(total, [25, 75])
+    return dict(median_ms=float(np.median(total)), trimmed_mean_ms=float(np.sort(total)[k:iters - k].mean()),
+                iqr_ms=float(q3 - q1), std_ms=float(total.std()), min_ms=float(total.min()),
+                encoder_ms=float(np.median(encoder)), iters=iters, threads=threads, device=str(device),
+                src_len=src_len, tgt_len=tgt_len, beam=beam, protocol=protocol)
+
+
+def machine() -> str:
+    """The CPU (or GPU) every latency figure was measured on, in words."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.processor() or platform.machine())
+    simd = "AVX-512" if "avx512f" in info else "AVX2" if "avx2" in info else "no AVX2"
+    return f"{name}, {simd}, {os.cpu_count()} cores"
+
+
+def machine_state(threads: int) -> dict:
+    """The conditions of a latency measurement: the machine, the 1-minute load average, the cores, and `others`, the
+    load beyond the `threads` this measurement keeps busy itself (an estimate: the average lags by about a minute)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return dict(machine=machine(), load_1min=round(load, 2), cores=os.cpu_count(),
+                others=round(max(0.0, load - threads), 2), time=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def busy_warning(before: dict, after: dict, threads: int):
+    """A warning (text) if other work loaded the cores between two machine_state()s, else None."""
+    if max(before["others"], after["others"]) > BUSY_LOAD:
+        return (f"other work loads the cores (load {before['load_1min']} before, {after['load_1min']} after, "
+                f"{threads} threads of ours): trust ratios to a reference measured alongside more than the ms")
+    return None
+
+
+# -----------------------------------------------------------------------------
+# What `measure` and `depth` time
 
 
 def subnet_maker(cfg: LatencyConfig):
@@ -211,22 +290,52 @@ def fit_predictor(X, y, cfg: LatencyConfig):
 
 
 def read_latency_csv(path):
-    """(features (n, 10), latency ms (n,), space name, protocol) from our dataset CSV (files from before the
-    protocol column timed HAT's protocol) or from one of HAT's (whose latency is encoder mean + decoder mean, and
-    whose features are raw sizes; both predictors rescale them anyway)."""
+    """(features (n, 10), latency ms (n,), space name, protocol) from a dataset CSV of `latency.py dataset` (files
+    from before the protocol column timed HAT's protocol)."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
-        if "median_ms" in rows[0]:
-            return (np.array([[float(r[n]) for n in FEATURE_NAMES] for r in rows]),
-                    np.array([float(r["median_ms"]) for r in rows]), rows[0]["space"], rows[0].get("protocol", "hat"))
-        names = list(rows[0])[:len(FEATURE_NAMES)]
-        return (np.array([[float(r[n]) for n in names] for r in rows]),
-                np.array([float(r["latency_mean_encoder"]) + float(r["latency_mean_decoder"]) for r in rows]), "hat",
-                "hat")
+        return (np.array([[float(r[n]) for n in FEATURE_NAMES] for r in rows]),
+                np.array([float(r["median_ms"]) for r in rows]), rows[0]["space"], rows[0].get("protocol", "hat"))
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # missing, empty, not UTF-8, other columns
         raise SystemExit(f"error: cannot read latency CSV {path} ({brief(e, 100)}); give one that "
-                         f"`python latency.py dataset` (or HAT) wrote")
+                         f"`python latency.py dataset` wrote")
+
+
+def predict(predictor: dict, X) -> np.ndarray:
+    """Latency (ms) of feature rows X (n, 10) from a fit_linear/fit_mlp dict, with numpy alone."""
+    X = np.atleast_2d(np.asarray(X, dtype=np.float64))
+    if predictor["kind"] == "linear":
+        return X @ np.asarray(predictor["weight"]) + predictor["bias"]
+    h = X / np.asarray(predictor["x_scale"])
+    for i, layer in enumerate(predictor["layers"]):
+        h = h @ np.asarray(layer["weight"]).T + np.asarray(layer["bias"])  # (n, in) -> (n, out)
+        h = np.maximum(h, 0) if i < len(predictor["layers"]) - 1 else h
+    return h[:, 0] * predictor["y_scale"]
+
+
+def encode_array(a: np.ndarray) -> dict:
+    """A float array as JSON: float32 bytes in base64 (HAT's MLP has 485K weights: 2.6 MB, not 9 MB of digits)."""
+    return {"shape": list(a.shape), "float32_base64": base64.b64encode(a.astype("<f4").tobytes()).decode()}
+
+
+def decode_array(d: dict) -> np.ndarray:
+    """The inverse of encode_array."""
+    return np.frombuffer(base64.b64decode(d["float32_base64"]), dtype="<f4").reshape(d["shape"]).astype(np.float64)
+
+
+def load_predictor(path) -> dict:
+    """A predictor JSON written by `fit`, with its weights as numpy arrays so that predict() is fast; anything else
+    is a one-line error."""
+    predictor = read_json(path, "latency predictor")
+    try:
+        for layer in predictor.get("layers", []):
+            layer["weight"], layer["bias"] = decode_array(layer["weight"]), decode_array(layer["bias"])
+        assert isinstance(predictor["space"], str) and np.isfinite(predict(predictor, np.ones(len(FEATURE_NAMES))))
+    except Exception as e:  # not a dict, missing or malformed entries, weights of the wrong sizes
+        raise SystemExit(f"error: latency predictor {path} is not one `python latency.py fit` wrote "
+                         f"({brief(e, 100)})")
+    return predictor
 
 
 def save_predictor(predictor: dict, path, **extra):
@@ -307,9 +416,8 @@ def cmd_fit(cfg: LatencyConfig):
     predictor, report, test = fit_predictor(X, y, cfg)
     t = report["test"][report["chosen"]]
     out = Path(cfg.predictor)
-    percentiles = {str(q): float(np.percentile(y, q)) for q in range(1, 100)}  # search.py --budget_percentiles
     save_predictor(predictor, out, space=space, protocol=protocol, feature_names=list(FEATURE_NAMES), data=cfg.out,
-                   measured_percentiles=percentiles, **report)
+                   **report)
     p = predict(load_predictor(out), X)
     plot_predictor(y, p, test, f"{report['chosen']} predictor, {space} space: test tau {t['kendall_tau']:.3f}, "
                                f"RMSE {t['rmse_ms']:.2f} ms", out.with_suffix(".png"))
@@ -319,52 +427,13 @@ def cmd_fit(cfg: LatencyConfig):
     print(f"chosen: {report['chosen']} (lower valid RMSE) -> {out}, {out.with_suffix('.png')}")
 
 
-def cmd_hat(cfg: LatencyConfig):
-    """The same recipe on HAT's published latency datasets (2000 subnets each) as an external benchmark."""
-    results = {}
-    for path in sorted(Path(cfg.hat_dir).glob("*.csv")):
-        X, y, _, _ = read_latency_csv(path)
-        _, report, _ = fit_predictor(X, y, cfg)
-        results[path.stem] = report
-        print(f"{path.stem:32s} " + " | ".join(f"{k} tau {s['kendall_tau']:.3f} RMSE {s['rmse_ms']:.1f} ms "
-                                               f"rel {s['mean_rel_error']:.1%}" for k, s in report["test"].items())
-              + f" | chosen {report['chosen']}")
-    if not results:
-        raise SystemExit(f"error: no CSV files in {cfg.hat_dir}; pass --hat_dir=FOLDER")
-    out = Path(cfg.predictor).with_name("hat_benchmark.json")
-    write_json(out, results)
-    print(f"-> {out}")
-
-
-def cmd_remeasure(cfg: LatencyConfig) -> dict:
-    """Time --archs side by side (common.measure_interleaved) under one machine state: the way to compare subnets
-    measured for different searches or supernets. Latency depends on the shapes only, so random weights do."""
-    if not cfg.archs:
-        raise SystemExit("error: remeasure needs --archs=[a.json,b.json,...] (JSON arch files or largest|smallest)")
-    space, make = subnet_maker(cfg)
-    names = list(dict.fromkeys([cfg.reference, *cfg.archs]))  # the reference first, each arch once
-    models = {name: make(resolve_arch(name, space)) for name in names}
-    timing = protocol(cfg)
-    warmup, iters = timing.pop("warmup"), timing.pop("iters")
-    r = measure_interleaved(models, cfg.reference, cfg.rounds, warmup, iters, **timing)
-    for name, m in r["models"].items():
-        print(f"{name}: {m['median_ms']:.1f} ms (spread {m['spread']:.0%} over {cfg.rounds} rounds) | "
-              f"x{m['ratio_to_reference']:.2f} the reference (spread {m['ratio_spread']:.0%})")
-    print(f"load average {r['before']['load_1min']} before, {r['after']['load_1min']} after | {cfg.protocol} protocol, "
-          f"{cfg.device}, {cfg.threads} threads")
-    if cfg.log:
-        with open(cfg.log, "a") as f:
-            f.write(json.dumps({**r, "ckpt": cfg.ckpt, "space": space.name}) + "\n")
-    return r
-
-
 @releases_locks
 def main(argv):
     """Run one command; returns what it measured (for tests and notebooks)."""
     cfg = parse_settings(LatencyConfig, argv, command_field="command")
-    check_settings(dataclasses.asdict(cfg), LIMITS, dict(space=SPACES))
+    check_settings(cfg, BOUNDS, CHOICES)
     get_device(cfg.device)
-    for path in (cfg.log, cfg.predictor if cfg.command in ("fit", "hat") else ""):
+    for path in (cfg.log, cfg.predictor if cfg.command == "fit" else ""):
         if path:  # an output that cannot be written fails now, not after the measurements
             writable_folder(Path(path).parent)
     torch.set_num_threads(cfg.threads)
@@ -375,7 +444,7 @@ def main(argv):
             return measure_repeated(cfg, make, arch, "standalone model" if hasattr(make, "arch") else cfg.arch)
         return [measure_repeated(cfg, make, with_dec_layers(arch, n), f"{cfg.arch}, {n} decoder layers")
                 for n in sorted(space.dec_layers)]
-    commands = {"dataset": cmd_dataset, "fit": cmd_fit, "hat": cmd_hat, "remeasure": cmd_remeasure}
+    commands = {"dataset": cmd_dataset, "fit": cmd_fit}
     if cfg.command not in commands:
         raise SystemExit(f"error: unknown command {cfg.command!r}; use measure, depth, {', '.join(commands)}")
     return commands[cfg.command](cfg)

@@ -3,7 +3,7 @@ HAT's evolutionary search for the best subnet of a trained supernet under a late
 
     python search.py --ckpt=out/ckpt.pt --budgets=[18,27,36]                     # predictor latency (fast)
     python search.py --ckpt=out/ckpt.pt --budgets=[27] --latency=measured        # time every candidate
-    python train.py --arch=results/search/arch_27ms.json --init=out/ckpt.pt      # then finetune a winner
+    python train.py --arch=out_search/arch_27ms.json --init=out/ckpt.pt --out_dir=out_ft   # then finetune a winner
 
 The loop, as HAT's evolution.py but on ArchConfig fields (no flat gene list): a random population that meets the
 budget; every iteration scores it, keeps the best `parents`, and refills it with `mutations` mutants of random
@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 
 import mos
-from common import (busy_warning, check_budgets, check_settings, check_vocab, get_device, load_checkpoint, load_data,
-                    load_predictor, lock_folder, machine_state, measure_latency, model_from_checkpoint, parse_settings,
-                    predict, releases_locks, run, split_batches, valid_loss, write_json)
-from data.batching import atomic_open
+from data.batching import load_data
+from data.files import atomic_open, lock_folder, releases_locks, write_json
+from latency import busy_warning, load_predictor, machine_state, measure_latency, predict
 from mos import ArchConfig
+from train import (check_settings, check_vocab, get_device, load_checkpoint, model_from_checkpoint, parse_settings,
+                   run, split_batches, valid_loss)
 
 SCALARS = [f.name for f in fields(ArchConfig) if f.type is int]  # embedding widths and layer counts
 PER_LAYER = [f.name for f in fields(ArchConfig) if f.type is tuple]  # one value per active layer
@@ -44,13 +45,11 @@ class SearchConfig:
     """Every setting of the command line. Evolution: HAT's 125 = 25 parents + 50 mutants + 50 crossovers,
     mutation probability 0.3, 30 iterations (MoS: 10), scaled to a third for a 2-core CPU with the same ratios."""
     ckpt: str = "out/ckpt.pt"  # a supernet checkpoint from train.py
-    out_dir: str = "results/search"
+    out_dir: str = "out_search"
     budgets: tuple = (18.0, 27.0, 36.0)  # ms, one search each: 1/4, 1/2, 3/4 of the way from the smallest subnet
-    # (9.4 ms) to the largest (45 ms) of the cpu space, measured on the 2-core CPU (results/latency/README.md)
-    budget_percentiles: tuple = ()  # e.g. [25,50,75]: instead of --budgets, these percentiles of the measured
-    # latencies of the space's random subnets (latency.py fit stores them in the predictor), so each budget binds
+    # (9.4 ms) to the largest (45 ms) of the cpu space, measured on the 2-core CPU (experiments/results/latency)
     latency: str = "predicted"  # predicted (latency.py fit's predictor) | measured (time every candidate)
-    predictor: str = "results/latency/predictor.json"
+    predictor: str = "out_latency/predictor.json"
     population: int = 40
     parents: int = 8
     mutations: int = 16
@@ -73,11 +72,16 @@ class SearchConfig:
     seed: int = 1
 
 
-# the range of every numeric setting (None: unbounded)
-LIMITS = dict(population=(1, None), parents=(2, None), mutations=(0, None), crossovers=(0, None), mutate_prob=(0, 1),
-              iterations=(1, None), max_tries=(1, None), valid_sentences=(1, None), max_tokens=(1, None),
-              threads=(1, None), search_warmup=(0, None), search_iters=(1, None), final_warmup=(0, None),
-              final_iters=(1, None), final_repeats=(1, None), seed=(0, None))
+# the settings' checks (train.check_settings): numbers >= 0 but these, and the choices
+BOUNDS = dict(population=1, parents=2, mutate_prob=(0, 1), iterations=1, max_tries=1, valid_sentences=1, max_tokens=1,
+              threads=1, search_iters=1, final_iters=1, final_repeats=1)
+CHOICES = dict(latency=("predicted", "measured"))
+
+
+def check_budgets(budgets):
+    """Latency budgets are a non-empty list of positive numbers of ms."""
+    if not budgets or not all(type(b) in (int, float) and b > 0 for b in budgets):
+        raise SystemExit(f"error: --budgets={list(budgets)}; give a list of positive numbers (ms), e.g. [18,27]")
 
 
 class BudgetError(ValueError):
@@ -285,7 +289,7 @@ def plot(results, candidates, cfg, protocol, out_dir):
 def main(argv):
     """Search every budget on one supernet, re-measure the winners, write the arch files, results and plots."""
     cfg = parse_settings(SearchConfig, argv)
-    check_settings(asdict(cfg), LIMITS, dict(latency=("predicted", "measured")))
+    check_settings(cfg, BOUNDS, CHOICES)
     check_budgets(cfg.budgets)
     if cfg.population != cfg.parents + cfg.mutations + cfg.crossovers:  # HAT asserts the same
         raise SystemExit(f"error: population {cfg.population} != parents + mutations + crossovers")
@@ -307,19 +311,9 @@ def main(argv):
         raise SystemExit(f"error: predictor {cfg.predictor} was fit on latencies of the "
                          f"{predictor.get('protocol', 'hat')!r} protocol; pass --protocol="
                          f"{predictor.get('protocol', 'hat')} or refit it with latency.py --protocol={cfg.protocol}")
-    if cfg.budget_percentiles:
-        stored = (predictor or {}).get("measured_percentiles", {})
-        if not stored or not all(str(q) in stored for q in cfg.budget_percentiles):
-            raise SystemExit(f"error: --budget_percentiles={list(cfg.budget_percentiles)} needs integer percentiles "
-                             f"1-99 and a predictor that stores them ({cfg.predictor}): refit it with latency.py fit")
-        cfg = replace(cfg, budgets=tuple(round(stored[str(q)], 2) for q in cfg.budget_percentiles))
-        print(f"budgets: percentiles {list(cfg.budget_percentiles)} of the measured random subnets -> "
-              f"{list(cfg.budgets)} ms")
     if cfg.latency == "predicted" and predictor is None:
         raise SystemExit(f"error: --latency=predicted needs {cfg.predictor}: run `python latency.py dataset` and "
                          f"`python latency.py fit`, or pass --latency=measured")
-    if cfg.latency not in ("predicted", "measured"):
-        raise SystemExit(f"error: --latency={cfg.latency}; choose predicted or measured")
 
     def timed(arch, warmup, iters):
         """latency.py's measurement of the extracted subnet."""

@@ -9,34 +9,38 @@ Train a Mixture-of-Supernets supernet, a standalone subnet, or finetune an extra
     echo "ein hund läuft ." | python train.py --translate=- --init=out/ckpt.pt --arch=largest
     torchrun --nproc_per_node=2 train.py ...               # data-parallel, one shard per rank
 
-Settings are the TrainConfig fields below, changed with --key=value; --preset=NAME picks a named set first.
-Read in this order: the settings, the training algorithm (sampling subnets and `train_step`, the sandwich rule),
-the loop in `main`, then the helpers the loop calls (run folder, checkpoints, validation, stopping, data parallel).
+Read after mos.py, top to bottom: the settings; the training algorithm (`subnets_for` and `train_step`: the
+sandwich rule); the loop in `main`; what the loop calls; evaluation (loss, beam search, BLEU); last, out of the
+way, checkpoints and run safety (what makes a run resumable exactly and every bad input one line `error: ...`).
+latency.py and search.py import their settings parser, checkpoints and evaluation from here.
 """
 
+import ast
 import hashlib
+import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from sacrebleu.metrics import BLEU
 from tqdm import tqdm
 
-import common
 import mos
-from common import (append_jsonl, build_standalone, build_supernet, check_same, check_settings, check_vocab,
-                    defer_stop_signals, get_device, load_checkpoint, load_data, lock_folder, model_from_checkpoint,
-                    parse_settings, releases_locks, resolve_arch, run, save_checkpoint, split_args, token_loss,
-                    translate_ids, trim_jsonl, write_json)
-from data.batching import TokenBatcher, collate
-from mos import PAD, SPACES
+from data.batching import TokenBatcher, collate, load_data, remove_bpe
+from data.files import (append_jsonl, atomic_open, brief, checksum, load_file, lock_folder, releases_locks, save_checkpoint,
+                        trim_jsonl, write_json)
+from mos import PAD, SPACES, ArchConfig, SuperTransformer, Transformer
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -105,26 +109,78 @@ PRESETS = {  # each lists only what differs from TrainConfig's defaults
     "toy": dict(data="toy", space="tiny", max_tokens=1024, lr=2e-3, warmup=100, max_steps=300, dropout=0.1,
                 eval_interval=100, log_interval=20, bleu_sentences=100, router_hidden=32, max_minutes=0.0, bf16=False),
 }
-
+# the settings' checks (check_settings): every number is >= 0 unless named here with its own minimum or (min, max) ...
+BOUNDS = dict(max_tokens=1, num_experts=1, router_hidden=1, eval_interval=1, log_interval=1, beam=1, max_bad_steps=1,
+              bleu_sentences=-1, dropout=(0, 1), label_smoothing=(0, 1))
+# ... and every named one is one of its choices
+CHOICES = dict(preset=PRESETS, data=("multi30k", "iwslt14", "toy"), space=SPACES, router=("none", "layer", "neuron"),
+               sampling=("sandwich", "random"), split=("train", "valid", "test"))
 # what a resumed run may change on the command line: how long it runs and how often it reports, never what it trains
 RUNTIME_SETTINGS = ("resume", "max_steps", "max_minutes", "out_dir", "device", "eval_interval", "save_interval",
                     "log_interval", "bleu_sentences", "test_sentences", "max_bad_steps")
 MODEL_SETTINGS = ("space", "router", "num_experts", "router_hidden")  # what a supernet checkpoint fixes
 
-# the range of every numeric setting (None: unbounded) and the choices of the named ones, checked after parsing
-LIMITS = dict(max_tokens=(1, None), num_experts=(1, None), router_hidden=(1, None), dropout=(0, 1), n_random=(0, None),
-              max_steps=(0, None), lr=(0, None), warmup=(0, None), warmup_init_lr=(0, None), weight_decay=(0, None),
-              label_smoothing=(0, 1), clip=(0, None), eval_interval=(1, None), save_interval=(0, None),
-              log_interval=(1, None), bleu_sentences=(-1, None), beam=(1, None), lenpen=(0, None),
-              test_sentences=(0, None), avg_last=(0, None), seed=(0, None), max_minutes=(0, None),
-              max_bad_steps=(1, None))
-CHOICES = dict(preset=PRESETS, data=("multi30k", "iwslt14", "toy"), space=SPACES, router=("none", "layer", "neuron"),
-               sampling=("sandwich", "random"), split=("train", "valid", "test"))
+
+def parse_settings(cls, argv, command_field=None, presets=None):
+    """The settings of dataclass `cls` from argv (every command's parser): a first bare word sets `command_field`
+    (latency.py's command); --preset=NAME applies presets[NAME] first (the values that differ from the defaults);
+    then each --key=value, read as a Python literal (a bare word is a string) of the field's type."""
+    cfg = cls()
+    if command_field and argv and not argv[0].startswith("--"):
+        cfg, argv = replace(cfg, **{command_field: argv[0]}), argv[1:]
+    for arg in argv:
+        if not (arg.startswith("--") and "=" in arg):
+            raise SystemExit(f"error: bad argument {arg!r}; use --key=value")
+    pairs = dict(arg[2:].split("=", 1) for arg in argv)
+    if presets is not None:
+        preset = pairs.get("preset", cfg.preset)
+        if preset not in presets:
+            raise SystemExit(f"error: unknown preset {preset!r}; choose one of {list(presets)}")
+        cfg = cls(**{**presets[preset], "preset": preset})
+    for key, text in pairs.items():
+        setattr(cfg, key, typed_value(cls, key, text))
+    return cfg
 
 
-def parse_config(argv, cls=TrainConfig, presets=PRESETS):
-    """--preset=NAME first (a dict of `presets`), then every --key=value on top. Also reproduce.py's parser."""
-    return parse_settings(cls, argv, presets=presets)
+def typed_value(cls, key, text):
+    """--key=text as the type of field `key` of `cls`: a literal (3, 1.5, [1, 2]) or else the bare word; true/false
+    for a bool, [a.json,b] for a tuple, an int where a float is asked; `bool | None` (bf16) also takes None."""
+    kinds = {f.name: f.type for f in fields(cls)}
+    if key not in kinds:
+        raise SystemExit(f"error: unknown setting --{key}; settings are {list(kinds)}")
+    kind, optional = (bool, True) if kinds[key] == (bool | None) else (kinds[key], False)
+    value = literal(text)
+    if kind is tuple and isinstance(value, str) and text.startswith("[") and text.endswith("]"):
+        value = [literal(item.strip()) for item in text[1:-1].split(",") if item.strip()]  # [a.json,b]: bare words
+    if kind is bool and text.lower() in ("true", "false"):
+        value = text.lower() == "true"
+    if (kind is float and type(value) is int) or (kind is tuple and type(value) is list):
+        value = kind(value)
+    if type(value) is not kind and not (optional and value is None):
+        raise SystemExit(f"error: --{key}={text} should be a {kind.__name__}" + (" or None" if optional else ""))
+    return value
+
+
+def literal(text: str):
+    """A Python literal (3, 1.5, 'x', [1]) if the text is one, else the text itself as a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def check_settings(cfg, bounds=BOUNDS, choices=CHOICES):
+    """One line `error: ...` for the first setting of dataclass `cfg` out of range: every number >= 0 unless `bounds`
+    gives its minimum or (min, max); every setting named in `choices` one of its values."""
+    for f in fields(cfg):
+        value, (low, high) = getattr(cfg, f.name), (lambda b: b if isinstance(b, tuple) else (b, None))(
+            bounds.get(f.name, 0))
+        if type(value) in (int, float) and (value < low or (high is not None and value > high)):
+            raise SystemExit(f"error: --{f.name}={value} must be " + (f">= {low}" if high is None else
+                                                                      f"in [{low}, {high}]"))
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise SystemExit(f"error: --{key}={getattr(cfg, key)}; choose one of {list(allowed)}")
 
 
 def fast_bf16() -> bool:
@@ -135,6 +191,18 @@ def fast_bf16() -> bool:
     cpuinfo = Path("/proc/cpuinfo")
     flags = cpuinfo.read_text() if cpuinfo.exists() else ""
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_arch(spec: str, space) -> ArchConfig:
+    """--arch: 'largest' | 'smallest' | 'middle' | a JSON file written by search.py or by hand."""
+    if spec in ("largest", "smallest", "middle"):
+        return getattr(space, spec)()
+    try:
+        return space.validate(ArchConfig.from_dict(json.loads(Path(spec).read_text())))
+    except (OSError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: JSON nested too deeply
+        raise SystemExit(f"error: cannot read arch file {spec!r} ({e}); give largest|smallest|middle or a JSON file")
+    except ValueError as e:
+        raise SystemExit(f"error: arch file {spec}: {e}")
 
 
 # -----------------------------------------------------------------------------
@@ -172,6 +240,17 @@ def train_step(model, batch, archs, cfg: TrainConfig) -> list:
     return losses
 
 
+def token_loss(logits, tgt_out, label_smoothing, soft_targets=None):
+    """Summed label-smoothed cross-entropy over the non-pad target tokens (nats); with soft_targets (B, T, V),
+    the cross-entropy against that distribution instead (in-place distillation)."""
+    logits = logits.float().flatten(0, 1)  # (B, T, V) -> (B*T, V)
+    mask = tgt_out.flatten() != PAD
+    if soft_targets is not None:
+        return -(soft_targets.flatten(0, 1)[mask] * logits[mask].log_softmax(-1)).sum()
+    return F.cross_entropy(logits, tgt_out.flatten(), ignore_index=PAD, label_smoothing=label_smoothing,
+                           reduction="sum")
+
+
 def make_optimizer(model, cfg: TrainConfig):
     """fairseq's Adam as HAT and MoS train with it: betas (0.9, 0.98), eps 1e-8 and *decoupled* weight decay,
     p -= lr * wd * p (AdamW), applied beside the Adam step. Coupled L2 decay (torch Adam's weight_decay) would be
@@ -202,7 +281,8 @@ def is_snapshot_step(step: int, cfg: TrainConfig, interval: int) -> bool:
 @releases_locks
 def main(argv):
     """Set up (settings, data, model, optimizer, run folder), train max_steps steps, then test."""
-    cfg, passed = parse_config(argv), dict(split_args(argv))
+    cfg = parse_settings(TrainConfig, argv, presets=PRESETS)
+    passed = dict(arg[2:].split("=", 1) for arg in argv)  # the settings given on the command line
     ddp, rank, world, device = start_ranks(cfg)
     master = rank == 0
     cfg, resumed = settings_of_run(cfg, passed, master)
@@ -325,7 +405,7 @@ def settings_of_run(cfg: TrainConfig, passed: dict, master: bool):
         check_same(resumed["config"], cfg, [k for k in passed if k not in RUNTIME_SETTINGS], ckpt_path)
         cfg = TrainConfig(**{**resumed["config"], **{k: getattr(cfg, k) for k in passed if k in RUNTIME_SETTINGS},
                              "resume": True})
-    check_settings(asdict(cfg), LIMITS, CHOICES)
+    check_settings(cfg)
     if cfg.bf16 is None:
         cfg = replace(cfg, bf16=fast_bf16())
     elif cfg.bf16 and not fast_bf16():
@@ -386,10 +466,6 @@ def save_run(path, model, optimizer, kind, model_args, cfg, corpus, step, epoch,
                          optimizer=optimizer.state_dict(), step=step, data=dict(epoch=epoch, batch=batch_in_epoch),
                          vocab=dict(src=corpus.src_vocab.itos, tgt=corpus.tgt_vocab.itos),
                          train_seconds=train_seconds, torch_version=str(torch.__version__)), path)
-
-
-# -----------------------------------------------------------------------------
-# What the loop calls: logging, stopping and data parallel
 
 
 class Meter:
@@ -461,14 +537,81 @@ def check_replicas(model, subnets, world, master, out_dir):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: validation during training, the final test, --eval_only and --translate
+# Evaluation: loss, beam-search translation and BLEU; validation during training, the final test, --eval_only
 
 
-def evaluate(model, corpus, split, cfg: TrainConfig, device, n_bleu=0, hyps_path=None) -> dict:
-    """Loss and beam-search BLEU of a plain model on a split with the run's settings (common.evaluate); on IWSLT14
-    also HAT's compound-split BLEU."""
-    return common.evaluate(model, corpus, split, device, cfg.max_tokens, n_bleu, cfg.beam, cfg.lenpen, cfg.bf16,
-                           compound_split=cfg.data == "iwslt14", hyps_path=hyps_path)
+@torch.inference_mode()
+def valid_loss(model, batches, bf16=False) -> float:
+    """Loss of a plain model in nats per target token (plain cross-entropy, no smoothing) over (src, tgt_in,
+    tgt_out) batches: train.py's validation and search.py's fitness."""
+    total, ntok = 0.0, 0
+    for src, tgt_in, tgt_out in batches:
+        with torch.autocast(src.device.type, torch.bfloat16, enabled=bf16):
+            total += token_loss(model(src, tgt_in), tgt_out, 0.0).item()
+        ntok += int((tgt_out != PAD).sum())
+    return total / ntok
+
+
+def split_batches(corpus, split, max_tokens, device, n=None):
+    """The first n sentence pairs of a split (all if None), each once, as (src, tgt_in, tgt_out) batches of about
+    max_tokens, in a fixed order: train.py's validation and test loss, search.py's fixed fitness subset."""
+    src, tgt = (side[:n] for side in corpus.splits[split])
+    batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], max_tokens, shuffle=False)
+    return [tuple(x.to(device) for x in collate(src, tgt, idx)) for idx in batcher.batches(0)]
+
+
+@torch.inference_mode()
+def translate_ids(model, sentences, device, beam=5, lenpen=1.0, bf16=False, batch_size=64):
+    """Beam-search token ids for a list of source id arrays, batched by similar length, in input order."""
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    out = [None] * len(sentences)
+    for k in range(0, len(order), batch_size):
+        idx = order[k:k + batch_size]
+        src = collate(sentences, sentences, idx)[0].to(device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            hyps, _ = mos.beam_search(model, src, beam=beam, lenpen=lenpen)
+        for i, h in zip(idx, hyps):
+            out[i] = h
+    return out
+
+
+def bleu_score(hyps, refs, compound_split=False):
+    """Corpus BLEU the way MT papers quote these datasets: sacrebleu on BPE-removed, tokenised, lowercased text
+    with tokenize='none'. compound_split: HAT's IWSLT/WMT "normal" BLEU (configs/*/test.sh), which first splits
+    every hyphen between two characters into ` ##AT##-##AT## ` in hypotheses and references alike.
+    Returns (score, signature)."""
+    split = (lambda line: re.sub(r"(\S)-(\S)", r"\1 ##AT##-##AT## \2", line)) if compound_split else (lambda line: line)
+    metric = BLEU(tokenize="none", force=True)  # force: the text is tokenised on purpose
+    score = metric.corpus_score([split(remove_bpe(h)) for h in hyps], [[split(remove_bpe(r)) for r in refs]])
+    return score.score, str(metric.get_signature()) + ("|compound-split" if compound_split else "")
+
+
+def evaluate(model, corpus, split, device, max_tokens=4096, n_bleu=0, beam=5, lenpen=1.0, bf16=False,
+             compound_split=False, hyps_path=None) -> dict:
+    """Loss (nats/token, no smoothing) of a plain model on a split, and BLEU of beam search on its first n_bleu
+    sentences (all if 0, none if < 0); compound_split adds HAT's IWSLT score as `bleu_compound_split`. With
+    hyps_path, the translations behind the BLEU are written there, one BPE'd line per sentence in corpus order,
+    so that any score can be recomputed or paired-tested later."""
+    model.eval()
+    result = {"loss": valid_loss(model, split_batches(corpus, split, max_tokens, device), bf16)}
+    if n_bleu >= 0:
+        src = corpus.splits[split][0]
+        n = len(src) if n_bleu == 0 else min(n_bleu, len(src))
+        hyps = translate_ids(model, [src[i] for i in range(n)], device, beam, lenpen, bf16)
+        text, refs = [corpus.tgt_vocab.decode(h) for h in hyps], corpus.refs[split][:n]
+        if hyps_path:
+            with atomic_open(hyps_path) as f:
+                f.write("".join(line + "\n" for line in text))
+        result["bleu"], result["bleu_signature"] = bleu_score(text, refs)
+        if compound_split:
+            result["bleu_compound_split"] = bleu_score(text, refs, compound_split=True)[0]
+    return result
+
+
+def run_evaluate(net, corpus, split, cfg: TrainConfig, device, n_bleu=0, hyps_path=None) -> dict:
+    """evaluate() with the run's settings; on IWSLT14 also HAT's compound-split BLEU."""
+    return evaluate(net, corpus, split, device, cfg.max_tokens, n_bleu, cfg.beam, cfg.lenpen, cfg.bf16,
+                    compound_split=cfg.data == "iwslt14", hyps_path=hyps_path)
 
 
 def representatives(model, kind, space) -> dict:
@@ -483,7 +626,7 @@ def validate_and_log(model, kind, space, corpus, cfg, device, out_dir, step, epo
     record = {"step": step, "epoch": epoch, "train_seconds": train_seconds}
     for name, net in representatives(model, kind, space).items():
         n_bleu = cfg.bleu_sentences if name in ("model", "largest", "smallest") else -1
-        record[name] = evaluate(net, corpus, "valid", cfg, device, n_bleu=n_bleu)
+        record[name] = run_evaluate(net, corpus, "valid", cfg, device, n_bleu=n_bleu)
     model.train()
     append_jsonl(out_dir / "log.jsonl", record)
     tqdm.write(f"step {step} valid | " + " | ".join(
@@ -506,8 +649,8 @@ def final_test(cfg, model, kind, space, corpus, device, out_dir, avg_interval=1)
     results = {"split": cfg.split}
     for name, net in representatives(model, kind, space).items():
         t = time.time()
-        results[name] = evaluate(net, corpus, cfg.split, cfg, device, n_bleu=cfg.test_sentences,
-                                 hyps_path=out_dir / f"hyps_{cfg.split}_{name}.txt")
+        results[name] = run_evaluate(net, corpus, cfg.split, cfg, device, n_bleu=cfg.test_sentences,
+                                     hyps_path=out_dir / f"hyps_{cfg.split}_{name}.txt")
         results[name]["decode_seconds"] = round(time.time() - t, 1)
         print(f"{cfg.split} {name}: {score_line(results[name])}")
     write_json(out_dir / "results.json", results)
@@ -541,7 +684,168 @@ def evaluate_or_translate(cfg, corpus, device, passed=()):
         for hyp in translate_ids(model.eval(), sentences, device, cfg.beam, cfg.lenpen, cfg.bf16):
             print(corpus.tgt_vocab.decode(hyp))
         return
-    print(f"{cfg.split}: {score_line(evaluate(model, corpus, cfg.split, cfg, device, n_bleu=cfg.test_sentences))}")
+    print(f"{cfg.split}: {score_line(run_evaluate(model, corpus, cfg.split, cfg, device, cfg.test_sentences))}")
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and run safety: plain dicts saved atomically with a checksum and loaded with weights_only=True
+# (data/files.py, with the one-writer-per-folder lock), checked here by the model's own strict load_state_dict;
+# one-line errors for bad settings and devices; SIGINT and SIGTERM
+
+
+KINDS = ("supernet", "standalone")  # what train.py writes as ckpt.pt; a "snapshot" (final averaging) has model, step
+NEEDED = dict(supernet=("model", "model_args", "config", "vocab", "step"), snapshot=("model", "step"))
+NEEDED["standalone"] = NEEDED["supernet"]
+RESUME = ("optimizer", "data", "train_seconds")  # what --resume needs besides
+
+
+def build_supernet(args: dict) -> SuperTransformer:
+    """A SuperTransformer from its init_args() dict (as stored in checkpoints)."""
+    return SuperTransformer(**{**args, "space": mos.SearchSpace.from_dict(args["space"])})
+
+
+def build_standalone(args: dict) -> Transformer:
+    """A plain Transformer from the standalone model_args dict stored in checkpoints."""
+    space, arch = mos.SearchSpace.from_dict(args["space"]), ArchConfig.from_dict(args["arch"])
+    return Transformer(arch, args["src_vocab"], args["tgt_vocab"], space.qkv_dim,
+                       mos.scaled_dropout(args["dropout"], arch, space), args["max_len"],
+                       space.position_widths())  # positions as a subnet of the space has them
+
+
+BUILDERS = {"supernet": build_supernet, "standalone": build_standalone}
+
+
+def model_from_checkpoint(ckpt: dict):
+    """Rebuild the supernet or standalone model a (checked) checkpoint holds, with its weights."""
+    model = BUILDERS[ckpt["kind"]](ckpt["model_args"])
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def load_checkpoint(path, device="cpu", kinds=KINDS, resume=False) -> dict:
+    """A checkpoint loaded safely (data/files.load_file: weights_only=True), then checked by checkpoint_problem():
+    anything but a whole, uncorrupted checkpoint of one of `kinds` stops with one line naming the first problem.
+    resume=True also requires what a resumed run needs (optimizer state, data position)."""
+    ckpt = load_file(path)
+    problem = checkpoint_problem(ckpt, kinds, resume)
+    if problem:
+        raise SystemExit(f"error: checkpoint {path} {problem}")
+    if "checksum" not in ckpt:
+        print(f"warning: checkpoint {path} has no checksum (saved before checksums were added?): its weights "
+              f"cannot be checked for corruption", file=sys.stderr)
+    return ckpt
+
+
+def checkpoint_problem(ckpt, kinds=KINDS, resume=False):
+    """The first thing wrong with a loaded checkpoint (a phrase that follows "checkpoint PATH"), or None if it is a
+    whole one of `kinds`. The model its model_args describe is built on the meta device (shapes, no memory) and its
+    own strict load_state_dict checks the weights' names and shapes; so does the optimizer's for its state."""
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("kind"), str):
+        return f"holds a {type(ckpt).__name__} without a 'kind' entry; it is not a mos checkpoint"
+    if ckpt["kind"] not in kinds:
+        return f"is of kind {ckpt['kind']!r}; this needs one of {list(kinds)}"
+    missing = [key for key in NEEDED[ckpt["kind"]] + (RESUME if resume else ()) if key not in ckpt]
+    if missing:
+        return f"has no {missing[0]!r} entry; it is not a whole mos checkpoint"
+    if type(ckpt["step"]) is not int or ckpt["step"] < 0 or not isinstance(ckpt["model"], dict):
+        return f"has step {ckpt['step']!r} (a count >= 0) or model weights that are not a dict"
+    if "checksum" in ckpt and checksum(ckpt) != ckpt["checksum"]:
+        return "does not match the checksum saved in it: the file was corrupted (or edited) after it was written"
+    if ckpt["kind"] != "snapshot":
+        try:
+            with torch.device("meta"):
+                model = BUILDERS[ckpt["kind"]](ckpt["model_args"])
+            with warnings.catch_warnings():  # "copying to a meta parameter is a no-op": all we want is the check
+                warnings.simplefilter("ignore")
+                model.load_state_dict(ckpt["model"], strict=True)  # names and shapes, nothing copied
+            for side in ("src", "tgt"):
+                assert len(ckpt["vocab"][side]) == ckpt["model_args"][f"{side}_vocab"], f"a {side} vocabulary of " \
+                    f"{len(ckpt['vocab'][side])} tokens for a model of {ckpt['model_args'][f'{side}_vocab']}"
+            for key, value in ckpt["config"].items():
+                typed_value(TrainConfig, key, repr(value))  # an unknown setting, or one of the wrong type, stops
+            if "optimizer" in ckpt:
+                params = list(model.parameters())
+                make_optimizer(model, TrainConfig()).load_state_dict(ckpt["optimizer"])
+                assert all(v.shape == params[i].shape for i, s in ckpt["optimizer"]["state"].items()
+                           for v in s.values() if v.dim() > 0), "optimizer state of other shapes than the model's"
+            if "data" in ckpt:
+                assert all(type(ckpt["data"][k]) is int and ckpt["data"][k] >= 0 for k in ("epoch", "batch")), \
+                    "a data position that is not {'epoch': count, 'batch': count}"
+        except (Exception, SystemExit) as e:  # SystemExit: typed_value's one-line error on a stored setting
+            return f"does not fit its model_args ({brief(e, 300)})"
+    bad = next((k for k, v in ckpt["model"].items() if not (isinstance(v, torch.Tensor) and torch.isfinite(v).all())
+                or (ckpt["kind"] == "snapshot" and not isinstance(v, torch.Tensor))), None)
+    return None if bad is None else f"has non-finite values (NaN or inf) or no tensor in weight {bad!r}"
+
+
+def check_vocab(ckpt, corpus, path):
+    """Refuse a checkpoint trained with other vocabularies than this corpus's."""
+    if ckpt["vocab"]["src"] != corpus.src_vocab.itos or ckpt["vocab"]["tgt"] != corpus.tgt_vocab.itos:
+        raise SystemExit(f"error: checkpoint {path} was trained with other vocabularies than data "
+                         f"{corpus.name!r}; pass the --data/--data_dir it was trained on")
+
+
+def check_same(stored: dict, cfg, keys, path):
+    """Refuse settings given on the command line that contradict those a checkpoint was made with, naming each."""
+    norm = lambda v: json.loads(json.dumps(v))  # tuples and lists compare equal
+    clashes = [f"--{k}={getattr(cfg, k)} (it has {stored.get(k)})" for k in keys
+               if k in stored and norm(getattr(cfg, k)) != norm(stored[k])]
+    if clashes:
+        raise SystemExit(f"error: checkpoint {path} was made with other settings than {', '.join(clashes)}; "
+                         f"drop these flags (the checkpoint's own are used) or use another checkpoint/--out_dir")
+
+
+def get_device(name: str, auto=False) -> torch.device:
+    """cpu | cuda | cuda:N (and auto: cuda if present): a torch.device, or one line saying why not here."""
+    if auto and name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        assert device.type in ("cpu", "cuda")
+    except (RuntimeError, AssertionError):
+        raise SystemExit(f"error: --device={name}; use cpu or cuda" + (" or auto" if auto else ""))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device={name} but torch sees no CUDA GPU here; use --device=cpu")
+    return device
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what schedulers (SLURM, Kubernetes) send before SIGKILL
+received = []  # every stop signal this process caught, in order (experiments/reproduce.py asks after a train.main)
+
+
+class Stopped(BaseException):
+    """A stop signal arrived (a BaseException, like KeyboardInterrupt: `except Exception` does not swallow it)."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def defer_stop_signals(noted: list):
+    """From now on SIGINT and SIGTERM only append their number to `noted` (the training loop looks at it after every
+    step, saves and stops). Returns the function that puts the previous handlers back."""
+    previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum) or received.append(signum))
+                for s in STOP_SIGNALS}
+    return lambda: [signal.signal(s, handler) for s, handler in previous.items()]
+
+
+def raise_stopped(signum, frame):
+    """The handler outside the training loop: stop where we are (everything finished is already on disk)."""
+    received.append(signum)
+    raise Stopped(signum)
+
+
+def run(main, resume_hint="rerun the same command to continue"):
+    """A script's entry point: main(sys.argv[1:]) with SIGINT and SIGTERM raising Stopped wherever it is (train.py
+    defers them in its loop). Everything finished is already on disk (atomic writes, caches, whole CSV rows), so a
+    stop prints one line and exits with 128 + the signal's number (130 Ctrl-C, 143 SIGTERM), as a shell would."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, raise_stopped)
+    try:
+        main(sys.argv[1:])
+    except Stopped as e:
+        print(f"stopped by {signal.Signals(e.signum).name}; {resume_hint}", file=sys.stderr)
+        sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

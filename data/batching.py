@@ -1,8 +1,8 @@
 """
 Vocabularies, the prepared corpus, a toy task and token-bucketed batches for the trainer.
 
-    from data.batching import load_corpus, TokenBatcher, collate
-    corpus = load_corpus("data/multi30k")              # or make_toy_corpus() for a file-free run
+    from data.batching import load_data, TokenBatcher, collate
+    corpus = load_data("multi30k")                     # prepared on first use; "toy": a file-free task
     src, tgt = corpus.splits["train"]                  # lists of int arrays, each ending with EOS
     batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], max_tokens=4096, seed=1337)
     for idx in batcher.batches(epoch):
@@ -13,15 +13,15 @@ Shape letters: B = sentences in a batch, S = longest source (incl. EOS), T = lon
 """
 
 import json
-import os
 import re
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from data.files import atomic_open, brief
 
 # The special symbols, in id order. mos.py's PAD/BOS/EOS/UNK constants must agree (tests check it).
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -29,24 +29,7 @@ PAD, BOS, EOS, UNK = range(len(SPECIALS))
 BPE_SEPARATOR = "@@"  # subword-nmt's continuation marker: "walk@@ ing" is the word "walking"
 
 # -----------------------------------------------------------------------------
-# files
-
-
-@contextmanager
-def atomic_open(path, mode="w"):
-    """Open `path.tmp` for writing and rename it to `path` only if the block finishes; a failed or
-    interrupted write leaves the old `path` (if any) untouched and no `.tmp` behind."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        # newline="" keeps "\n" as is, so files are byte-identical across platforms
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, so even a power cut leaves one whole file
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
-    finally:
-        tmp.unlink(missing_ok=True)
+# text
 
 
 def remove_bpe(line):
@@ -165,6 +148,27 @@ def make_toy_corpus(vocab_size=16, n_train=4000, n_valid=200, n_test=200, min_le
     counts = Counter(tok for line in lines["train"][0] + lines["train"][1] for tok in line.split())
     vocab = Vocab(symbols, [counts[s] for s in symbols])  # ids in symbol order: the same vocabulary for every seed
     return encode_corpus("toy-reverse", lines, vocab, vocab)
+
+
+def load_data(data: str, data_dir: str = "", data_source: str = "", seed: int = 0) -> Corpus:
+    """The corpus `data` (multi30k | iwslt14 | toy), from data_dir (default data/<data>), preparing Multi30k or
+    IWSLT14 first from data_source (a folder, URL or tarball; default: the public download) if it is missing."""
+    if data == "toy":
+        return make_toy_corpus(seed=seed)
+    folder = Path(data_dir or Path(__file__).resolve().parent / data)
+    if not (folder / "summary.json").exists():
+        from data.prepare import DataError, prepare_iwslt14, prepare_multi30k  # only needed the first time
+        print(f"{folder} is not prepared yet: running data/prepare.py {data}")
+        try:
+            {"multi30k": prepare_multi30k, "iwslt14": prepare_iwslt14}[data](source=data_source or None, out=folder)
+        except DataError as e:
+            raise SystemExit(f"error: {e} (from train.py: pass --data_source=PATH, e.g. "
+                             f"--data_source=../shared/data/multi30k/tok)")
+    try:
+        return load_corpus(folder)
+    except Exception as e:  # a missing, empty, truncated or non-UTF-8 file of the prepared folder
+        raise SystemExit(f"error: cannot read the prepared corpus in {folder} ({brief(e)}); prepare it again with "
+                         f"data/prepare.py --force")
 
 
 # -----------------------------------------------------------------------------

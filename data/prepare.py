@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python data/prepare.py` can import data.*
-from data.batching import EOS, SPECIALS, UNK, Vocab, atomic_open, remove_bpe  # noqa: E402
+from data.batching import EOS, SPECIALS, UNK, Vocab, remove_bpe  # noqa: E402
+from data.files import atomic_open  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
 DOWNLOADS = DATA_DIR / "downloads"

@@ -6,7 +6,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from common import save_checkpoint
+from train import save_checkpoint
 from data.batching import make_toy_corpus
 from mos import FEATURE_NAMES, SPACES, SuperTransformer
 from train import PRESETS, TrainConfig

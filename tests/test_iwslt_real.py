@@ -1,5 +1,5 @@
 """IWSLT14 on the real files in ../shared/data/iwslt14.de-en (issue 13): the prepared-folder route on a slice of them,
-the full prepared corpus keeping every valid/test reference, and the line counts of IWSLT references in results/.
+the full prepared corpus keeping every valid/test reference, and the line counts of IWSLT references in experiments/results/.
 Skipped where ../shared is absent. Run: python -m pytest -q tests/test_iwslt_real.py (about 15 s)"""
 
 import filecmp
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from data import prepare
-from data.batching import load_corpus
+from data.batching import load_corpus, load_data
+import train
 
 ROOT = Path(__file__).resolve().parent.parent
 IWSLT = ROOT.parent / "shared" / "data" / "iwslt14.de-en"
@@ -86,26 +87,24 @@ def test_full_prepared_corpus_keeps_every_valid_and_test_sentence(tmp_path):
 
 def test_train_py_loads_the_slice_and_scores_it_against_the_refs(real_slice, tmp_path):
     import torch
-    import common
-    import train
     from mos import SPACES, SuperTransformer
 
     prepare.prepare_iwslt14(source=real_slice / "dev", train_dir=real_slice / "sample", out=tmp_path / "data")
-    cfg = train.parse_config(["--preset=iwslt14", f"--data_dir={tmp_path / 'data'}", "--beam=2"])
-    corpus = common.load_data(cfg.data, cfg.data_dir)  # what train.py trains and evaluates on
+    cfg = train.parse_settings(train.TrainConfig, ["--preset=iwslt14", f"--data_dir={tmp_path / 'data'}", "--beam=2"], presets=train.PRESETS)
+    corpus = load_data(cfg.data, cfg.data_dir)  # what train.py trains and evaluates on
     assert {k: len(v[0]) for k, v in corpus.splits.items()} == {"train": SLICE, "valid": SLICE, "test": SLICE}
     torch.manual_seed(0)
     model = SuperTransformer(SPACES["tiny"], len(corpus.src_vocab), len(corpus.tgt_vocab), router_hidden=32)
-    r = train.evaluate(model.subnet(SPACES["tiny"].smallest()), corpus, "test", cfg, torch.device("cpu"), n_bleu=3)
+    r = train.run_evaluate(model.subnet(SPACES["tiny"].smallest()), corpus, "test", cfg, torch.device("cpu"), n_bleu=3)
     assert abs(r["loss"] - torch.log(torch.tensor(len(corpus.tgt_vocab))).item()) < 1.0  # untrained: ~uniform
     assert 0 <= r["bleu"] < 5 and "tok:none" in r["bleu_signature"]
 
 
 def test_committed_iwslt_references_and_test_runs_cover_the_standard_sets():
-    """Files under results/iwslt14*/ named {valid,test}.ref / .hyp or hyps_{valid,test}_NAME.txt (train.py's, one
+    """Files under experiments/results/iwslt14*/ named {valid,test}.ref / .hyp or hyps_{valid,test}_NAME.txt (train.py's, one
     sentence per line) must have the standard line counts, and every committed IWSLT training run must have scored
     the whole test set (test_sentences=0)."""
-    folders = sorted(p for p in (ROOT / "results").glob("iwslt14*") if p.is_dir())
+    folders = sorted(p for p in (ROOT / "experiments" / "results").glob("iwslt14*") if p.is_dir())
     texts = [p for f in folders for p in f.rglob("*") if p.suffix in (".ref", ".hyp") and p.stem in STANDARD_LINES]
     texts += [p for f in folders for p in f.rglob("hyps_*.txt")]
     configs = [p for f in folders for p in f.rglob("config.json") if json.loads(p.read_text()).get("data") == "iwslt14"]
@@ -121,12 +120,11 @@ def test_committed_iwslt_references_and_test_runs_cover_the_standard_sets():
 
 
 def test_committed_iwslt_sample_bleu_is_recomputed_from_its_translations_and_the_standard_test_file():
-    """results/iwslt14_sample/: each test BLEU in results.json is what its committed translations score against the
+    """experiments/results/iwslt14_sample/: each test BLEU in results.json is what its committed translations score against the
     standard tokenised, lowercased test references (../shared/data/iwslt14.de-en/tok/test.en), both conventions."""
-    import common
-    folder = ROOT / "results" / "iwslt14_sample"
+    folder = ROOT / "experiments" / "results" / "iwslt14_sample"
     if not (folder / "results.json").exists():
-        pytest.skip("results/iwslt14_sample not committed yet")
+        pytest.skip("experiments/results/iwslt14_sample not committed yet")
     refs = (IWSLT / "tok" / "test.en").read_text(encoding="utf-8").splitlines()
     results = json.loads((folder / "results.json").read_text())
     names = [k for k, v in results.items() if isinstance(v, dict)]
@@ -134,6 +132,6 @@ def test_committed_iwslt_sample_bleu_is_recomputed_from_its_translations_and_the
     for name in names:
         hyps = (folder / f"hyps_test_{name}.txt").read_text(encoding="utf-8").splitlines()
         assert len(hyps) == len(refs) == STANDARD_LINES["test"]
-        assert common.bleu_score(hyps, refs)[0] == pytest.approx(results[name]["bleu"], abs=1e-6)
-        assert common.bleu_score(hyps, refs, compound_split=True)[0] == pytest.approx(
+        assert train.bleu_score(hyps, refs)[0] == pytest.approx(results[name]["bleu"], abs=1e-6)
+        assert train.bleu_score(hyps, refs, compound_split=True)[0] == pytest.approx(
             results[name]["bleu_compound_split"], abs=1e-6)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
+from data.files import read_jsonl
 import latency
 import train
 
@@ -86,7 +86,7 @@ def wait_for(proc, ready):
 
 def logged_step(out):
     """The last training step train_log.jsonl has recorded (0 before the first)."""
-    return max([r["step"] for r in common.read_jsonl(out / "train_log.jsonl")], default=0)
+    return max([r["step"] for r in read_jsonl(out / "train_log.jsonl")], default=0)
 
 
 def without_timing(rows, drop=("tok_per_s", "train_seconds", "decode_seconds", "epoch")):
@@ -98,7 +98,7 @@ def without_timing(rows, drop=("tok_per_s", "train_seconds", "decode_seconds", "
 def assert_same_run(out, reference):
     """The same losses every step, the same validations, the same final weights and test BLEU."""
     for name in ("train_log.jsonl", "log.jsonl"):
-        assert without_timing(common.read_jsonl(out / name)) == without_timing(common.read_jsonl(reference / name)), name
+        assert without_timing(read_jsonl(out / name)) == without_timing(read_jsonl(reference / name)), name
     a, b = (torch.load(p / "ckpt.pt", weights_only=True)["model"] for p in (reference, out))
     assert all(torch.equal(a[k], b[k]) for k in a)
     results, expected = (json.loads((p / "results.json").read_text()) for p in (out, reference))
@@ -241,7 +241,7 @@ def csv_rows(path):
 def test_reproduction_killed_at_random_moments_continues_stage_by_stage(tmp_path):
     rng = random.Random(2)
     out = tmp_path / "repro"
-    cmd = ["reproduce.py", "--preset=toy", f"--out={out}", "--extra=['--preset=toy','--max_steps=60',"
+    cmd = ["experiments/reproduce.py", "--preset=toy", f"--out={out}", "--extra=['--preset=toy','--max_steps=60',"
            "'--bleu_sentences=-1','--test_sentences=20','--save_interval=10','--log_interval=1']"]
     supernet = out / "supernet_mos"
     at = rng.randint(15, 50)  # 1. during the first supernet's training
@@ -271,5 +271,5 @@ def test_reproduction_killed_at_random_moments_continues_stage_by_stage(tmp_path
     flags = json.loads((out / "settings.json").read_text())["extra"]
     finish(start("train.py", *flags, "--router=neuron", "--num_experts=2", "--sampling=sandwich",
                  f"--out_dir={reference}"))
-    assert without_timing(common.read_jsonl(supernet / "train_log.jsonl")) == \
-           without_timing(common.read_jsonl(reference / "train_log.jsonl"))
+    assert without_timing(read_jsonl(supernet / "train_log.jsonl")) == \
+           without_timing(read_jsonl(reference / "train_log.jsonl"))

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-import common
+from data import files
+from experiments import reproduce
 import latency
-import reproduce
 import search
 import train
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TOY = ["--preset=toy", "--bleu_sentences=-1", "--test_sentences=4", "--log_interval=1", "--save_interval=1"]
 # another process that takes a lock the way the commands do, says so, and holds it until it is killed
-HOLD = "import signal, sys; sys.path.insert(0, {root!r}); import common; common.{fn}({path!r}); print('holding'); " \
+HOLD = "import signal, sys; sys.path.insert(0, {root!r}); from data import files; files.{fn}({path!r}); print('holding'); " \
        "sys.stdout.flush(); signal.pause()"
 # another process that tries to take a lock file (plain flock: no imports to wait for); exit status 0 if it could
 TRY = "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
@@ -31,7 +31,7 @@ WAIT_AND_HOLD = "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.floc
 
 
 def hold(fn, path):
-    """A process holding common.fn(path)'s lock."""
+    """A process holding files.fn(path)'s lock."""
     proc = subprocess.Popen([sys.executable, "-c", HOLD.format(root=str(ROOT), fn=fn, path=str(path))], cwd=ROOT,
                             env=ENV, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "holding\n"
@@ -105,19 +105,19 @@ def test_search_latency_and_reproduce_refuse_a_second_writer_until_the_first_is_
 def test_the_lock_is_reentrant_in_a_process_and_released_when_its_command_ends(tmp_path):
     folder = tmp_path / "run"
 
-    @common.releases_locks
+    @files.releases_locks
     def command(fail=False):
         """Takes the lock twice (as train.py does when resuming) and once more in a nested in-process command."""
-        common.lock_folder(folder)
-        common.lock_folder(folder)
+        files.lock_folder(folder)
+        files.lock_folder(folder)
         nested()
         assert not free(folder / ".lock")  # the nested command's end does not release its caller's lock
         if fail:
             raise SystemExit("error: something")
 
-    @common.releases_locks
+    @files.releases_locks
     def nested():
-        common.lock_folder(folder)
+        files.lock_folder(folder)
 
     command()
     assert free(folder / ".lock")

@@ -129,16 +129,6 @@ def test_search_resumes_from_cache(tiny, tmp_path, monkeypatch):
     assert len(json.loads((tmp_path / "cache.json").read_text())["sessions"]) == 2
 
 
-def test_budgets_from_the_measured_percentiles(tiny, tmp_path):
-    predictor = {**json.loads((tiny / "predictor.json").read_text()), "measured_percentiles": {"25": 8.0, "75": 20.0}}
-    path = tmp_path / "predictor.json"
-    path.write_text(json.dumps(predictor))
-    found = run_search(tiny, tmp_path / "out", f"--predictor={path}", "--budget_percentiles=[25,75]")
-    assert [r["budget_ms"] for r in found] == [8.0, 20.0] and (tmp_path / "out" / "arch_20ms.json").exists()
-    with pytest.raises(SystemExit, match="budget_percentiles"):  # a percentile the predictor does not store
-        run_search(tiny, tmp_path / "out2", f"--predictor={path}", "--budget_percentiles=[50]")
-
-
 def test_search_rejects_unreachable_budget(tiny, tmp_path):
     with pytest.raises(SystemExit, match="fastest one found"):
         run_search(tiny, tmp_path, "--budgets=[5]")

@@ -13,8 +13,9 @@ import pytest
 import sacrebleu
 import torch
 
-import common
 import train
+from data.batching import load_data
+from data.files import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 MULTI30K = ROOT.parent / "shared" / "data" / "multi30k" / "tok"
@@ -30,7 +31,7 @@ def run(tmp_path, *args, name="run"):
 
 def losses(out):
     """The per-step training records (step, lr, each subnet's loss), without the timing."""
-    return [{k: v for k, v in r.items() if k != "tok_per_s"} for r in common.read_jsonl(out / "train_log.jsonl")]
+    return [{k: v for k, v in r.items() if k != "tok_per_s"} for r in read_jsonl(out / "train_log.jsonl")]
 
 
 def test_supernet_sandwich_random_and_distill_steps_on_toy(tmp_path):
@@ -49,27 +50,22 @@ def test_supernet_sandwich_random_and_distill_steps_on_toy(tmp_path):
 
 def test_the_final_test_keeps_the_translations_behind_every_bleu(tmp_path):
     out = run(tmp_path, "--max_steps=3")
-    results, corpus = json.loads((out / "results.json").read_text()), common.load_data("toy", seed=1337)
+    results, corpus = json.loads((out / "results.json").read_text()), load_data("toy", seed=1337)
     for name in ("largest", "smallest", "middle"):
         hyps = (out / f"hyps_test_{name}.txt").read_text().splitlines()
         assert len(hyps) == 20  # --test_sentences=20, in corpus order
-        assert common.bleu_score(hyps, corpus.refs["test"][:20])[0] == pytest.approx(results[name]["bleu"])
+        assert train.bleu_score(hyps, corpus.refs["test"][:20])[0] == pytest.approx(results[name]["bleu"])
 
 
 def test_config_defaults_are_the_default_run_and_presets_list_only_differences():
-    assert train.parse_config([]) == train.TrainConfig()  # bare `python train.py` runs the dataclass's defaults
+    assert train.parse_settings(train.TrainConfig, [], presets=train.PRESETS) == train.TrainConfig()  # bare `python train.py` runs the dataclass's defaults
     defaults = train.TrainConfig()
     for name, preset in train.PRESETS.items():
         assert all(getattr(defaults, k) != v for k, v in preset.items()), name
     assert defaults.bf16 is None  # resolved when a run starts (fast_bf16), not when train.py is imported
 
 
-def test_scripts_share_code_only_through_common_and_import_without_side_effects():
-    for script in ("latency.py", "search.py", "bench.py", "common.py"):
-        text = (ROOT / script).read_text()
-        imports = [line for line in text.splitlines() if line.startswith(("import ", "from "))]
-        assert not [line for line in imports if line.split()[1] in {"train", "latency", "search", "bench", "reproduce"}
-                    and line.split()[1] != script[:-3]], script
+def test_scripts_import_without_side_effects():
     code = "import builtins, pathlib; opened = []; real = pathlib.Path.read_text\n" \
            "pathlib.Path.read_text = lambda self, *a, **k: opened.append(str(self)) or real(self, *a, **k)\n" \
            "import train, latency, search; print(opened)"
@@ -118,25 +114,30 @@ def test_torchrun_two_ranks_sample_same_subnets_and_stay_in_sync(tmp_path):
 def test_bleu_helper_matches_sacrebleu_with_bpe_removed():
     hyps = ["a sm@@ all dog runs .", "two people are wal@@ king on the beach ."]
     refs = ["a small dog is running .", "two people walk on the beach ."]
-    score, signature = common.bleu_score(hyps, refs)
+    score, signature = train.bleu_score(hyps, refs)
     plain = ["a small dog runs .", "two people are walking on the beach ."]
     expected = sacrebleu.corpus_bleu(plain, [refs], tokenize="none").score
     assert score == pytest.approx(expected) and "tok:none" in signature
-    assert common.bleu_score(refs, refs)[0] == pytest.approx(100.0)
+    assert train.bleu_score(refs, refs)[0] == pytest.approx(100.0)
+
+
+def parse_config(argv):
+    """train.py's settings from a command line."""
+    return train.parse_settings(train.TrainConfig, argv, presets=train.PRESETS)
 
 
 def test_settings_overrides_presets_and_errors():
-    cfg = train.parse_config(["--preset=toy", "--lr=1", "--sampling=random"])
+    cfg = parse_config(["--preset=toy", "--lr=1", "--sampling=random"])
     assert cfg.data == "toy" and cfg.lr == 1.0 and cfg.sampling == "random"
     with pytest.raises(SystemExit, match="unknown setting --colour"):
-        train.parse_config(["--colour=3"])
+        parse_config(["--colour=3"])
     with pytest.raises(SystemExit, match="should be a int"):
-        train.parse_config(["--max_steps=many"])
+        parse_config(["--max_steps=many"])
     with pytest.raises(SystemExit, match="unknown preset"):
-        train.parse_config(["--preset=wmt"])
+        parse_config(["--preset=wmt"])
     # a list of bare words fills a tuple field: --archs=[a.json,b.json] needs no quotes
-    import gap
-    cfg = common.parse_settings(gap.GapConfig, ["--arms=[hat,neuron]", "--seeds=[1, 2]", "--extra=['--lr=1']"])
+    from experiments import gap
+    cfg = train.parse_settings(gap.GapConfig, ["--arms=[hat,neuron]", "--seeds=[1, 2]", "--extra=['--lr=1']"])
     assert (cfg.arms, cfg.seeds, cfg.extra) == (("hat", "neuron"), (1, 2), ("--lr=1",))
 
 
@@ -156,7 +157,7 @@ def test_multi30k_supernet_and_standalone_steps(tmp_path):
 
 def test_missing_data_offline_says_how_to_pass_a_source(tmp_path):
     with pytest.raises(SystemExit, match="--data_source"):
-        common.load_data("multi30k", data_dir=str(tmp_path / "none"), data_source=str(tmp_path / "nowhere"))
+        load_data("multi30k", data_dir=str(tmp_path / "none"), data_source=str(tmp_path / "nowhere"))
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
@@ -214,7 +215,7 @@ def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
 
 
 def test_failed_results_write_keeps_the_previous_file(tmp_path, monkeypatch):
-    import data.batching as batching
+    import data.files as files
     path = tmp_path / "results.json"
     train.write_json(path, {"bleu": 1.0})
     real_open = open
@@ -230,7 +231,7 @@ def test_failed_results_write_keeps_the_previous_file(tmp_path, monkeypatch):
             return self
         def __exit__(self, *exc):
             self.f.close()
-    monkeypatch.setattr(batching, "open", FullDisk, raising=False)
+    monkeypatch.setattr(files, "open", FullDisk, raising=False)
     with pytest.raises(OSError, match="No space left"):
         train.write_json(path, {"bleu": 2.0})
     assert json.loads(path.read_text()) == {"bleu": 1.0} and list(tmp_path.iterdir()) == [path]
@@ -319,6 +320,6 @@ def test_checkpoint_averaging_takes_its_snapshots_from_the_end_of_training(tmp_p
 
 def test_iwslt_bleu_reports_hat_compound_split_beside_tokenised():
     refs, hyps = ["a well-known fact ."], ["a well known fact ."]
-    plain, split = common.bleu_score(hyps, refs)[0], common.bleu_score(hyps, refs, compound_split=True)[0]
+    plain, split = train.bleu_score(hyps, refs)[0], train.bleu_score(hyps, refs, compound_split=True)[0]
     assert split > plain  # "well-known" becomes "well ##AT##-##AT## known": 'well' and 'known' now match
-    assert common.bleu_score(refs, refs, compound_split=True)[0] == pytest.approx(100.0)
+    assert train.bleu_score(refs, refs, compound_split=True)[0] == pytest.approx(100.0)
