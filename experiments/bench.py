@@ -1,6 +1,6 @@
 """
 Benchmarks, measured side by side in one run (nanoGPT's bench.py, grown a little). Prints a table and writes
-results/bench.json:
+experiments/results/bench.json (the committed evidence; give --out=out_bench/bench.json for a trial run):
   1. training throughput (target tokens/s) of the CPU preset's sandwich step, and model FLOPs utilisation against
      this machine's own matmul peak measured in the same run (fp32, and bf16);
   2. step time of layer-wise and neuron-wise MoS against plain weight sharing, same arch and batch (ratio);
@@ -9,30 +9,35 @@ results/bench.json:
   4. peak memory of a training step for the largest subnet;
   5. time spent waiting on data per step.
 
-    python bench.py                        # CPU preset on Multi30k (prepared by train.py / data/prepare.py)
-    python bench.py --data=toy --space=tiny --device=cuda
-    python bench.py precision --fp32=out/ckpt.pt --bf16=out_bf16/ckpt.pt   # BLEU evidence for the default precision
+    python experiments/bench.py            # CPU preset on Multi30k (prepared by train.py / data/prepare.py)
+    python experiments/bench.py --data=toy --space=tiny --out=out_bench/bench.json   # the toy task, a trial output
+    python -m experiments.bench --data=toy --space=tiny --out=out_bench/bench.json   # the same, as a module
+    python experiments/bench.py precision --fp32=out/ckpt.pt --bf16=out_bf16/ckpt.pt   # BLEU evidence for bf16
+
+`precision` writes experiments/results/bench_precision.json (--out).
 """
 
 import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
-import common
-import mos
-from data.batching import TokenBatcher, collate, remove_bpe
-from mos import SPACES, SuperTransformer
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python experiments/bench.py` finds the core
+import mos  # noqa: E402
+from data.batching import TokenBatcher, collate, load_data, remove_bpe  # noqa: E402
+from data.files import writable_folder, write_json  # noqa: E402
+from mos import SPACES, SuperTransformer  # noqa: E402
+from train import (check_settings, evaluate, get_device, load_checkpoint, model_from_checkpoint,  # noqa: E402
+                   parse_settings, token_loss, translate_ids)
 
 
 @dataclass
 class BenchConfig:
-    """`python bench.py`: speed of the training step and of decoding."""
+    """`python experiments/bench.py`: speed of the training step and of decoding."""
     data: str = "multi30k"  # multi30k | iwslt14 | toy
     space: str = "cpu"
     device: str = "auto"
@@ -42,16 +47,16 @@ class BenchConfig:
     decode_sentences: int = 1000
     decode_batch: int = 64
     beam: int = 5
-    out: str = "results/bench.json"
+    out: str = "experiments/results/bench.json"
     seed: int = 0
 
 
 @dataclass
 class PrecisionConfig:
-    """`python bench.py precision`: two supernets trained alike except for precision."""
+    """`python experiments/bench.py precision`: two supernets trained alike except for precision."""
     fp32: str = "out/ckpt.pt"
     bf16: str = "out_bf16/ckpt.pt"
-    out: str = "results/bench_precision.json"
+    out: str = "experiments/results/bench_precision.json"
     samples: int = 1000  # paired-bootstrap resamples
 
 
@@ -106,20 +111,20 @@ def peak_rss_bytes():
 
 
 def read_settings(cls, argv) -> dict:
-    """The settings of dataclass `cls` with every --key=value of argv applied (common.parse_settings, as every
+    """The settings of dataclass `cls` with every --key=value of argv applied (train.parse_settings, as every
     script), as a dict; counts must be >= 1 (warmup and seed >= 0), and the output's folder writable."""
-    s = asdict(common.parse_settings(cls, argv))
-    common.check_settings(s, {k: (0 if k in ("warmup", "seed") else 1, None) for k, v in s.items() if type(v) is int},
-                          dict(data=("multi30k", "iwslt14", "toy"), space=SPACES) if "space" in s else {})
-    common.writable_folder(Path(s["out"]).parent)
-    return s
+    cfg = parse_settings(cls, argv)
+    check_settings(cfg, {f.name: 1 for f in fields(cls) if f.type is int and f.name not in ("warmup", "seed")},
+                   dict(data=("multi30k", "iwslt14", "toy"), space=SPACES) if hasattr(cfg, "space") else {})
+    writable_folder(Path(cfg.out).parent)
+    return asdict(cfg)
 
 
 def main(argv):
     s = read_settings(BenchConfig, argv)
-    device = common.get_device(s["device"], auto=True)
+    device = get_device(s["device"], auto=True)
     torch.manual_seed(s["seed"])
-    corpus = common.load_data(s["data"], seed=s["seed"])
+    corpus = load_data(s["data"], seed=s["seed"])
     space, V_src, V_tgt = SPACES[s["space"]], len(corpus.src_vocab), len(corpus.tgt_vocab)
     src, tgt = corpus.splits["train"]
     batcher = TokenBatcher([len(x) for x in src], [len(x) for x in tgt], s["max_tokens"], seed=s["seed"])
@@ -145,7 +150,7 @@ def main(argv):
             for arch in archs:
                 with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                     logits = model(s_, ti, arch)
-                (common.token_loss(logits, to, 0.1) / n_tgt / len(archs)).backward()
+                (token_loss(logits, to, 0.1) / n_tgt / len(archs)).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return run
@@ -223,7 +228,7 @@ def main(argv):
 
     out = Path(s["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    common.write_json(out, report)
+    write_json(out, report)
     print(f"wrote {out}")
 
 
@@ -236,20 +241,20 @@ def precision(argv):
     s = read_settings(PrecisionConfig, argv)
     report, hyps, device = {"settings": s}, {}, torch.device("cpu")
     for name in ("fp32", "bf16"):
-        ckpt = common.load_checkpoint(s[name])
+        ckpt = load_checkpoint(s[name])
         cfg = ckpt["config"]  # the training run's settings: its data and precision
         if cfg["bf16"] != (name == "bf16"):
             raise SystemExit(f"error: --{name}={s[name]} was trained with bf16={cfg['bf16']}")
-        corpus = common.load_data(cfg["data"], cfg["data_dir"], cfg.get("data_source", ""), cfg["seed"])
-        supernet = common.model_from_checkpoint(ckpt).eval()
+        corpus = load_data(cfg["data"], cfg["data_dir"], cfg.get("data_source", ""), cfg["seed"])
+        supernet = model_from_checkpoint(ckpt).eval()
         report[name] = dict(ckpt=s[name], step=ckpt["step"], train_seconds=ckpt.get("train_seconds"))
         for arch in ("largest", "smallest", "middle"):
             net = supernet.subnet(getattr(supernet.space, arch)())
             t = time.perf_counter()
-            report[name][arch] = common.evaluate(net, corpus, "test", device, cfg["max_tokens"], n_bleu=-1,
-                                                 bf16=cfg["bf16"])  # test loss
-            ids = common.translate_ids(net.eval(), corpus.splits["test"][0], device, cfg["beam"], cfg["lenpen"],
-                                       cfg["bf16"])
+            report[name][arch] = evaluate(net, corpus, "test", device, cfg["max_tokens"], n_bleu=-1,
+                                          bf16=cfg["bf16"])  # test loss
+            ids = translate_ids(net.eval(), corpus.splits["test"][0], device, cfg["beam"], cfg["lenpen"],
+                                cfg["bf16"])
             report[name][arch]["eval_seconds"] = time.perf_counter() - t
             hyps[name, arch] = [remove_bpe(corpus.tgt_vocab.decode(h)) for h in ids]
     refs = [[remove_bpe(r) for r in corpus.refs["test"]]]
@@ -263,7 +268,7 @@ def precision(argv):
                             signature=str(signature))
         print(f"{arch}: fp32 {base.score:.2f} (+-{base.ci:.2f}) | bf16 {other.score:.2f} (+-{other.ci:.2f}) | "
               f"difference {other.score - base.score:+.2f}, paired bootstrap p = {other.p_value:.3f}")
-    common.write_json(Path(s["out"]), report)
+    write_json(Path(s["out"]), report)
     print(f"wrote {s['out']}")
 
 

@@ -2,19 +2,20 @@
 Latency-BLEU fronts and the retraining saving, on the supernets of the gap experiment (gap.py): does the search use
 its budget, and do MoS subnets need less retraining than HAT's to reach their standalone quality?
 
-    python fronts.py --data_source=../shared/data/multi30k/tok     # after gap.py trained and scored the seed's arms
-    python fronts.py --until=latency                               # stage 1 only (needs no supernet)
-    python fronts.py --arms=[layer] --until=supernets              # one arm's stages 2, 3 and 5a
-    python fronts.py --arms=[layer] --until=scratch                # and its winners from scratch (5b)
-    python fronts.py --scratch=False                               # stage 4 and the report before 5b is done
-    python fronts.py --remeasure_sessions=2                        # in a later session: time the winners again
-    python fronts.py --preset=toy --gap=out_gap_toy --out=out_fronts_toy   # the same stages on the synthetic task
+    python experiments/fronts.py --data_source=../shared/data/multi30k/tok   # after gap.py scored the seed's arms
+    python experiments/fronts.py --until=latency                       # stage 1 only (needs no supernet)
+    python experiments/fronts.py --arms=[layer] --until=supernets      # one arm's stages 2, 3 and 5a
+    python experiments/fronts.py --arms=[layer] --until=scratch        # and its winners from scratch (5b)
+    python experiments/fronts.py --scratch=False                       # stage 4 and the report before 5b is done
+    python experiments/fronts.py --remeasure_sessions=2                # in a later session: time the winners again
+    python experiments/fronts.py --preset=toy --gap=out_gap_toy --out=out_fronts_toy   # on the synthetic task
+    python -m experiments.fronts --preset=toy --gap=out_gap_toy --out=out_fronts_toy   # the same, as a module
 
 Stages (rerun the same command after a stop: a finished stage is skipped, a training run resumes from its checkpoint,
 the latency dataset and the search caches continue where they stopped):
   1. latency.csv, predictor.json: `latency_n` random subnets of the space timed (random weights: latency depends on
      the shapes only; run it on a quiet machine) and the predictor fit on them. The budgets are the `percentiles` of
-     those measured latencies, so that every budget excludes part of the space.
+     those measured latencies (in ms, rounded to 2 decimals), so that every budget excludes part of the space.
   Then, arm by arm, everything that needs the arm's supernet (seed `seed`). Where its checkpoint is gone (they stay
   out of git, so a fresh checkout has none), the same run is trained again from its stored settings into
   supernet_ARM_sSEED/, and regenerated.json says whether it repeated the first run number for number:
@@ -31,18 +32,20 @@ the latency dataset and the search caches continue where they stopped):
      then shows the scratch runs that have finished, and the next full run trains the rest).
   After all arms:
   4. remeasure.jsonl: every winner of every arm and the gap panel's archs timed side by side
-     (common.measure_interleaved, every round led by the panel's arch0, the space's smallest subnet), one line per
-     session; --remeasure_sessions=2 in a later session adds a second. It runs after all training, on a quiet
-     machine.
+     (latency_checks.measure_interleaved, every round led by the panel's arch0, the space's smallest subnet), one
+     line per session; --remeasure_sessions=2 in a later session adds a second. It runs after all training, on a
+     quiet machine.
   6. fronts.json, fronts.md (with the retraining saving: each winner finetuned minus its arch's full scratch run),
      fronts.png (latency against test BLEU, one line per arm, the gap panel's standalone archs as reference) and
      steps.png (test BLEU against training steps, finetuned and from scratch).
-Settings are the FrontsConfig fields, changed with --key=value as in train.py. Checkpoints (*.pt) stay out of git.
+Settings are the FrontsConfig fields, changed with --key=value as in train.py. The default --gap and --out are the
+committed evidence, experiments/results/gap and experiments/results/fronts (give a toy run out*/ folders);
+checkpoints (*.pt) stay out of git.
 """
 
 import hashlib
-import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,14 +53,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import common
-import latency
-import search
-import train
-from data.batching import TokenBatcher, collate
-from gap import ARMS, inherited_scores, paired_test, read_lines
-from mos import PAD, SPACES, ArchConfig, Transformer
-from reproduce import TOY_LATENCY, TOY_SEARCH, train_stage
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python experiments/fronts.py` finds the core
+import latency  # noqa: E402
+import search  # noqa: E402
+import train  # noqa: E402
+from data.batching import TokenBatcher, collate, load_data  # noqa: E402
+from data.files import (append_jsonl, atomic_open, lock_folder, read_json, read_jsonl, releases_locks,  # noqa: E402
+                        write_json)
+from experiments.gap import ARMS, inherited_scores, paired_test, read_lines  # noqa: E402
+from experiments.latency_checks import measure_interleaved, spread  # noqa: E402
+from experiments.reproduce import TOY_LATENCY, TOY_SEARCH, train_stage  # noqa: E402
+from mos import PAD, SPACES, ArchConfig, Transformer  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -67,9 +73,9 @@ from reproduce import TOY_LATENCY, TOY_SEARCH, train_stage
 class FrontsConfig:
     """Every setting of the command line; the defaults follow gap.py's Multi30k experiment on SPACES['cpu_wide']."""
     preset: str = "multi30k"  # multi30k | toy (see PRESETS)
-    gap: str = "results/gap"  # gap.py's folder: the supernets supernet_ARM_sSEED and the panel
-    out: str = "results/fronts"
-    seed: int = 1338  # whose supernets are searched (one seed suffices here; see results/fronts/README.md)
+    gap: str = "experiments/results/gap"  # gap.py's folder: the supernets supernet_ARM_sSEED and the panel
+    out: str = "experiments/results/fronts"
+    seed: int = 1338  # whose supernets are searched (one seed suffices here; see experiments/results/fronts/README.md)
     arms: tuple = tuple(ARMS)
     until: str = "all"  # latency: stage 1 only (a quiet machine) | supernets: up to 5a | scratch: up to 5b | all
     scratch: bool = True  # False: skip stage 5b in this run (stage 4 and the report take the scratch runs finished)
@@ -79,7 +85,7 @@ class FrontsConfig:
     latency_iters: int = 20
     threads: int = 2
     remeasure_sessions: int = 1  # interleaved measurements of all winners to hold, one per run of stage 4
-    remeasure_rounds: int = 10  # round spreads of 9-42% on this VM (results/fronts/README.md): more rounds
+    remeasure_rounds: int = 10  # round spreads of 9-42% on this VM (experiments/results/fronts/README.md): more rounds
     remeasure_iters: int = 20
     noise_bootstrap: int = 1000  # resamples of the valid sentences for the noise floor (and of the paired test)
     finetune_steps: tuple = (250, 500, 1000)  # from the supernet's weights, one run continued to each in turn
@@ -101,9 +107,10 @@ PRESETS = {
                 finetune_steps=(4, 8), finetune_lr=1e-3, finetune_warmup=2, scratch_steps=(4, 8), test_sentences=30,
                 extra=("--preset=toy", "--bleu_sentences=-1", "--save_interval=0", "--eval_interval=1000")),
 }
-LIMITS = dict(seed=(0, None), latency_n=(12, None), latency_warmup=(0, None), latency_iters=(1, None),
-              threads=(1, None), remeasure_sessions=(1, None), remeasure_rounds=(1, None), remeasure_iters=(1, None),
-              noise_bootstrap=(1, None), finetune_lr=(0, None), finetune_warmup=(0, None), test_sentences=(0, None))
+# the settings' checks (train.check_settings): numbers >= 0 but these, and the choices
+BOUNDS = dict(latency_n=12, latency_iters=1, threads=1, remeasure_sessions=1, remeasure_rounds=1, remeasure_iters=1,
+              noise_bootstrap=1)
+CHOICES = dict(until=("latency", "supernets", "scratch", "all"))
 
 
 # -----------------------------------------------------------------------------
@@ -123,7 +130,7 @@ def train_curve(folder: Path, flags, steps) -> dict:
             if (folder / "hyps_test_model.txt").exists():  # (a stop between the two renames has moved it)
                 os.replace(folder / "hyps_test_model.txt", folder / f"hyps_test_step{s}.txt")
             os.replace(folder / "results.json", kept)
-        scores[s] = common.read_json(kept, "results")["model"]
+        scores[s] = read_json(kept, "results")["model"]
     return scores
 
 
@@ -135,6 +142,13 @@ def arch_name(arch: ArchConfig) -> str:
 def scratch_folder(out: Path, arch: dict) -> Path:
     """Where an arch (its JSON dict) is trained from scratch: one folder per arch, shared by the winners that are it."""
     return out / f"scratch_{arch_name(ArchConfig.from_dict(arch))}"
+
+
+def budgets_of(latency_csv: Path, percentiles) -> list:
+    """The latency budgets, in ms rounded to 2 decimals: these percentiles of the measured latencies (median_ms) of
+    the random subnets in stage 1's latency dataset, so that every budget excludes part of the space."""
+    measured = latency.read_latency_csv(latency_csv)[1]
+    return [round(float(np.percentile(measured, q)), 2) for q in percentiles]
 
 
 # -----------------------------------------------------------------------------
@@ -155,11 +169,11 @@ def supernet_checkpoint(gap_run: Path, out: Path) -> Path:
     if not (folder / "ckpt.pt").exists():  # (a run regenerated in an earlier checkout: its evidence, no checkpoint)
         for name in ("results.json", "regenerated.json"):
             (folder / name).unlink(missing_ok=True)
-    stored = common.read_json(gap_run / "config.json", "training settings")
-    as_flag = lambda k, v: f"--{k}={v}" if common.literal_or_word(str(v)) == v else f"--{k}={v!r}"  # '1' a string
+    stored = read_json(gap_run / "config.json", "training settings")
+    as_flag = lambda k, v: f"--{k}={v}" if train.literal(str(v)) == v else f"--{k}={v!r}"  # '1' a string
     train_stage(folder, [as_flag(k, v) for k, v in stored.items() if k not in ("out_dir", "resume")])
     if not (folder / "regenerated.json").exists():
-        common.write_json(folder / "regenerated.json", compare_runs(gap_run, folder))
+        write_json(folder / "regenerated.json", compare_runs(gap_run, folder))
     return folder / "ckpt.pt"
 
 
@@ -176,10 +190,9 @@ def compare_runs(first: Path, second: Path) -> dict:
                 flat[prefix + k] = v
         return flat
 
-    logs = [common.read_jsonl(run / "train_log.jsonl") for run in (first, second)]
+    logs = [read_jsonl(run / "train_log.jsonl") for run in (first, second)]
     pairs = [(f"train_log step {a.get('step')}", numbers(a), numbers(b)) for a, b in zip(*logs)]
-    pairs.append(("results.json", *(numbers(common.read_json(run / "results.json", "results"))
-                                    for run in (first, second))))
+    pairs.append(("results.json", *(numbers(read_json(run / "results.json", "results")) for run in (first, second))))
     diffs = [(where, key, abs(a[key] - b[key])) for where, a, b in pairs for key in sorted(a.keys() & b.keys())]
     first_diff = next(((where, key) for where, key, d in diffs if d), None)
     return dict(first=str(first), second=str(second), records=len(pairs), same_length=len(logs[0]) == len(logs[1]),
@@ -219,7 +232,7 @@ def noise_floor(supernet, winners: list, corpus, max_tokens: int, n_boot: int, s
     resamples = rng.integers(0, n, (n_boot, n))  # (n_boot, N) sentence indices
     boot = np.array([[s[i].sum() / t[i].sum() for i in resamples] for s, t in losses])  # (winners, n_boot)
     full = [float(s.sum() / t.sum()) for s, t in losses]
-    rebatched = common.valid_loss(models[0], common.split_batches(corpus, "valid", max_tokens // 4, "cpu"))
+    rebatched = train.valid_loss(models[0], train.split_batches(corpus, "valid", max_tokens // 4, "cpu"))
     diff = boot[-1] - boot[0]  # (n_boot,) paired: the same sentences for both
     return dict(valid_loss=full, bootstrap_std=[float(b.std()) for b in boot],
                 rebatched_delta=abs(rebatched - full[0]), paired_diff=full[-1] - full[0], paired_std=float(diff.std()),
@@ -232,7 +245,7 @@ def noise_floor(supernet, winners: list, corpus, max_tokens: int, n_boot: int, s
 
 def scores_of(folder: Path, steps) -> dict:
     """S -> test scores of every step count that has finished in a train_curve folder."""
-    return {s: common.read_json(folder / f"results_step{s}.json", "results")["model"]
+    return {s: read_json(folder / f"results_step{s}.json", "results")["model"]
             for s in steps if (folder / f"results_step{s}.json").exists()}
 
 
@@ -246,10 +259,9 @@ def report(out: Path, cfg: FrontsConfig, rows, noise, sessions, corpus, panel):
     checks = [budget_check(cfg, arm, [r for r in rows if r["arm"] == arm], noise.get(arm), sessions, refs, out)
               for arm in cfg.arms if sum(r["arm"] == arm for r in rows) > 1]
     retraining = retraining_check(cfg, rows, refs, out)
-    common.write_json(out / "fronts.json", dict(settings=asdict(cfg), machine=common.machine(), winners=rows,
-                                                noise=noise, remeasure_sessions=sessions,
-                                                latency_across_sessions=across, budget_checks=checks,
-                                                retraining=retraining))
+    write_json(out / "fronts.json", dict(settings=asdict(cfg), machine=latency.machine(), winners=rows, noise=noise,
+                                         remeasure_sessions=sessions, latency_across_sessions=across,
+                                         budget_checks=checks, retraining=retraining))
     write_markdown(out / "fronts.md", cfg, rows, noise, sessions, checks, across, retraining)
     plot(out, cfg, rows, sessions, panel)
 
@@ -263,8 +275,8 @@ def latency_across_sessions(sessions, panel) -> dict:
         ms = [s["models"][name]["median_ms"] for s in sessions if name in s["models"]]
         ratio = [s["models"][name]["ratio_to_reference"] for s in sessions if name in s["models"]]
         every = ms + ([earlier[name]] if name in earlier else [])
-        across[name] = dict(panel_ms=earlier.get(name), ms=ms, ratio=ratio, ms_spread=common.spread(every),
-                            ratio_spread=common.spread(ratio))
+        across[name] = dict(panel_ms=earlier.get(name), ms=ms, ratio=ratio, ms_spread=spread(every),
+                            ratio_spread=spread(ratio))
     return across
 
 
@@ -381,7 +393,7 @@ def write_markdown(path: Path, cfg, rows, noise, sessions, checks, across, retra
     for i, s in enumerate(sessions):
         lines.append(f"\nInterleaved session {i + 1}: {s['time']}, {s['machine']}, load {s['before']['load_1min']} "
                      f"before / {s['after']['load_1min']} after" + "".join(f"; warning: {w}" for w in s["warnings"]))
-    with common.atomic_open(path) as f:
+    with atomic_open(path) as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -398,7 +410,7 @@ def plot(out: Path, cfg, rows, sessions, panel):
         result = Path(cfg.gap) / "standalone" / e["name"] / "results.json"
         if result.exists():  # at the latency measured beside the winners
             ms = sessions[0]["models"][e["name"]]["median_ms"] if sessions else e["latency_ms"]
-            ax.scatter(ms, common.read_json(result, "results")["model"]["bleu"], color="grey", marker="x",
+            ax.scatter(ms, read_json(result, "results")["model"]["bleu"], color="grey", marker="x",
                        label="gap panel, standalone 1,500 steps" if e["name"] == "arch0" else None)
     for arm in cfg.arms:
         mine = [r for r in rows if r["arm"] == arm and r["interleaved_ms"] is not None]
@@ -432,11 +444,11 @@ def plot(out: Path, cfg, rows, sessions, panel):
 # The stages in order
 
 
-@common.releases_locks
+@releases_locks
 def main(argv):
     """Run every stage that has not finished, then the report."""
-    cfg = common.parse_settings(FrontsConfig, argv, presets=PRESETS)
-    common.check_settings(asdict(cfg), LIMITS, dict(until=("latency", "supernets", "scratch", "all")))
+    cfg = train.parse_settings(FrontsConfig, argv, presets=PRESETS)
+    train.check_settings(cfg, BOUNDS, CHOICES)
     if [arm for arm in cfg.arms if arm not in ARMS] or not cfg.arms:
         raise SystemExit(f"error: --arms={list(cfg.arms)}; give one or more arms of {list(ARMS)}")
     if sorted(set(cfg.percentiles)) != list(cfg.percentiles) or not all(1 <= q <= 99 for q in cfg.percentiles):
@@ -449,15 +461,15 @@ def main(argv):
         if not steps or sorted(set(steps)) != list(steps) or steps[0] < 1:
             raise SystemExit(f"error: --{name}={list(steps)}; give increasing positive step counts, e.g. [250,500]")
     extra = [*cfg.extra, *([f"--data_source={cfg.data_source}"] if cfg.data_source else [])]
-    run = train.parse_config(extra)  # a bad train.py flag fails now, before any stage runs
+    run = train.parse_settings(train.TrainConfig, extra, presets=train.PRESETS)  # a bad train.py flag fails now
     gap, out, toy = Path(cfg.gap), Path(cfg.out), cfg.preset == "toy"
     if not (gap / "panel.json").exists():
         raise SystemExit(f"error: {gap / 'panel.json'} not found: run gap.py first, or pass --gap=FOLDER")
-    panel_file = common.read_json(gap / "panel.json", "panel")
+    panel_file = read_json(gap / "panel.json", "panel")
     space, panel = panel_file["space"], panel_file["panel"]  # the gap experiment's space and archs
-    common.lock_folder(out)  # one writer per folder
-    common.write_json(out / "settings.json", asdict(cfg))
-    corpus = common.load_data(run.data, run.data_dir, run.data_source, run.seed)
+    lock_folder(out)  # one writer per folder
+    write_json(out / "settings.json", asdict(cfg))
+    corpus = load_data(run.data, run.data_dir, run.data_source, run.seed)
     threads = torch.get_num_threads()  # latency.py and search.py pin their own thread count
 
     # 1. the latency dataset (random weights, quiet machine) and the predictor; its percentiles are the budgets
@@ -469,8 +481,10 @@ def main(argv):
         latency.main(["dataset", *data, f"--n={cfg.latency_n}", *quick])
         latency.main(["fit", *data, *quick])
         torch.set_num_threads(threads)
+    budgets = budgets_of(out / "latency.csv", cfg.percentiles)
+    print(f"budgets: percentiles {list(cfg.percentiles)} of the measured random subnets -> {budgets} ms")
     if cfg.until == "latency":
-        return common.read_json(predictor, "predictor")["measured_percentiles"]
+        return dict(zip(cfg.percentiles, budgets))
     runs = {arm: gap / f"supernet_{arm}_s{cfg.seed}" for arm in cfg.arms}
     missing = [str(run) for run in runs.values() if not inherited_scores(run, panel)[1]]
     if missing:
@@ -482,7 +496,7 @@ def main(argv):
     n_valid = len(corpus.splits["valid"][0])
     train_flags = [*extra, f"--space={space}", f"--test_sentences={cfg.test_sentences}"]
     path = out / "noise.json"
-    noise = common.read_json(path, "noise") if path.exists() else {}
+    noise = read_json(path, "noise") if path.exists() else {}
     winners = {}
     for arm in cfg.arms:
         search_dir = out / f"search_{arm}"
@@ -493,31 +507,31 @@ def main(argv):
         # 2. the search: the same budgets for every arm, fitness on the full valid split
         if not (search_dir / "results.json").exists():
             search.main([f"--ckpt={ckpt}", f"--predictor={predictor}", f"--out_dir={search_dir}",
-                         f"--budget_percentiles=[{','.join(str(q) for q in cfg.percentiles)}]",
+                         f"--budgets=[{','.join(repr(b) for b in budgets)}]",
                          f"--threads={cfg.threads}", *(TOY_SEARCH if toy else ()), f"--valid_sentences={n_valid}"])
             torch.set_num_threads(threads)
-        found = common.read_json(search_dir / "results.json", "search results")["results"]
+        found = read_json(search_dir / "results.json", "search results")["results"]
         winners[arm] = [dict(arm=arm, name=f"{arm}_p{q}", percentile=q, **{k: r[k] for k in (
             "budget_ms", "arch", "valid_loss", "predicted_ms", "measured_ms", "params_no_emb")})
             for q, r in zip(cfg.percentiles, found)]
         if done:
             continue
-        supernet = common.model_from_checkpoint(common.load_checkpoint(ckpt)).eval()
+        supernet = train.model_from_checkpoint(train.load_checkpoint(ckpt)).eval()
         # 3. the fitness noise floor
         if arm not in noise:
             noise[arm] = noise_floor(supernet, [winners[arm][0], winners[arm][-1]], corpus, run.max_tokens,
                                      cfg.noise_bootstrap)
-            common.write_json(path, noise)
+            write_json(path, noise)
         # 5a. every winner with inherited weights (0 steps: cut from the supernet, scored as is), then finetuned
         for w in winners[arm]:
             folder = out / f"finetune_{w['name']}"
             if not (folder / "results_step0.json").exists():
                 folder.mkdir(parents=True, exist_ok=True)
-                common.write_json(folder / "arch.json", w["arch"])
-                result = common.evaluate(supernet.subnet(ArchConfig.from_dict(w["arch"])), corpus, "test",
-                                         torch.device("cpu"), run.max_tokens, cfg.test_sentences, run.beam,
-                                         run.lenpen, hyps_path=folder / "hyps_test_step0.txt")
-                common.write_json(folder / "results_step0.json", dict(split="test", model=result))
+                write_json(folder / "arch.json", w["arch"])
+                result = train.evaluate(supernet.subnet(ArchConfig.from_dict(w["arch"])), corpus, "test",
+                                        torch.device("cpu"), run.max_tokens, cfg.test_sentences, run.beam,
+                                        run.lenpen, hyps_path=folder / "hyps_test_step0.txt")
+                write_json(folder / "results_step0.json", dict(split="test", model=result))
         del supernet
         for w in winners[arm]:
             folder = out / f"finetune_{w['name']}"
@@ -531,23 +545,23 @@ def main(argv):
     for w in rows if cfg.scratch else ():  # an arch that several winners share is trained from scratch once
         folder = scratch_folder(out, w["arch"])
         folder.mkdir(parents=True, exist_ok=True)
-        common.write_json(folder / "arch.json", w["arch"])
+        write_json(folder / "arch.json", w["arch"])
         train_curve(folder, [*train_flags, f"--arch={folder / 'arch.json'}"], cfg.scratch_steps)
     if cfg.until == "scratch":
         return rows
 
     # 4. every winner timed side by side, once per session
     path = out / "remeasure.jsonl"
-    sessions = common.read_jsonl(path) if path.exists() else []
+    sessions = read_jsonl(path) if path.exists() else []
     if len(sessions) < cfg.remeasure_sessions:
         archs = {e["name"]: e["arch"] for e in panel}  # arch0, the space's smallest, leads every round
         archs.update({w["name"]: w["arch"] for w in rows})
         models = {name: Transformer(ArchConfig.from_dict(a), len(corpus.src_vocab), len(corpus.tgt_vocab),
                                     SPACES[space].qkv_dim).eval() for name, a in archs.items()}
-        r = common.measure_interleaved(models, panel[0]["name"], cfg.remeasure_rounds, cfg.latency_warmup,
-                                       cfg.remeasure_iters, threads=cfg.threads)
-        common.append_jsonl(path, dict(r, machine=common.machine(), time=r["before"]["time"]))
-        sessions = common.read_jsonl(path)
+        r = measure_interleaved(models, panel[0]["name"], cfg.remeasure_rounds, cfg.latency_warmup,
+                                cfg.remeasure_iters, threads=cfg.threads)
+        append_jsonl(path, dict(r, machine=latency.machine(), time=r["before"]["time"]))
+        sessions = read_jsonl(path)
         torch.set_num_threads(threads)
 
     for w in rows:
@@ -561,4 +575,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    train.run(main)

@@ -3,9 +3,10 @@ The paper's central claim, measured: how far is a subnet with weights inherited 
 the same architecture trained from scratch, and does the supernet rank subnets the way standalone training does?
 HAT's weight sharing against MoS, on a fixed panel of architectures.
 
-    python gap.py --data_source=../shared/data/multi30k/tok   # Multi30k, cpu_wide: many CPU hours (results/gap)
-    python gap.py --until=panel                       # only stage 1: choose and write the panel
-    python gap.py --preset=toy --out=out_gap_toy      # the same pipeline on the synthetic task, a minute or two
+    python experiments/gap.py --data_source=../shared/data/multi30k/tok   # Multi30k, cpu_wide: many CPU hours
+    python experiments/gap.py --until=panel                 # only stage 1: choose and write the panel
+    python experiments/gap.py --preset=toy --out=out_gap_toy   # the same stages on the synthetic task, a minute or two
+    python -m experiments.gap --preset=toy --out=out_gap_toy   # the same, as a module
 
 Stages (rerun the same command after a stop: a finished stage is skipped, a training run resumes from its checkpoint,
 a half-scored supernet continues with its next arch):
@@ -17,11 +18,12 @@ a half-scored supernet continues with its next arch):
      two rankings with a bootstrap interval over archs, the arm's training cost, sacrebleu's paired bootstrap of
      each arm against HAT and of the MoS arms against HAT with the sandwich rule (BASELINES), on the same archs.
      Written after every scored supernet, so a partial run reports what it has.
-Settings are the GapConfig fields, changed with --key=value as in train.py. Checkpoints (*.pt) stay out of git.
+Settings are the GapConfig fields, changed with --key=value as in train.py. The default --out is the committed
+evidence, experiments/results/gap (give a toy run an out*/ folder); checkpoints (*.pt) stay out of git.
 """
 
-import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,13 +34,14 @@ from sacrebleu.metrics import BLEU
 from sacrebleu.significance import PairedTest
 from tqdm import tqdm
 
-import common
-import mos
-import train
-from data.batching import TokenBatcher, remove_bpe
-from latency import kendall_tau
-from mos import SPACES, ArchConfig, Transformer
-from reproduce import train_stage
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python experiments/gap.py` finds the core
+import mos  # noqa: E402
+import train  # noqa: E402
+from data.batching import TokenBatcher, load_data, remove_bpe  # noqa: E402
+from data.files import atomic_open, lock_folder, read_json, releases_locks, write_json  # noqa: E402
+from experiments.reproduce import train_stage  # noqa: E402
+from latency import kendall_tau, machine, measure_latency  # noqa: E402
+from mos import SPACES, ArchConfig, Transformer  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -60,7 +63,7 @@ CI = (2.5, 97.5)  # percentiles of the bootstrap interval
 class GapConfig:
     """Every setting of the command line; the defaults are the Multi30k CPU experiment on SPACES['cpu_wide']."""
     preset: str = "multi30k"  # multi30k | toy (see PRESETS)
-    out: str = "results/gap"  # every stage writes below this folder (checkpoints are git-ignored)
+    out: str = "experiments/results/gap"  # every stage writes below this folder (checkpoints are git-ignored)
     space: str = "cpu_wide"
     panel_size: int = 8  # K archs; the space's smallest and largest are always two of them
     candidates: int = 64  # random archs whose latency is measured to choose the panel from
@@ -69,7 +72,7 @@ class GapConfig:
     until: str = "all"  # panel | standalone | all
     test_sentences: int = 0  # BLEU on the first N test sentences; 0 = all
     bootstrap: int = 1000  # resamples for the intervals over archs and for the paired test
-    latency_warmup: int = 5  # the panel's latency measurement (common.measure_latency, beam protocol)
+    latency_warmup: int = 5  # the panel's latency measurement (latency.measure_latency, beam protocol)
     latency_iters: int = 20
     threads: int = 2
     data_source: str = ""  # where train.py prepares the corpus from if it is not prepared (folder, URL, tarball)
@@ -114,8 +117,8 @@ def choose_panel(cfg: GapConfig, corpus, path: Path) -> list:
     measured = []
     for arch in tqdm(candidates, desc="panel latency", dynamic_ncols=True):
         model = Transformer(arch, len(corpus.src_vocab), len(corpus.tgt_vocab), space.qkv_dim)
-        measured.append(common.measure_latency(model, warmup=cfg.latency_warmup, iters=cfg.latency_iters,
-                                               threads=cfg.threads)["median_ms"])
+        measured.append(measure_latency(model, warmup=cfg.latency_warmup, iters=cfg.latency_iters,
+                                        threads=cfg.threads)["median_ms"])
     # the ends are the space's smallest and largest archs; the others spread between their latencies
     chosen = [0] + [2 + i for i in stratify(measured[2:], cfg.panel_size - 2, measured[0], measured[1])] + [1]
     panel = [dict(name=f"arch{j}", arch=candidates[i].to_dict(), latency_ms=measured[i],
@@ -123,11 +126,11 @@ def choose_panel(cfg: GapConfig, corpus, path: Path) -> list:
              for j, i in enumerate(chosen)]
     (path.parent / "panel").mkdir(parents=True, exist_ok=True)
     for entry in panel:  # one JSON arch file each, what train.py --arch reads; panel.json last, as the stage's mark
-        common.write_json(path.parent / "panel" / f"{entry['name']}.json", entry["arch"])
+        write_json(path.parent / "panel" / f"{entry['name']}.json", entry["arch"])
     measured_all = [dict(arch=a.to_dict(), latency_ms=m) for a, m in zip(candidates, measured)]
-    common.write_json(path, dict(space=cfg.space, machine=common.machine(), threads=cfg.threads, protocol="beam",
-                                 note="latency of random weights, median of latency_iters runs; chosen before any "
-                                      "supernet was scored", panel=panel, candidates=measured_all))
+    write_json(path, dict(space=cfg.space, machine=machine(), threads=cfg.threads, protocol="beam",
+                          note="latency of random weights, median of latency_iters runs; chosen before any supernet "
+                               "was scored", panel=panel, candidates=measured_all))
     return panel
 
 
@@ -139,7 +142,7 @@ def inherited_scores(folder: Path, panel) -> tuple:
     """The supernet in `folder`'s inherited.json ({} before its first arch is scored) and whether it holds every
     panel arch: a fully scored supernet needs its checkpoint no more (checkpoints are never committed)."""
     path = folder / "inherited.json"
-    scores = common.read_json(path, "scores") if path.exists() else {}
+    scores = read_json(path, "scores") if path.exists() else {}
     return scores, all(entry["name"] in scores for entry in panel)
 
 
@@ -149,19 +152,19 @@ def score_inherited(folder: Path, panel, corpus, cfg: GapConfig) -> dict:
     done, complete = inherited_scores(folder, panel)
     if complete:
         return done
-    ckpt = common.load_checkpoint(folder / "ckpt.pt")
-    common.check_vocab(ckpt, corpus, folder / "ckpt.pt")
-    supernet, run = common.model_from_checkpoint(ckpt).eval(), ckpt["config"]
+    ckpt = train.load_checkpoint(folder / "ckpt.pt")
+    train.check_vocab(ckpt, corpus, folder / "ckpt.pt")
+    supernet, run = train.model_from_checkpoint(ckpt).eval(), ckpt["config"]
     for entry in panel:
         if entry["name"] in done:
             continue
         t = time.time()
         subnet = supernet.subnet(ArchConfig.from_dict(entry["arch"]))
-        done[entry["name"]] = common.evaluate(subnet, corpus, "test", torch.device("cpu"), run["max_tokens"],
-                                              cfg.test_sentences, run["beam"], run["lenpen"],
-                                              hyps_path=folder / f"hyps_test_{entry['name']}.txt")
+        done[entry["name"]] = train.evaluate(subnet, corpus, "test", torch.device("cpu"), run["max_tokens"],
+                                             cfg.test_sentences, run["beam"], run["lenpen"],
+                                             hyps_path=folder / f"hyps_test_{entry['name']}.txt")
         done[entry["name"]]["decode_seconds"] = round(time.time() - t, 1)
-        common.write_json(folder / "inherited.json", done)
+        write_json(folder / "inherited.json", done)
         print(f"{folder.name} {entry['name']}: inherited test loss {done[entry['name']]['loss']:.3f}, "
               f"BLEU {done[entry['name']]['bleu']:.2f}")
     return done
@@ -180,7 +183,7 @@ def training_cost(ckpt: dict, corpus) -> dict:
     params = [mos.num_params(a, space, 0, 0, embeddings=False) + a.dec_embed_dim * V
               for step in range(ckpt["step"]) for a in train.subnets_for(step, run, space)]
     return dict(updates=ckpt["step"], subnet_passes=len(params), train_flops=6 * tokens_per_update * sum(params),
-                train_seconds=round(ckpt["train_seconds"], 1), machine=common.machine())
+                train_seconds=round(ckpt["train_seconds"], 1), machine=machine())
 
 
 # -----------------------------------------------------------------------------
@@ -249,7 +252,7 @@ def paired_groups(arms) -> dict:
 def report(out: Path, cfg: GapConfig, panel, corpus):
     """gap.json, gap.md and gap.png from every finished standalone run and every fully scored supernet."""
     names = [e["name"] for e in panel]
-    standalone = {n: common.read_json(out / "standalone" / n / "results.json", "results")["model"]
+    standalone = {n: read_json(out / "standalone" / n / "results.json", "results")["model"]
                   for n in names if (out / "standalone" / n / "results.json").exists()}
     runs = {}
     summary = None
@@ -258,7 +261,7 @@ def report(out: Path, cfg: GapConfig, panel, corpus):
             folder = out / f"supernet_{arm}_s{seed}"
             scored, complete = inherited_scores(folder, panel)
             if complete and (folder / "cost.json").exists():
-                runs[(arm, seed)] = dict(inherited=scored, cost=common.read_json(folder / "cost.json", "cost"))
+                runs[(arm, seed)] = dict(inherited=scored, cost=read_json(folder / "cost.json", "cost"))
     if len(standalone) < len(names) or not runs:
         print(f"report: {len(standalone)}/{len(names)} standalone runs and {len(runs)} scored supernets so far")
         return None
@@ -278,10 +281,10 @@ def report(out: Path, cfg: GapConfig, panel, corpus):
             paired[seed] = {base: paired_test({arm: hyps[arm] for arm in (base, *others)}, refs, cfg.bootstrap)
                             for base, others in groups.items()}
     summary = summarise(rows, cfg.arms)
-    common.write_json(out / "gap.json", dict(settings=asdict(cfg), panel=panel,  # (machines: panel.json, cost.json)
-                                             standalone=standalone, runs=rows, per_arm=summary,
-                                             inherited={f"{a}_s{s}": r["inherited"] for (a, s), r in runs.items()},
-                                             paired_bootstrap={str(s): p for s, p in paired.items()}))
+    write_json(out / "gap.json", dict(settings=asdict(cfg), panel=panel,  # (machines: panel.json, cost.json)
+                                      standalone=standalone, runs=rows, per_arm=summary,
+                                      inherited={f"{a}_s{s}": r["inherited"] for (a, s), r in runs.items()},
+                                      paired_bootstrap={str(s): p for s, p in paired.items()}))
     write_markdown(out / "gap.md", panel, standalone, runs, rows, summary, paired)
     plot(out / "gap.png", panel, standalone, runs)
     return summary
@@ -342,7 +345,7 @@ def write_markdown(path: Path, panel, standalone, runs, rows, summary, paired):
                           f"concatenated, against {base}: " + "; ".join(
                               f"{n} {r['bleu']:.2f}" + ("" if r["p_value"] is None else f" (p = {r['p_value']:.4f})")
                               for n, r in result.items())]
-    with common.atomic_open(path) as f:
+    with atomic_open(path) as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -374,14 +377,12 @@ def plot(path: Path, panel, standalone, runs):
 # The stages in order
 
 
-@common.releases_locks
+@releases_locks
 def main(argv):
     """Run every stage that has not finished, up to --until, then the report."""
-    cfg = common.parse_settings(GapConfig, argv, presets=PRESETS)
-    common.check_settings(asdict(cfg), dict(panel_size=(2, None), candidates=(1, None), test_sentences=(0, None),
-                                            bootstrap=(0, None), latency_warmup=(0, None), latency_iters=(1, None),
-                                            threads=(1, None)),
-                          dict(space=SPACES, until=(*STAGES, "all")))
+    cfg = train.parse_settings(GapConfig, argv, presets=PRESETS)
+    train.check_settings(cfg, dict(panel_size=2, candidates=1, latency_iters=1, threads=1),
+                         dict(space=SPACES, until=(*STAGES, "all")))
     unknown = [arm for arm in cfg.arms if arm not in ARMS]
     if unknown or not cfg.arms or not cfg.seeds:
         raise SystemExit(f"error: --arms={list(cfg.arms)} --seeds={list(cfg.seeds)}; give one or more arms of "
@@ -389,16 +390,16 @@ def main(argv):
     if not all(isinstance(flag, str) for flag in cfg.extra):
         raise SystemExit(f"error: --extra={list(cfg.extra)}; give train.py flags as strings, e.g. ['--max_steps=60']")
     extra = [*cfg.extra, *([f"--data_source={cfg.data_source}"] if cfg.data_source else [])]
-    run = train.parse_config(extra)  # a bad train.py flag fails now, before any stage runs
+    run = train.parse_settings(train.TrainConfig, extra, presets=train.PRESETS)  # a bad train.py flag fails now
     out = Path(cfg.out)
-    common.lock_folder(out)  # one writer per experiment folder
-    common.write_json(out / "settings.json", asdict(cfg))
-    corpus = common.load_data(run.data, run.data_dir, run.data_source, run.seed)  # every model is scored on it
+    lock_folder(out)  # one writer per experiment folder
+    write_json(out / "settings.json", asdict(cfg))
+    corpus = load_data(run.data, run.data_dir, run.data_source, run.seed)  # every model is scored on it
     threads = torch.get_num_threads()  # measure_latency pins its own count and restores it
 
     # 1. the panel, fixed before anything is trained
     path = out / "panel.json"
-    panel = common.read_json(path, "panel")["panel"] if path.exists() else choose_panel(cfg, corpus, path)
+    panel = read_json(path, "panel")["panel"] if path.exists() else choose_panel(cfg, corpus, path)
     print("panel: " + ", ".join(f"{e['name']} {e['latency_ms']:.1f} ms" for e in panel))
     if cfg.until == "panel":
         return panel
@@ -421,11 +422,10 @@ def main(argv):
             train_stage(folder, [*train_flags, *ARMS[arm], f"--seed={seed}"])
             score_inherited(folder, panel, corpus, cfg)
             if not (folder / "cost.json").exists():
-                common.write_json(folder / "cost.json", training_cost(common.load_checkpoint(folder / "ckpt.pt"),
-                                                                      corpus))
+                write_json(folder / "cost.json", training_cost(train.load_checkpoint(folder / "ckpt.pt"), corpus))
             report(out, cfg, panel, corpus)  # 4. the report, over everything finished so far
     return report(out, cfg, panel, corpus)
 
 
 if __name__ == "__main__":
-    common.run(main)
+    train.run(main)

@@ -1,8 +1,9 @@
 """
 The small-scale reproduction, stage by stage: MoS against HAT's weight sharing under latency budgets.
 
-    python reproduce.py                          # Multi30k on a CPU, every stage (a few hours on 2 cores)
-    python reproduce.py --preset=toy --out=out_repro_toy    # the same pipeline on the synthetic task, ~1 minute
+    python experiments/reproduce.py              # Multi30k on a CPU, every stage (a few hours on 2 cores)
+    python experiments/reproduce.py --preset=toy --out=out_repro_toy    # the synthetic task, ~1 minute
+    python -m experiments.reproduce --preset=toy --out=out_repro_toy    # the same, as a module
 
 Stages, each one command of train.py / latency.py / search.py run in this process:
   1. train two supernets on the same budget: neuron-wise MoS (sandwich rule) and HAT (one expert, random sampling);
@@ -16,16 +17,18 @@ resumes from its checkpoint, the latency dataset and the search cache continue w
 Settings are the ReproConfig fields, changed with --key=value as in train.py.
 """
 
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-import common
-import latency
-import search
-import train
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python experiments/reproduce.py` finds the core
+import latency  # noqa: E402
+import search  # noqa: E402
+import train  # noqa: E402
+from data.files import atomic_open, lock_folder, read_json, releases_locks, write_json  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -75,23 +78,22 @@ def train_stage(out_dir: Path, flags):
     print(f"[run] train.py {' '.join(flags)} --out_dir={out_dir} {' '.join(resume)}")
     train.main([*flags, f"--out_dir={out_dir}", *resume])
     if not (out_dir / "results.json").exists():  # Ctrl-C or SIGTERM: train.py saved its checkpoint and returned
-        raise common.Stopped(common.received[-1]) if common.received else SystemExit(
+        raise train.Stopped(train.received[-1]) if train.received else SystemExit(
             f"stopped during {out_dir}; rerun the same command to continue")
 
 
-@common.releases_locks
+@releases_locks
 def main(argv):
     """Run every stage that has not finished yet, then write the summary."""
-    cfg = common.parse_settings(ReproConfig, argv, presets=PRESETS)  # --preset first, then --key=value, as train.py
-    common.check_settings(asdict(cfg), dict(latency_n=(12, None), finetune_steps=(0, None), finetune_lr=(0, None),
-                                            finetune_warmup=(0, None)))
-    common.check_budgets(cfg.budgets)
+    cfg = train.parse_settings(ReproConfig, argv, presets=PRESETS)  # --preset first, then --key=value, as train.py
+    train.check_settings(cfg, dict(latency_n=12), {})  # numbers >= 0, latency_n >= 12
+    search.check_budgets(cfg.budgets)
     if not all(isinstance(flag, str) for flag in cfg.extra):
         raise SystemExit(f"error: --extra={list(cfg.extra)}; give train.py flags as strings, e.g. ['--max_steps=60']")
-    train.parse_config(list(cfg.extra))  # a bad train.py flag fails now, before any stage runs
+    train.parse_settings(train.TrainConfig, list(cfg.extra), presets=train.PRESETS)  # a bad train.py flag fails now
     out, toy = Path(cfg.out), cfg.preset == "toy"
-    common.lock_folder(out)  # one writer per reproduction folder: a second reproduce.py here stops, naming this pid
-    common.write_json(out / "settings.json", asdict(cfg))
+    lock_folder(out)  # one writer per reproduction folder: a second reproduce.py here stops, naming this pid
+    write_json(out / "settings.json", asdict(cfg))
     t0, threads = time.time(), torch.get_num_threads()  # latency.py and search.py pin their own thread count
 
     # 1. the supernets
@@ -120,14 +122,14 @@ def main(argv):
     # 4. finetune every chosen subnet from its supernet's weights
     rows = []
     for name in SUPERNETS:
-        found = common.read_json(out / f"search_{name}" / "results.json", "search results")["results"]
+        found = read_json(out / f"search_{name}" / "results.json", "search results")["results"]
         for r in found:
             budget = f"{r['budget_ms']:g}"
             folder = out / f"finetune_{name}_{budget}ms"
             train_stage(folder, [*cfg.extra, f"--arch={out / f'search_{name}' / f'arch_{budget}ms.json'}",
                                  f"--init={out / f'supernet_{name}' / 'ckpt.pt'}", f"--max_steps={cfg.finetune_steps}",
                                  f"--lr={cfg.finetune_lr}", f"--warmup={cfg.finetune_warmup}"])
-            test = common.read_json(folder / "results.json", "finetuning results")["model"]
+            test = read_json(folder / "results.json", "finetuning results")["model"]
             rows.append(dict(supernet=name, budget_ms=r["budget_ms"], measured_ms=r["measured_ms"],
                              supernet_valid_loss=r["valid_loss"], test_bleu=test["bleu"], arch=r["arch"]))
 
@@ -139,12 +141,12 @@ def main(argv):
 
 def write_summary(out: Path, rows, cfg):
     """summary.json, a Markdown table and the latency-BLEU plot of the finetuned subnets."""
-    common.write_json(out / "summary.json", dict(settings=asdict(cfg), rows=rows))
+    write_json(out / "summary.json", dict(settings=asdict(cfg), rows=rows))
     lines = ["| supernet | budget (ms) | measured (ms) | supernet valid loss | test BLEU after finetuning |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['supernet']} | {r['budget_ms']:g} | {r['measured_ms']:.1f} | {r['supernet_valid_loss']:.4f} | "
               f"{r['test_bleu']:.2f} |" for r in rows]
-    with common.atomic_open(out / "summary.md") as f:
+    with atomic_open(out / "summary.md") as f:
         f.write("\n".join(lines) + "\n")
     import matplotlib
     matplotlib.use("Agg")  # headless
@@ -161,4 +163,4 @@ def write_summary(out: Path, rows, cfg):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    train.run(main)

@@ -9,14 +9,14 @@
 # Everything it prints goes to $OUT/gpu_check.txt (each stage also to its own file), with nvidia-smi naming the
 # hardware and $OUT/summary.json holding the figures. Needs only this repository and ../shared/data.
 #
-#   bash tests/gpu_check.sh                        # writes results/gpu/
+#   bash tests/gpu_check.sh                        # writes experiments/results/gpu/
 #   OUT=/tmp/gpu STEPS=200 bash tests/gpu_check.sh
 #   PROTOCOL=hat bash tests/gpu_check.sh           # passes --protocol=hat to latency.py (once it has that setting)
 #   IWSLT=path/to/iwslt14.de-en bash tests/gpu_check.sh   # where the shared data lies elsewhere
 set -uo pipefail
 cd "$(dirname "$0")/.."  # the repository root
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-results/gpu}
+OUT=${OUT:-experiments/results/gpu}
 STEPS=${STEPS:-300}
 IWSLT=${IWSLT:-../shared/data/iwslt14.de-en}
 [ -d "$IWSLT/train-sample" ] || IWSLT=shared/data/iwslt14.de-en  # a copy of the repository that carries shared/

@@ -1,5 +1,5 @@
-"""fronts.py: a curve of step counts equals straight runs, the per-sentence losses equal the search's fitness, and
-(slow) the whole pipeline on gap.py's toy supernets."""
+"""experiments/fronts.py: a curve of step counts equals straight runs, the per-sentence losses equal the search's
+fitness, and (slow) the whole pipeline on gap.py's toy supernets."""
 
 import json
 
@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-import common
-import fronts
-import gap
+import latency
 import mos
 import train
-from common import bleu_score
 from data.batching import make_toy_corpus
+from data.files import read_jsonl
+from experiments import fronts, gap
+from train import PRESETS, TrainConfig, bleu_score, parse_settings
 
 
 def test_train_curve_equals_straight_runs(tmp_path):
@@ -32,8 +32,8 @@ def test_train_curve_equals_straight_runs(tmp_path):
         assert len(kept) == 10
     assert (tmp_path / "curve" / "hyps_test_step6.txt").read_text() == \
         (tmp_path / "straight" / "hyps_test_model.txt").read_text()
-    a = common.load_checkpoint(tmp_path / "curve" / "ckpt.pt")["model"]
-    b = common.load_checkpoint(tmp_path / "straight" / "ckpt.pt")["model"]
+    a = train.load_checkpoint(tmp_path / "curve" / "ckpt.pt")["model"]
+    b = train.load_checkpoint(tmp_path / "straight" / "ckpt.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert fronts.train_curve(tmp_path / "curve", flags, (3, 6)) == scores  # finished: read back, nothing trained
 
@@ -47,7 +47,7 @@ def test_sentence_losses_add_up_to_the_fitness():
     sums, ntok = fronts.sentence_losses(model, corpus, "valid", max_tokens=512)
     assert len(sums) == len(corpus.splits["valid"][0]) and (ntok > 0).all()
     assert ntok.tolist() == [len(t) for t in corpus.splits["valid"][1]]  # every target token (EOS included)
-    fitness = common.valid_loss(model, common.split_batches(corpus, "valid", 512, "cpu"))
+    fitness = train.valid_loss(model, train.split_batches(corpus, "valid", 512, "cpu"))
     assert sums.sum() / ntok.sum() == pytest.approx(fitness, rel=1e-6)
 
 
@@ -97,21 +97,21 @@ def test_fronts_pipeline_on_the_toy_task(tmp_path):
     assert all((f / f"results_step{s}.json").exists() and (f / f"hyps_test_step{s}.txt").exists()
                for f in folders for s in (4, 8))
     early = fronts.main([*flags, "--scratch=False"])  # hat's supernet stages, stage 4 and the report, no 5b
-    assert set(out.glob("scratch_*")) == folders and len(common.read_jsonl(out / "remeasure.jsonl")) == 1
+    assert set(out.glob("scratch_*")) == folders and len(read_jsonl(out / "remeasure.jsonl")) == 1
     assert (out / "fronts.json").exists() and all(r["scratch"] for r in early if r["arm"] == "neuron")
     assert all(bool(r["scratch"]) == (fronts.scratch_folder(out, r["arch"]) in folders) for r in early)  # hat: none yet
     rows = fronts.main(flags)  # hat's winners from scratch; the session of stage 4 is kept, the report redone
-    assert len(common.read_jsonl(out / "remeasure.jsonl")) == 1
+    assert len(read_jsonl(out / "remeasure.jsonl")) == 1
     regenerated = json.loads((out / "supernet_neuron_s1337" / "regenerated.json").read_text())
     assert regenerated["identical"] and regenerated["same_length"] and regenerated["numbers"] > 0
     assert not (out / "supernet_hat_s1337").exists()  # its checkpoint was there
-    predictor = json.loads((out / "predictor.json").read_text())
-    corpus = make_toy_corpus(seed=train.parse_config(["--preset=toy"]).seed)
+    measured = latency.read_latency_csv(out / "latency.csv")[1]  # the random subnets' median_ms
+    corpus = make_toy_corpus(seed=parse_settings(TrainConfig, ["--preset=toy"], presets=PRESETS).seed)
     refs = corpus.refs["test"][:30]
     noise = json.loads((out / "noise.json").read_text())
     assert [r["name"] for r in rows] == ["hat_p50", "hat_p90", "neuron_p50", "neuron_p90"]
     for r in rows:
-        assert r["budget_ms"] == pytest.approx(predictor["measured_percentiles"][str(r["percentile"])], abs=0.01)
+        assert r["budget_ms"] == round(float(np.percentile(measured, r["percentile"])), 2)  # stage 1's percentiles
         assert r["predicted_ms"] <= r["budget_ms"]  # the search's hard constraint
         assert set(r["finetune"]) == {0, 4, 8} and set(r["scratch"]) == {4, 8}
         for step in (0, 4, 8):  # every BLEU comes from translations kept beside it
@@ -145,7 +145,7 @@ def test_fronts_pipeline_on_the_toy_task(tmp_path):
 
     again = fronts.main([*flags, "--remeasure_sessions=2"])  # nothing retrained; one more interleaved session
     assert [r["finetune"] for r in again] == [r["finetune"] for r in rows]
-    assert len(common.read_jsonl(out / "remeasure.jsonl")) == 2
+    assert len(read_jsonl(out / "remeasure.jsonl")) == 2
     report = json.loads((out / "fronts.json").read_text())
     assert len(report["winners"][0]["interleaved_sessions_ms"]) == 2
     # a later checkout again: neither checkpoint, one finetuning point missing -> trained again, the same numbers

@@ -1,5 +1,5 @@
-"""gap.py: the panel's stratification, the gap and ranking statistics on hand-made numbers, the paired test, the
-training cost, and the whole pipeline on the toy task."""
+"""experiments/gap.py: the panel's stratification, the gap and ranking statistics on hand-made numbers, the paired
+test, the training cost, and the whole pipeline on the toy task."""
 
 import json
 import math
@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 
-import common
-import gap
+import latency
 import mos
 import train
-from common import bleu_score
 from data.batching import make_toy_corpus
+from experiments import gap
+from train import PRESETS, TrainConfig, bleu_score, parse_settings
 
 
 def test_stratify_spreads_over_the_latency_range():
@@ -80,11 +80,11 @@ def test_training_cost_counts_the_sampled_subnets():
     corpus = make_toy_corpus(seed=0)
     space = mos.SPACES["tiny"]
     for sampling, per_step in (("random", 1), ("sandwich", 3)):
-        cfg = train.parse_config(["--preset=toy", f"--sampling={sampling}", "--n_random=1"])
+        cfg = parse_settings(TrainConfig, ["--preset=toy", f"--sampling={sampling}", "--n_random=1"], presets=PRESETS)
         ckpt = dict(config=vars(cfg), model_args=dict(space=space.to_dict()), step=7, train_seconds=12.34)
         cost = gap.training_cost(ckpt, corpus)
         assert cost["updates"] == 7 and cost["subnet_passes"] == 7 * per_step and cost["train_seconds"] == 12.3
-        assert cost["machine"] == common.machine()
+        assert cost["machine"] == latency.machine()
         archs = [a for step in range(7) for a in train.subnets_for(step, cfg, space)]
         smallest = mos.num_params(space.smallest(), space, 0, 0, embeddings=False)
         assert cost["train_flops"] > 6 * len(archs) * smallest  # at least the smallest subnet per pass
@@ -109,7 +109,7 @@ def test_gap_pipeline_on_the_toy_task(tmp_path):
     summary = gap.main(flags)
     assert set(summary) == {"hat", "neuron"} and all(s["seeds"] == [1, 2] for s in summary.values())
     report = json.loads((out / "gap.json").read_text())
-    corpus = make_toy_corpus(seed=train.parse_config(["--preset=toy"]).seed)
+    corpus = make_toy_corpus(seed=parse_settings(TrainConfig, ["--preset=toy"], presets=PRESETS).seed)
     refs = corpus.refs["test"][:12]
     standalone = [json.loads((out / "standalone" / e["name"] / "results.json").read_text())["model"] for e in panel]
     for arm in ("hat", "neuron"):
