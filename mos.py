@@ -628,43 +628,33 @@ def num_params(arch: ArchConfig, space: SearchSpace, src_vocab: int, tgt_vocab: 
 def check_arch_dict(d) -> dict:
     """ArchConfig's keyword arguments from a dict such as a JSON arch file: exactly its keys, integers where it
     has integers and lists of integers (one per layer) where it has tuples. Raises a one-line ValueError."""
-    names = [f.name for f in fields(ArchConfig)]
+    names, is_int = [f.name for f in fields(ArchConfig)], lambda v: isinstance(v, int) and not isinstance(v, bool)
     if not isinstance(d, dict):
         raise ValueError(f"an arch is a JSON object {{field: value}} with the keys {names}, got {type(d).__name__}")
     unknown, missing = sorted(set(d) - set(names)), [n for n in names if n not in d]
     if unknown or missing:
         raise ValueError(f"arch has unknown keys {unknown} / missing keys {missing}; the keys are {names}")
-    kwargs = {}
     for f in fields(ArchConfig):
         value = d[f.name]
-        if f.type is int and not (isinstance(value, int) and not isinstance(value, bool)):
+        if f.type is int and not is_int(value):
             raise ValueError(f"arch field '{f.name}' must be an integer, got {value!r}")
-        if f.type is tuple:
-            if not isinstance(value, (list, tuple)) or not all(
-                    isinstance(v, int) and not isinstance(v, bool) for v in value):
-                raise ValueError(f"arch field '{f.name}' must be a list of integers (one per layer), got {value!r}")
-            value = tuple(value)
-        kwargs[f.name] = value
-    return kwargs
+        if f.type is tuple and not (isinstance(value, (list, tuple)) and all(map(is_int, value))):
+            raise ValueError(f"arch field '{f.name}' must be a list of integers (one per layer), got {value!r}")
+    return {name: tuple(d[name]) if isinstance(d[name], list) else d[name] for name in names}
 
 
 def check_in_space(arch: ArchConfig, space: SearchSpace) -> ArchConfig:
     """Return arch if every field is a choice of `space` (per-layer lists one value per layer), else raise a
     one-line ValueError naming the first field outside it."""
     for name, allowed in space.choices().items():
-        value = getattr(arch, name)
-        if isinstance(value, tuple):
-            n = arch.enc_layers if name.startswith("enc") else arch.dec_layers
-            layers = "enc_layers" if name.startswith("enc") else "dec_layers"
-            if len(value) != n:
-                raise ValueError(f"arch field '{name}' has {len(value)} values but {layers} = {n}; "
-                                 f"give one value per layer, each from {allowed}")
-            for i, v in enumerate(value):
-                if v not in allowed:
-                    raise ValueError(f"arch field '{name}[{i}]' = {v!r} is not in space '{space.name}'; "
-                                     f"allowed: {allowed}")
-        elif value not in allowed:
-            raise ValueError(f"arch field '{name}' = {value!r} is not in space '{space.name}'; allowed: {allowed}")
+        value, layers = getattr(arch, name), "enc_layers" if name.startswith("enc") else "dec_layers"
+        if isinstance(value, tuple) and len(value) != getattr(arch, layers):
+            raise ValueError(f"arch field '{name}' has {len(value)} values but {layers} = {getattr(arch, layers)}; "
+                             f"give one value per layer, each from {allowed}")
+        for i, v in enumerate(value if isinstance(value, tuple) else (value,)):
+            if v not in allowed:
+                where = f"{name}[{i}]" if isinstance(value, tuple) else name
+                raise ValueError(f"arch field '{where}' = {v!r} is not in space '{space.name}'; allowed: {allowed}")
     if max(arch.dec_cross_spans) > arch.enc_layers:
         raise ValueError(f"arch field 'dec_cross_spans' = {arch.dec_cross_spans} attends to more than "
                          f"enc_layers = {arch.enc_layers} encoder layers")

@@ -173,10 +173,10 @@ def check_settings(cfg, bounds=BOUNDS, choices=CHOICES):
     """One line `error: ...` for the first setting of dataclass `cfg` out of range: every number >= 0 unless `bounds`
     gives its minimum or (min, max); every setting named in `choices` one of its values."""
     for f in fields(cfg):
-        value, (low, high) = getattr(cfg, f.name), (lambda b: b if isinstance(b, tuple) else (b, None))(
-            bounds.get(f.name, 0))
-        if type(value) in (int, float) and (value < low or (high is not None and value > high)):
-            raise SystemExit(f"error: --{f.name}={value} must be " + (f">= {low}" if high is None else
+        value, bound = getattr(cfg, f.name), bounds.get(f.name, 0)
+        low, high = bound if isinstance(bound, tuple) else (bound, math.inf)
+        if type(value) in (int, float) and not low <= value <= high:
+            raise SystemExit(f"error: --{f.name}={value} must be " + (f">= {low}" if high == math.inf else
                                                                       f"in [{low}, {high}]"))
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -433,10 +433,10 @@ def build_model(cfg: TrainConfig, corpus, passed):
     if fixed_arch is None:
         model_args = dict(space=space.to_dict(), **vocab, num_experts=cfg.num_experts, router=cfg.router,
                           router_hidden=cfg.router_hidden, dropout=cfg.dropout, max_len=1024)
-        return build_supernet(model_args), "supernet", model_args, space, None
+        return build("supernet", model_args), "supernet", model_args, space, None
     model_args = dict(arch=fixed_arch.to_dict(), space=space.to_dict(), **vocab, dropout=cfg.dropout, max_len=1024)
     if not supernet_ckpt:
-        return build_standalone(model_args), "standalone", model_args, space, fixed_arch
+        return build("standalone", model_args), "standalone", model_args, space, fixed_arch
     model = model_from_checkpoint(supernet_ckpt).subnet(fixed_arch)  # the subnet's mixed, sliced weights
     model_args["space"], model_args["max_len"] = supernet_ckpt["model_args"]["space"], model.max_len
     return model, "standalone", model_args, space, fixed_arch
@@ -699,25 +699,20 @@ NEEDED["standalone"] = NEEDED["supernet"]
 RESUME = ("optimizer", "data", "train_seconds")  # what --resume needs besides
 
 
-def build_supernet(args: dict) -> SuperTransformer:
-    """A SuperTransformer from its init_args() dict (as stored in checkpoints)."""
-    return SuperTransformer(**{**args, "space": mos.SearchSpace.from_dict(args["space"])})
-
-
-def build_standalone(args: dict) -> Transformer:
-    """A plain Transformer from the standalone model_args dict stored in checkpoints."""
-    space, arch = mos.SearchSpace.from_dict(args["space"]), ArchConfig.from_dict(args["arch"])
+def build(kind: str, args: dict):
+    """A supernet from its init_args() dict, or a standalone Transformer from its model_args, as checkpoints store
+    them (a standalone subnet's positions are built as the space builds them, at the supernet's widths)."""
+    space = mos.SearchSpace.from_dict(args["space"])
+    if kind == "supernet":
+        return SuperTransformer(**{**args, "space": space})
+    arch = ArchConfig.from_dict(args["arch"])
     return Transformer(arch, args["src_vocab"], args["tgt_vocab"], space.qkv_dim,
-                       mos.scaled_dropout(args["dropout"], arch, space), args["max_len"],
-                       space.position_widths())  # positions as a subnet of the space has them
-
-
-BUILDERS = {"supernet": build_supernet, "standalone": build_standalone}
+                       mos.scaled_dropout(args["dropout"], arch, space), args["max_len"], space.position_widths())
 
 
 def model_from_checkpoint(ckpt: dict):
     """Rebuild the supernet or standalone model a (checked) checkpoint holds, with its weights."""
-    model = BUILDERS[ckpt["kind"]](ckpt["model_args"])
+    model = build(ckpt["kind"], ckpt["model_args"])
     model.load_state_dict(ckpt["model"])
     return model
 
@@ -754,28 +749,34 @@ def checkpoint_problem(ckpt, kinds=KINDS, resume=False):
     if ckpt["kind"] != "snapshot":
         try:
             with torch.device("meta"):
-                model = BUILDERS[ckpt["kind"]](ckpt["model_args"])
+                model = build(ckpt["kind"], ckpt["model_args"])
             with warnings.catch_warnings():  # "copying to a meta parameter is a no-op": all we want is the check
                 warnings.simplefilter("ignore")
                 model.load_state_dict(ckpt["model"], strict=True)  # names and shapes, nothing copied
             for side in ("src", "tgt"):
-                assert len(ckpt["vocab"][side]) == ckpt["model_args"][f"{side}_vocab"], f"a {side} vocabulary of " \
-                    f"{len(ckpt['vocab'][side])} tokens for a model of {ckpt['model_args'][f'{side}_vocab']}"
+                need(len(ckpt["vocab"][side]) == ckpt["model_args"][f"{side}_vocab"], f"a {side} vocabulary of "
+                     f"{len(ckpt['vocab'][side])} tokens for a model of {ckpt['model_args'][f'{side}_vocab']}")
             for key, value in ckpt["config"].items():
                 typed_value(TrainConfig, key, repr(value))  # an unknown setting, or one of the wrong type, stops
             if "optimizer" in ckpt:
                 params = list(model.parameters())
                 make_optimizer(model, TrainConfig()).load_state_dict(ckpt["optimizer"])
-                assert all(v.shape == params[i].shape for i, s in ckpt["optimizer"]["state"].items()
-                           for v in s.values() if v.dim() > 0), "optimizer state of other shapes than the model's"
+                need(all(v.shape == params[i].shape for i, s in ckpt["optimizer"]["state"].items()
+                         for v in s.values() if v.dim() > 0), "optimizer state of other shapes than the model's")
             if "data" in ckpt:
-                assert all(type(ckpt["data"][k]) is int and ckpt["data"][k] >= 0 for k in ("epoch", "batch")), \
-                    "a data position that is not {'epoch': count, 'batch': count}"
+                need(all(type(ckpt["data"][k]) is int and ckpt["data"][k] >= 0 for k in ("epoch", "batch")),
+                     "a data position that is not {'epoch': count, 'batch': count}")
         except (Exception, SystemExit) as e:  # SystemExit: typed_value's one-line error on a stored setting
             return f"does not fit its model_args ({brief(e, 300)})"
     bad = next((k for k, v in ckpt["model"].items() if not (isinstance(v, torch.Tensor) and torch.isfinite(v).all())
                 or (ckpt["kind"] == "snapshot" and not isinstance(v, torch.Tensor))), None)
     return None if bad is None else f"has non-finite values (NaN or inf) or no tensor in weight {bad!r}"
+
+
+def need(condition, problem: str):
+    """Raise ValueError(problem) unless the condition holds: a check that, unlike assert, python -O keeps."""
+    if not condition:
+        raise ValueError(problem)
 
 
 def check_vocab(ckpt, corpus, path):
@@ -801,8 +802,8 @@ def get_device(name: str, auto=False) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-        assert device.type in ("cpu", "cuda")
-    except (RuntimeError, AssertionError):
+        need(device.type in ("cpu", "cuda"), "not a cpu or cuda device")
+    except (RuntimeError, ValueError):
         raise SystemExit(f"error: --device={name}; use cpu or cuda" + (" or auto" if auto else ""))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device={name} but torch sees no CUDA GPU here; use --device=cpu")
