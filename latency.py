@@ -25,25 +25,24 @@ experiments/latency_checks.py adds side-by-side re-measurement and the benchmark
 """
 import base64
 import csv
-import dataclasses
 import json
 import os
 import platform
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 import mos
-from data.files import atomic_open, brief, lock_file, read_json, releases_locks, writable_folder, write_json
+from data.files import (append_jsonl, atomic_open, brief, lock_file, read_json, releases_locks, writable_folder,
+                        write_json)
 from mos import EOS, FEATURE_NAMES, SPACES, Transformer
-from train import (check_settings, get_device, load_checkpoint, model_from_checkpoint, parse_settings, resolve_arch,
+from train import (check_settings, get_device, load_checkpoint, model_from_checkpoint, need, parse_settings, resolve_arch,
                    run)
 
 SRC_LEN = TGT_LEN = 23  # HAT: the mean IWSLT sentence length (30 for WMT)
@@ -54,8 +53,9 @@ TRIM = 0.1  # HAT's statistic drops the fastest and the slowest 10% of the runs
 BUSY_LOAD = 0.5  # runnable processes beyond our own threads (1-minute load average) that make a figure suspect
 SPLIT = (0.7, 0.15)  # predictor data: train / valid (picks linear or MLP) / test (the rest, reported)
 MLP_WIDTH, MLP_HIDDEN_LAYERS, MLP_BATCH = 400, 3, 128  # HAT's latency_predictor.py: 10 -> 400 -> 3 x 400 -> 1
+# a dataset's columns (files from before the protocol column timed HAT's protocol)
 HEADER = ["space", "arch", *FEATURE_NAMES, "median_ms", "trimmed_mean_ms", "iqr_ms", "encoder_ms", "threads", "iters",
-          "protocol"]  # a dataset's columns (files from before the protocol column: HAT's protocol)
+          "protocol"]
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -125,14 +125,13 @@ def measure_latency(model: Transformer, src_len=SRC_LEN, tgt_len=TGT_LEN, beam=B
         t1 = time.perf_counter()
         if protocol == "beam":  # the deployed call (it encodes again): exactly tgt_len steps, EOS forced at the last
             mos.beam_search(model, src, beam=beam, max_len_a=0, max_len_b=tgt_len, min_len=tgt_len - 1)
-            sync()
-            return (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
-        enc_outs = [m.expand(beam, -1, -1) for m in enc_outs]  # (1, S, C) -> (K, S, C): the beam's copies
-        src_mask, cache = src_mask.expand(beam, -1, -1, -1), {}
-        for _ in range(tgt_len):  # only the newest position is computed; keys/values of earlier ones are cached
-            model.decode(token, enc_outs, src_mask, cache)  # (K, 1, V), the output projection included
+        else:
+            enc_outs = [m.expand(beam, -1, -1) for m in enc_outs]  # (1, S, C) -> (K, S, C): the beam's copies
+            src_mask, cache = src_mask.expand(beam, -1, -1, -1), {}
+            for _ in range(tgt_len):  # only the newest position is computed; keys/values of earlier ones are cached
+                model.decode(token, enc_outs, src_mask, cache)  # (K, 1, V), the output projection included
         sync()
-        return (t1 - t0) * 1e3, (time.perf_counter() - t0) * 1e3
+        return (t1 - t0) * 1e3, (time.perf_counter() - (t1 if protocol == "beam" else t0)) * 1e3  # beam: the call
 
     try:
         for _ in range(warmup):  # first calls build oneDNN primitives and fill the allocator's caches
@@ -140,8 +139,7 @@ def measure_latency(model: Transformer, src_len=SRC_LEN, tgt_len=TGT_LEN, beam=B
         encoder, total = (np.array(x) for x in zip(*[run_once() for _ in range(iters)]))
     finally:
         torch.set_num_threads(old_threads)
-    k = int(TRIM * iters)
-    q1, q3 = np.percentile(total, [25, 75])
+    k, (q1, q3) = int(TRIM * iters), np.percentile(total, [25, 75])
     return dict(median_ms=float(np.median(total)), trimmed_mean_ms=float(np.sort(total)[k:iters - k].mean()),
                 iqr_ms=float(q3 - q1), std_ms=float(total.std()), min_ms=float(total.min()),
                 encoder_ms=float(np.median(encoder)), iters=iters, threads=threads, device=str(device),
@@ -186,16 +184,15 @@ def subnet_maker(cfg: LatencyConfig):
         space = SPACES[cfg.space]
         return space, lambda arch: Transformer(space.validate(arch), cfg.src_vocab, cfg.tgt_vocab, space.qkv_dim)
     ckpt = load_checkpoint(cfg.ckpt)
-    model = model_from_checkpoint(ckpt).eval()
-    space = mos.SearchSpace.from_dict(ckpt["model_args"]["space"])
-    if ckpt["kind"] == "standalone":  # one fixed arch
-        if cfg.command != "measure":
-            raise SystemExit(f"error: {cfg.ckpt} holds one standalone model; `{cfg.command}` needs a supernet "
-                             f"checkpoint or --space")
-        make = lambda arch: model
-        make.arch = model.arch  # what main() times instead of --arch
-        return space, make
-    return space, model.subnet
+    model, space = model_from_checkpoint(ckpt).eval(), mos.SearchSpace.from_dict(ckpt["model_args"]["space"])
+    if ckpt["kind"] != "standalone":
+        return space, model.subnet
+    if cfg.command != "measure":  # a standalone checkpoint holds one fixed arch
+        raise SystemExit(f"error: {cfg.ckpt} holds one standalone model; `{cfg.command}` needs a supernet "
+                         f"checkpoint or --space")
+    make = lambda arch: model
+    make.arch = model.arch  # what main() times instead of --arch
+    return space, make
 
 
 def protocol(cfg: LatencyConfig) -> dict:
@@ -207,26 +204,24 @@ def protocol(cfg: LatencyConfig) -> dict:
 def with_dec_layers(arch, n):
     """`arch` with n decoder layers, each like its first decoder layer."""
     per_layer = ("dec_ffn_dims", "dec_heads", "dec_cross_heads", "dec_cross_spans")
-    return dataclasses.replace(arch, dec_layers=n, **{name: (getattr(arch, name)[0],) * n for name in per_layer})
+    return replace(arch, dec_layers=n, **{name: (getattr(arch, name)[0],) * n for name in per_layer})
 
 
 def measure_repeated(cfg, make, arch, label) -> dict:
     """measure_latency `repeats` times; prints each, returns the median of the medians and their spread."""
     model, runs = make(arch), []
     for i in range(cfg.repeats):
-        r = measure_latency(model, **protocol(cfg))
-        runs.append(r)
+        runs.append(r := measure_latency(model, **protocol(cfg)))
         print(f"{label} run {i + 1}: median {r['median_ms']:.1f} ms | trimmed mean {r['trimmed_mean_ms']:.1f} | "
               f"IQR {r['iqr_ms']:.1f} | encoder {r['encoder_ms']:.1f}")
     medians = [r["median_ms"] for r in runs]
-    summary = dict(label=label, arch=arch.to_dict(), median_ms=float(np.median(medians)),
-                   spread=(max(medians) - min(medians)) / float(np.median(medians)), runs=runs)
-    print(f"{label}: {summary['median_ms']:.1f} ms (median of {cfg.repeats} repeats, spread {summary['spread']:.1%}) "
-          f"| {cfg.protocol} protocol, {cfg.device}, {cfg.threads} threads, batch 1, beam {cfg.beam}, "
+    ms = float(np.median(medians))
+    summary = dict(label=label, arch=arch.to_dict(), median_ms=ms, spread=float(np.ptp(medians)) / ms, runs=runs)
+    print(f"{label}: {ms:.1f} ms (median of {cfg.repeats} repeats, spread {summary['spread']:.1%}) | "
+          f"{cfg.protocol} protocol, {cfg.device}, {cfg.threads} threads, batch 1, beam {cfg.beam}, "
           f"{cfg.src_len}+{cfg.tgt_len} tokens")
     if cfg.log:
-        with open(cfg.log, "a") as f:
-            f.write(json.dumps({**summary, "ckpt": cfg.ckpt, "space": cfg.space if not cfg.ckpt else None}) + "\n")
+        append_jsonl(cfg.log, {**summary, "ckpt": cfg.ckpt, "space": cfg.space if not cfg.ckpt else None})
     return summary
 
 
@@ -252,9 +247,8 @@ def fit_mlp(X, y, steps, lr, seed) -> dict:
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     for _ in range(steps):
         idx = torch.randint(len(Xt), (MLP_BATCH,))
-        loss = F.mse_loss(net(Xt[idx])[:, 0], yt[idx])
         opt.zero_grad()
-        loss.backward()
+        nn.functional.mse_loss(net(Xt[idx])[:, 0], yt[idx]).backward()
         opt.step()
     return {"kind": "mlp", "x_scale": x_scale.tolist(), "y_scale": y_scale,
             "layers": [{"weight": l.weight.detach().numpy(), "bias": l.bias.detach().numpy()} for l in layers]}
@@ -278,8 +272,7 @@ def fit_predictor(X, y, cfg: LatencyConfig):
     """Shuffle and split train/valid/test, fit both predictors on train, keep the one with the lower valid RMSE.
     Returns (chosen predictor, report with test scores of both, test indices)."""
     order = np.random.default_rng(cfg.seed).permutation(len(y))
-    a, b = int(SPLIT[0] * len(y)), int((SPLIT[0] + SPLIT[1]) * len(y))
-    train, valid, test = order[:a], order[a:b], order[b:]
+    train, valid, test = np.split(order, [int(SPLIT[0] * len(y)), int((SPLIT[0] + SPLIT[1]) * len(y))])
     fitted = {"linear": fit_linear(X[train], y[train]),
               "mlp": fit_mlp(X[train], y[train], cfg.mlp_steps, cfg.mlp_lr, cfg.seed)}
     valid_rmse = {k: scores(y[valid], predict(p, X[valid]))["rmse_ms"] for k, p in fitted.items()}
@@ -331,10 +324,10 @@ def load_predictor(path) -> dict:
     try:
         for layer in predictor.get("layers", []):
             layer["weight"], layer["bias"] = decode_array(layer["weight"]), decode_array(layer["bias"])
-        assert isinstance(predictor["space"], str) and np.isfinite(predict(predictor, np.ones(len(FEATURE_NAMES))))
+        need(isinstance(predictor["space"], str), "no space name")
+        need(np.isfinite(predict(predictor, np.ones(len(FEATURE_NAMES)))).all(), "predictions are not finite")
     except Exception as e:  # not a dict, missing or malformed entries, weights of the wrong sizes
-        raise SystemExit(f"error: latency predictor {path} is not one `python latency.py fit` wrote "
-                         f"({brief(e, 100)})")
+        raise SystemExit(f"error: latency predictor {path} is not one `python latency.py fit` wrote ({brief(e, 100)})")
     return predictor
 
 
@@ -367,7 +360,8 @@ def plot_predictor(y, p, test, title, path):
 
 
 def cmd_dataset(cfg: LatencyConfig):
-    """Measure cfg.n random subnets into a CSV, one row each as soon as it is measured, so a rerun resumes."""
+    """Measure cfg.n random subnets into a CSV, one row each as soon as it is measured, so a rerun resumes: it keeps
+    the whole rows of the same subnets (and protocol), drops a row a kill cut short, and measures the rest."""
     space, make = subnet_maker(cfg)
     rng = random.Random(cfg.seed)
     archs = [space.sample(rng) for _ in range(cfg.n)]  # the same list on every run: row i is always archs[i]
@@ -377,28 +371,26 @@ def cmd_dataset(cfg: LatencyConfig):
         text = path.read_text(encoding="utf-8") if path.exists() else ""
         whole = text[:text.rfind("\n") + 1]  # a kill may have cut the last row short: it is measured again
         rows = list(csv.reader(whole.splitlines()))
-        stored = [json.loads(dict(zip(HEADER, r))["arch"]) for r in rows[1:]]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
-        raise SystemExit(f"error: cannot read {path} as a latency dataset ({brief(e, 100)}); "
-                         f"give another --out")
+        stored = [json.loads(r[1]) for r in rows[1:]]  # the arch column
+    except (OSError, ValueError, IndexError, RecursionError) as e:
+        raise SystemExit(f"error: cannot read {path} as a latency dataset ({brief(e, 100)}); give another --out")
+    stored_protocol = (dict(zip(HEADER, rows[1])).get("protocol") or "hat") if rows[1:] else cfg.protocol
     if rows[:1] != [HEADER] and not (not rows and ",".join(HEADER).startswith(text)):  # (a cut header is ours)
         raise SystemExit(f"error: {path} is not a latency dataset (its first line is not {','.join(HEADER)}); "
                          f"give another --out")
     if stored != [a.to_dict() for a in archs[:len(stored)]]:
         raise SystemExit(f"error: {path} holds other subnets than --space={space.name} --seed={cfg.seed} draws; "
                          f"pass those settings or another --out")
-    stored_protocol = dict(zip(HEADER, rows[1])).get("protocol") or "hat" if len(rows) > 1 else cfg.protocol
     if stored_protocol != cfg.protocol:
         raise SystemExit(f"error: {path} was measured with --protocol={stored_protocol}; pass that or another --out")
     if text != whole:
         with atomic_open(path) as f:
             f.write(whole)
-    done = stored
     with open(path, "a", newline="") as f:
         writer = csv.writer(f)
         if not rows:
             writer.writerow(HEADER)
-        for arch in tqdm(archs[len(done):], initial=len(done), total=cfg.n, desc="latency dataset"):
+        for arch in tqdm(archs[len(stored):], initial=len(stored), total=cfg.n, desc="latency dataset"):
             r = measure_latency(make(arch), **protocol(cfg))
             writer.writerow([space.name, json.dumps(arch.to_dict(), separators=(",", ":")),
                              *[round(float(v), 6) for v in mos.arch_features(arch, space)],
@@ -414,13 +406,11 @@ def cmd_fit(cfg: LatencyConfig):
     if len(y) < 12:  # train / valid / test need two subnets each at least
         raise SystemExit(f"error: {cfg.out} holds {len(y)} subnets; fitting a predictor needs at least 12")
     predictor, report, test = fit_predictor(X, y, cfg)
-    t = report["test"][report["chosen"]]
-    out = Path(cfg.predictor)
+    t, out = report["test"][report["chosen"]], Path(cfg.predictor)
     save_predictor(predictor, out, space=space, protocol=protocol, feature_names=list(FEATURE_NAMES), data=cfg.out,
                    **report)
-    p = predict(load_predictor(out), X)
-    plot_predictor(y, p, test, f"{report['chosen']} predictor, {space} space: test tau {t['kendall_tau']:.3f}, "
-                               f"RMSE {t['rmse_ms']:.2f} ms", out.with_suffix(".png"))
+    title = f"{report['chosen']} predictor, {space} space: test tau {t['kendall_tau']:.3f}, RMSE {t['rmse_ms']:.2f} ms"
+    plot_predictor(y, predict(load_predictor(out), X), test, title, out.with_suffix(".png"))
     for name, s in report["test"].items():
         print(f"{name:6s} test ({s['n']} subnets): tau {s['kendall_tau']:.3f} | RMSE {s['rmse_ms']:.2f} ms | "
               f"mean rel. error {s['mean_rel_error']:.1%} | within 10% {s['within_10pct']:.0%}")
@@ -433,9 +423,9 @@ def main(argv):
     cfg = parse_settings(LatencyConfig, argv, command_field="command")
     check_settings(cfg, BOUNDS, CHOICES)
     get_device(cfg.device)
-    for path in (cfg.log, cfg.predictor if cfg.command == "fit" else ""):
-        if path:  # an output that cannot be written fails now, not after the measurements
-            writable_folder(Path(path).parent)
+    # an output that cannot be written fails now, not after the measurements
+    for path in filter(None, (cfg.log, cfg.predictor if cfg.command == "fit" else "")):
+        writable_folder(Path(path).parent)
     torch.set_num_threads(cfg.threads)
     if cfg.command in ("measure", "depth"):
         space, make = subnet_maker(cfg)
@@ -444,10 +434,9 @@ def main(argv):
             return measure_repeated(cfg, make, arch, "standalone model" if hasattr(make, "arch") else cfg.arch)
         return [measure_repeated(cfg, make, with_dec_layers(arch, n), f"{cfg.arch}, {n} decoder layers")
                 for n in sorted(space.dec_layers)]
-    commands = {"dataset": cmd_dataset, "fit": cmd_fit}
-    if cfg.command not in commands:
-        raise SystemExit(f"error: unknown command {cfg.command!r}; use measure, depth, {', '.join(commands)}")
-    return commands[cfg.command](cfg)
+    if cfg.command not in ("dataset", "fit"):
+        raise SystemExit(f"error: unknown command {cfg.command!r}; use measure, depth, dataset, fit")
+    return cmd_dataset(cfg) if cfg.command == "dataset" else cmd_fit(cfg)
 
 
 if __name__ == "__main__":

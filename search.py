@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import mos
-from data.batching import load_data
+from data.prepare import load_data
 from data.files import atomic_open, lock_folder, releases_locks, write_json
 from latency import busy_warning, load_predictor, machine_state, measure_latency, predict
 from mos import ArchConfig
@@ -92,22 +92,16 @@ class BudgetError(ValueError):
 # Mutation and crossover on ArchConfig fields
 
 
-def _allowed(space, name, n_enc):
-    """The values field `name` may take; cross-attention can span at most the n_enc encoder layers."""
+def _fit_layers(space, name, values, new, rng):
+    """Per-layer `values` of field `name` cut or extended to the layer count in `new`, new layers drawn uniformly
+    (HAT's genome holds such values for inactive layers); a value no longer allowed (a span beyond a shorter encoder)
+    is redrawn. Returns (values, the values allowed)."""
     allowed = space.choices()[name]
-    return tuple(s for s in allowed if s <= n_enc) if name == "dec_cross_spans" else allowed
-
-
-def _fit_layers(values, n, allowed, rng):
-    """Per-layer `values` cut or extended to n layers, new layers drawn uniformly (HAT's genome holds such values for
-    inactive layers); a value no longer allowed (a span beyond a shorter encoder) is redrawn."""
+    if name == "dec_cross_spans":  # cross-attention can span at most the encoder's layers
+        allowed = tuple(s for s in allowed if s <= new["enc_layers"])
+    n = new[name[:3] + "_layers"]  # enc_* fields follow enc_layers, dec_* fields dec_layers
     values = [v if v in allowed else rng.choice(allowed) for v in values[:n]]
-    return values + [rng.choice(allowed) for _ in range(n - len(values))]
-
-
-def _layers(name, values):
-    """The layer count that per-layer field `name` follows."""
-    return values["enc_layers" if name.startswith("enc") else "dec_layers"]
+    return values + [rng.choice(allowed) for _ in range(n - len(values))], allowed
 
 
 def mutate(arch: ArchConfig, space, prob, rng) -> ArchConfig:
@@ -116,8 +110,7 @@ def mutate(arch: ArchConfig, space, prob, rng) -> ArchConfig:
     redraw = lambda value, allowed: rng.choice(allowed) if rng.random() < prob else value
     new = {name: redraw(getattr(arch, name), space.choices()[name]) for name in SCALARS}
     for name in PER_LAYER:
-        allowed = _allowed(space, name, new["enc_layers"])
-        values = _fit_layers(getattr(arch, name), _layers(name, new), allowed, rng)
+        values, allowed = _fit_layers(space, name, getattr(arch, name), new, rng)
         new[name] = tuple(redraw(v, allowed) for v in values)
     return space.validate(ArchConfig(**new))
 
@@ -128,10 +121,9 @@ def crossover(a: ArchConfig, b: ArchConfig, space, rng) -> ArchConfig:
     pick = lambda x, y: x if rng.random() < 0.5 else y
     new = {name: pick(getattr(a, name), getattr(b, name)) for name in SCALARS}
     for name in PER_LAYER:
-        va, vb, n = getattr(a, name), getattr(b, name), _layers(name, new)
-        merged = [pick(va[i], vb[i]) if i < min(len(va), len(vb)) else (va if len(va) > i else vb)[i]
-                  for i in range(n)]
-        new[name] = tuple(_fit_layers(merged, n, _allowed(space, name, new["enc_layers"]), rng))
+        va, vb = getattr(a, name), getattr(b, name)
+        merged = [pick(x, y) for x, y in zip(va, vb)] + list(va[len(vb):] or vb[len(va):])  # + the deeper one's rest
+        new[name] = tuple(_fit_layers(space, name, merged, new, rng)[0])
     return space.validate(ArchConfig(**new))
 
 
@@ -173,6 +165,7 @@ def evolve(space, fitness, latency, budget, cfg: SearchConfig, rng, log=print, f
         raise BudgetError(f"none of {cfg.max_tries} draws met the {budget:g} ms budget although the fastest subnet "
                           f"found takes {floor_ms:.1f} ms: feasible subnets are rare; raise --max_tries or the budget")
 
+    # HAT's loop: score and rank the population, keep the best `parents`, refill it with their mutants and children
     population = [draw(lambda: space.sample(rng)) for _ in range(cfg.population)]
     history, scored, t0 = [], {}, time.time()
     for it in range(cfg.iterations):
@@ -304,13 +297,13 @@ def main(argv):
     check_vocab(ckpt, corpus, cfg.ckpt)
     batches = split_batches(corpus, "valid", cfg.max_tokens, device, cfg.valid_sentences)  # collated once
     predictor = load_predictor(cfg.predictor) if Path(cfg.predictor).exists() else None
+    fitted_on = predictor and predictor.get("protocol", "hat")  # predictors from before the protocol timed HAT's
     if predictor and predictor["space"] != space.name:
         raise SystemExit(f"error: predictor {cfg.predictor} was fit on space '{predictor['space']}', the supernet's "
                          f"is '{space.name}'")
-    if predictor and predictor.get("protocol", "hat") != cfg.protocol:  # predictors from before it timed HAT's
-        raise SystemExit(f"error: predictor {cfg.predictor} was fit on latencies of the "
-                         f"{predictor.get('protocol', 'hat')!r} protocol; pass --protocol="
-                         f"{predictor.get('protocol', 'hat')} or refit it with latency.py --protocol={cfg.protocol}")
+    if predictor and fitted_on != cfg.protocol:
+        raise SystemExit(f"error: predictor {cfg.predictor} was fit on latencies of the {fitted_on!r} protocol; pass "
+                         f"--protocol={fitted_on} or refit it with latency.py --protocol={cfg.protocol}")
     if cfg.latency == "predicted" and predictor is None:
         raise SystemExit(f"error: --latency=predicted needs {cfg.predictor}: run `python latency.py dataset` and "
                          f"`python latency.py fit`, or pass --latency=measured")
@@ -322,11 +315,10 @@ def main(argv):
 
     lock_folder(out_dir)  # one writer per search folder: a second search.py here stops, naming this one's pid
     stat = Path(cfg.ckpt).stat()  # the cached numbers belong to this checkpoint, subset and protocol
-    cache = Cache(out_dir / "cache.json", dict(ckpt=str(Path(cfg.ckpt).resolve()), ckpt_bytes=stat.st_size,
-                                               ckpt_mtime=stat.st_mtime, valid_sentences=cfg.valid_sentences,
-                                               max_tokens=cfg.max_tokens, threads=cfg.threads, device=cfg.device,
-                                               search_iters=cfg.search_iters, search_warmup=cfg.search_warmup,
-                                               protocol=cfg.protocol), conditions=machine_state(cfg.threads))
+    tag = dict(ckpt=str(Path(cfg.ckpt).resolve()), ckpt_bytes=stat.st_size, ckpt_mtime=stat.st_mtime, **{
+        k: getattr(cfg, k) for k in ("valid_sentences", "max_tokens", "threads", "device", "search_iters",
+                                     "search_warmup", "protocol")})
+    cache = Cache(out_dir / "cache.json", tag, conditions=machine_state(cfg.threads))
     fitness = cache.wrap("valid_loss", lambda arch: valid_loss(supernet.subnet(arch), batches))
     predicted = None if predictor is None else (
         lambda arch: float(predict(predictor, mos.arch_features(arch, space).numpy())[0]))
@@ -348,7 +340,8 @@ def main(argv):
         runs = [timed(r["arch"], cfg.final_warmup, cfg.final_iters)["median_ms"] for _ in range(cfg.final_repeats)]
         conditions = dict(before=before, after=machine_state(cfg.threads))
         if busy := busy_warning(before, conditions["after"], cfg.threads):
-            print(f"warning: budget {budget:g} ms's winner: {busy}; `latency.py remeasure` repeats it side by side")
+            print(f"warning: budget {budget:g} ms's winner: {busy}; `experiments/latency_checks.py remeasure` "
+                  f"repeats it side by side")
         final = sorted(runs)[len(runs) // 2]  # the median of the repeats
         result = dict(budget_ms=float(budget), arch=r["arch"].to_dict(), valid_loss=r["valid_loss"],
                       search_latency_ms=r["latency_ms"], measured_ms=final, measured_runs_ms=runs,

@@ -1,8 +1,8 @@
 """
 Vocabularies, the prepared corpus, a toy task and token-bucketed batches for the trainer.
 
-    from data.batching import load_data, TokenBatcher, collate
-    corpus = load_data("multi30k")                     # prepared on first use; "toy": a file-free task
+    from data.batching import load_corpus, TokenBatcher, collate
+    corpus = load_corpus("data/multi30k")              # data.prepare.load_data prepares it first if needed
     src, tgt = corpus.splits["train"]                  # lists of int arrays, each ending with EOS
     batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], max_tokens=4096, seed=1337)
     for idx in batcher.batches(epoch):
@@ -16,6 +16,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import takewhile
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ PAD, BOS, EOS, UNK = range(len(SPECIALS))
 BPE_SEPARATOR = "@@"  # subword-nmt's continuation marker: "walk@@ ing" is the word "walking"
 
 # -----------------------------------------------------------------------------
-# text
+# text and vocabulary
 
 
 def remove_bpe(line):
@@ -37,16 +38,11 @@ def remove_bpe(line):
     return re.sub(f"({re.escape(BPE_SEPARATOR)} )|({re.escape(BPE_SEPARATOR)} ?$)", "", line)
 
 
-# -----------------------------------------------------------------------------
-# vocabulary
-
-
 class Vocab:
     """Token <-> id mapping; ids 0..3 are SPECIALS, the rest are ordered by training count."""
 
     def __init__(self, tokens=(), counts=None):
-        counts = [0] * len(tokens) if counts is None else counts
-        kept = [(t, c) for t, c in zip(tokens, counts) if t not in SPECIALS]
+        kept = [(t, c) for t, c in zip(tokens, [0] * len(tokens) if counts is None else counts) if t not in SPECIALS]
         self.itos = list(SPECIALS) + [t for t, _ in kept]
         self.stoi = {t: i for i, t in enumerate(self.itos)}
         self.counts = [0] * len(SPECIALS) + [c for _, c in kept]  # training counts; 0 for the specials
@@ -54,8 +50,7 @@ class Vocab:
     @classmethod
     def build(cls, lines):
         """Count whitespace tokens; most frequent first, ties broken alphabetically so the ids are reproducible."""
-        counter = Counter(tok for line in lines for tok in line.split())
-        items = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
+        items = sorted(Counter(tok for line in lines for tok in line.split()).items(), key=lambda kv: (-kv[1], kv[0]))
         return cls([t for t, _ in items], [c for _, c in items])
 
     @classmethod
@@ -78,13 +73,8 @@ class Vocab:
 
     def decode(self, ids, bpe=False):
         """Ids -> text, stopping at the first EOS and skipping PAD/BOS. The BPE is undone unless `bpe=True`."""
-        tokens = []
-        for i in (int(i) for i in ids):
-            if i == EOS:
-                break
-            if i not in (PAD, BOS):
-                tokens.append(self.itos[i])
-        line = " ".join(tokens)
+        ids = takewhile(lambda i: i != EOS, map(int, ids))
+        line = " ".join(self.itos[i] for i in ids if i not in (PAD, BOS))
         return line if bpe else remove_bpe(line)
 
 
@@ -95,7 +85,6 @@ class Vocab:
 @dataclass
 class Corpus:
     """A source->target corpus held as id arrays: splits[name] = (src_seqs, tgt_seqs), each sentence ending in EOS."""
-
     name: str
     src_vocab: Vocab
     tgt_vocab: Vocab
@@ -106,9 +95,8 @@ class Corpus:
 def encode_corpus(name, lines, src_vocab, tgt_vocab, refs=None):
     """Turn lines[split] = (src_lines, tgt_lines) of BPE'd text into a Corpus (ids + EOS). Refs default to the
     un-BPE'd target lines."""
-    eos = np.array([EOS], dtype=np.int64)
-    splits = {split: ([np.concatenate([src_vocab.encode(s), eos]).astype(np.int64) for s in src],
-                      [np.concatenate([tgt_vocab.encode(t), eos]).astype(np.int64) for t in tgt])
+    ids = lambda vocab, line: np.array(vocab.encode(line) + [EOS], dtype=np.int64)
+    splits = {split: ([ids(src_vocab, s) for s in src], [ids(tgt_vocab, t) for t in tgt])
               for split, (src, tgt) in lines.items()}
     refs = refs if refs is not None else {split: [remove_bpe(t) for t in tgt] for split, (_, tgt) in lines.items()}
     return Corpus(name, src_vocab, tgt_vocab, splits, refs)
@@ -119,18 +107,12 @@ def load_corpus(folder):
     folder = Path(folder)
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     src, tgt = summary["src_lang"], summary["tgt_lang"]
-    splits, refs = {}, {}
     with np.load(folder / "corpus.npz", allow_pickle=False) as z:
-        for split in summary["pairs"]:
-            sides = []
-            for lang in (src, tgt):
-                # one flat array per split and side, cut into sentences by offsets (views, no copies)
-                ids, offsets = z[f"{split}.{lang}.ids"].astype(np.int64), z[f"{split}.{lang}.offsets"]
-                sides.append(np.split(ids, offsets[1:-1]))
-            splits[split] = tuple(sides)
-            ref_path = folder / f"{split}.tok.{tgt}"
-            if ref_path.exists():
-                refs[split] = ref_path.read_text(encoding="utf-8").split("\n")[:-1]
+        # one flat array per split and side, cut into sentences by offsets (views, no copies)
+        cut = lambda key: np.split(z[f"{key}.ids"].astype(np.int64), z[f"{key}.offsets"][1:-1])
+        splits = {split: (cut(f"{split}.{src}"), cut(f"{split}.{tgt}")) for split in summary["pairs"]}
+    refs = {split: path.read_text(encoding="utf-8").split("\n")[:-1] for split in summary["pairs"]
+            if (path := folder / f"{split}.tok.{tgt}").exists()}  # tokenised target lines for BLEU
     return Corpus(summary["dataset"], Vocab.load(folder / f"vocab.{src}.txt"), Vocab.load(folder / f"vocab.{tgt}.txt"),
                   splits, refs)
 
@@ -150,27 +132,6 @@ def make_toy_corpus(vocab_size=16, n_train=4000, n_valid=200, n_test=200, min_le
     return encode_corpus("toy-reverse", lines, vocab, vocab)
 
 
-def load_data(data: str, data_dir: str = "", data_source: str = "", seed: int = 0) -> Corpus:
-    """The corpus `data` (multi30k | iwslt14 | toy), from data_dir (default data/<data>), preparing Multi30k or
-    IWSLT14 first from data_source (a folder, URL or tarball; default: the public download) if it is missing."""
-    if data == "toy":
-        return make_toy_corpus(seed=seed)
-    folder = Path(data_dir or Path(__file__).resolve().parent / data)
-    if not (folder / "summary.json").exists():
-        from data.prepare import DataError, prepare_iwslt14, prepare_multi30k  # only needed the first time
-        print(f"{folder} is not prepared yet: running data/prepare.py {data}")
-        try:
-            {"multi30k": prepare_multi30k, "iwslt14": prepare_iwslt14}[data](source=data_source or None, out=folder)
-        except DataError as e:
-            raise SystemExit(f"error: {e} (from train.py: pass --data_source=PATH, e.g. "
-                             f"--data_source=../shared/data/multi30k/tok)")
-    try:
-        return load_corpus(folder)
-    except Exception as e:  # a missing, empty, truncated or non-UTF-8 file of the prepared folder
-        raise SystemExit(f"error: cannot read the prepared corpus in {folder} ({brief(e)}); prepare it again with "
-                         f"data/prepare.py --force")
-
-
 # -----------------------------------------------------------------------------
 # batching
 
@@ -183,8 +144,7 @@ class TokenBatcher:
     With world_size > 1 each rank takes every world_size-th batch; the last len % world_size batches of an epoch's
     shuffled order are dropped so all ranks run the same number of steps (a different few each epoch).
     A single sentence longer than max_tokens raises ValueError naming it: filter it out or raise max_tokens.
-    Lengths are the stored lengths, i.e. including EOS.
-    """
+    Lengths are the stored lengths, i.e. including EOS."""
 
     def __init__(self, src_lens, tgt_lens, max_tokens, seed=0, rank=0, world_size=1, shuffle=True):
         assert 0 <= rank < world_size, f"rank {rank} not in [0, {world_size})"
@@ -193,8 +153,7 @@ class TokenBatcher:
         self.max_tokens, self.seed, self.shuffle = max_tokens, seed, shuffle
         self.rank, self.world_size = rank, world_size
         lens = np.maximum(self.src_lens, self.tgt_lens)  # a sentence pair costs its longer side in the budget
-        too_long = np.flatnonzero(lens > max_tokens)
-        if len(too_long):
+        if len(too_long := np.flatnonzero(lens > max_tokens)):
             i = int(too_long[0])
             raise ValueError(f"sentence {i} has {lens[i]} tokens > max_tokens={max_tokens} "
                              f"({len(too_long)} such sentences): filter them out or raise max_tokens")
@@ -204,8 +163,7 @@ class TokenBatcher:
     def batches(self, epoch):
         """This rank's batches for `epoch`: a list of lists of sentence indices, deterministic in (seed, epoch)."""
         rng = np.random.default_rng([self.seed, epoch])
-        n = len(self.src_lens)
-        tiebreak = rng.random(n) if self.shuffle else np.arange(n)
+        tiebreak = rng.random(len(self.lens)) if self.shuffle else np.arange(len(self.lens))
         order = np.lexsort((tiebreak, self.tgt_lens, self.src_lens))  # by src len, then tgt len, then tiebreak
         batches, batch, width = [], [], 0  # width = longest sentence in the open batch
         for i in order.tolist():
@@ -226,12 +184,9 @@ class TokenBatcher:
 
     def padding_fraction(self, batches):
         """Share of PAD positions in the collated src + tgt tensors of `batches`."""
-        pad = total = 0
-        for b in batches:
-            for lens in (self.src_lens[b], self.tgt_lens[b]):
-                total += len(b) * int(lens.max())
-                pad += len(b) * int(lens.max()) - int(lens.sum())
-        return pad / max(total, 1)
+        sides = [lens[b] for b in batches for lens in (self.src_lens, self.tgt_lens)]  # every side of every batch
+        total = sum(len(side) * int(side.max()) for side in sides)  # positions in the padded tensors
+        return (total - sum(int(side.sum()) for side in sides)) / max(total, 1)  # those not holding a token
 
 
 def collate(src_seqs, tgt_seqs, indices):
@@ -239,9 +194,7 @@ def collate(src_seqs, tgt_seqs, indices):
     tgt_out = y with EOS, so tgt_out[:, t] is the token predicted after reading tgt_in[:, :t+1]."""
     srcs, tgts = [src_seqs[i] for i in indices], [tgt_seqs[i] for i in indices]
     B, S, T = len(indices), max(len(s) for s in srcs), max(len(t) for t in tgts)
-    src = np.full((B, S), PAD, dtype=np.int64)
-    tgt_in = np.full((B, T), PAD, dtype=np.int64)
-    tgt_out = np.full((B, T), PAD, dtype=np.int64)
+    src, tgt_in, tgt_out = (np.full((B, L), PAD, dtype=np.int64) for L in (S, T, T))  # (B, S), (B, T), (B, T)
     for b, (s, t) in enumerate(zip(srcs, tgts)):
         src[b, : len(s)] = s
         tgt_in[b, 0], tgt_in[b, 1 : len(t)] = BOS, t[:-1]  # shift right: drop EOS, prepend BOS

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python data/prepare.py` can import data.*
-from data.batching import EOS, SPECIALS, UNK, Vocab, remove_bpe  # noqa: E402
-from data.files import atomic_open  # noqa: E402
+from data.batching import EOS, SPECIALS, UNK, Vocab, load_corpus, make_toy_corpus, remove_bpe  # noqa: E402
+from data.files import atomic_open, brief  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
 DOWNLOADS = DATA_DIR / "downloads"
@@ -295,12 +295,9 @@ def write_outputs(out, name, bpe_splits, refs, settings, dropped, t0):
 
 def reusable(out, settings):
     """The summary of a finished earlier run in `out` with the same settings, else None."""
-    path = out / "summary.json"
-    if not path.exists():
-        return None
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # unreadable: treat as unfinished
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing or unreadable: treat as unfinished
         return None
     return summary if summary.get("settings") == settings and (out / "corpus.npz").exists() else None
 
@@ -389,6 +386,26 @@ def build(out, name, splits, dropped, settings, merges, t0):
     return write_outputs(out, name, bpe_splits, refs, settings, dropped, t0)
 
 
+def load_data(data: str, data_dir: str = "", data_source: str = "", seed: int = 0):
+    """The corpus `data` (multi30k | iwslt14 | toy) for train.py, from data_dir (default data/<data>), prepared first
+    from data_source (a folder, URL or tarball; default: the public download) if it is missing."""
+    if data == "toy":
+        return make_toy_corpus(seed=seed)
+    folder = Path(data_dir or DATA_DIR / data)
+    if not (folder / "summary.json").exists():
+        print(f"{folder} is not prepared yet: running data/prepare.py {data}")
+        try:
+            {"multi30k": prepare_multi30k, "iwslt14": prepare_iwslt14}[data](source=data_source or None, out=folder)
+        except DataError as e:
+            raise SystemExit(f"error: {e} (from train.py: pass --data_source=PATH, e.g. "
+                             f"--data_source=../shared/data/multi30k/tok)")
+    try:
+        return load_corpus(folder)
+    except Exception as e:  # a missing, empty, truncated or non-UTF-8 file of the prepared folder
+        raise SystemExit(f"error: cannot read the prepared corpus in {folder} ({brief(e)}); prepare it again with "
+                         f"data/prepare.py --force")
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -413,15 +430,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.merges is not None and args.merges < 0:
         usage_error(f"--merges {args.merges} must be >= 0")
+    if args.train_dir and args.dataset != "iwslt14":
+        usage_error("--train_dir is for iwslt14 only")
     prepare = prepare_multi30k if args.dataset == "multi30k" else prepare_iwslt14
-    kwargs = dict(source=args.source, out=args.out, force=args.force)
-    if args.train_dir:
-        if args.dataset != "iwslt14":
-            print("error: --train_dir is for iwslt14 only", file=sys.stderr)
-            sys.exit(2)
-        kwargs["train_dir"] = args.train_dir
-    if args.merges is not None:
-        kwargs["merges"] = args.merges
+    kwargs = dict(source=args.source, out=args.out, force=args.force, **({"train_dir": args.train_dir} if
+                  args.train_dir else {}), **({"merges": args.merges} if args.merges is not None else {}))
     try:
         summary = prepare(**kwargs)
     except DataError as e:

@@ -57,7 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python exper
 import latency  # noqa: E402
 import search  # noqa: E402
 import train  # noqa: E402
-from data.batching import TokenBatcher, collate, load_data  # noqa: E402
+from data.batching import TokenBatcher, collate  # noqa: E402
+from data.prepare import load_data  # noqa: E402
 from data.files import (append_jsonl, atomic_open, lock_folder, read_json, read_jsonl, releases_locks,  # noqa: E402
                         write_json)
 from experiments.gap import ARMS, inherited_scores, paired_test, read_lines  # noqa: E402

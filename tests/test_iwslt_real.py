@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from data import prepare
-from data.batching import load_corpus, load_data
+from data.batching import load_corpus
+from data.prepare import load_data
 import train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import data.batching
+import data.prepare
 import latency
 import search
 import train
@@ -41,7 +41,7 @@ toy_corpus = functools.lru_cache()(make_toy_corpus)
 def no_gpu_and_a_quick_toy_corpus(monkeypatch):
     """Every case sees no CUDA GPU (also where there is one), and builds the synthetic corpus once."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(data.batching, "make_toy_corpus", toy_corpus)
+    monkeypatch.setattr(data.prepare, "make_toy_corpus", toy_corpus)
 
 
 def fingerprint(*folders) -> dict:

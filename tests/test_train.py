@@ -14,7 +14,7 @@ import sacrebleu
 import torch
 
 import train
-from data.batching import load_data
+from data.prepare import load_data
 from data.files import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
