@@ -284,15 +284,24 @@ def fit_predictor(X, y, cfg: LatencyConfig):
 
 def read_latency_csv(path):
     """(features (n, 10), latency ms (n,), space name, protocol) from a dataset CSV of `latency.py dataset` (files
-    from before the protocol column timed HAT's protocol)."""
+    from before the protocol column timed HAT's protocol), checked in full: finite features, positive finite
+    latencies, every row of one space and one protocol. Anything else is a one-line error."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
-        return (np.array([[float(r[n]) for n in FEATURE_NAMES] for r in rows]),
-                np.array([float(r["median_ms"]) for r in rows]), rows[0]["space"], rows[0].get("protocol", "hat"))
+        X = np.array([[float(r[n]) for n in FEATURE_NAMES] for r in rows])  # (n, 10)
+        y = np.array([float(r["median_ms"]) for r in rows])  # (n,)
+        kinds = {(r["space"], r.get("protocol") or "hat") for r in rows}
+        need(rows, "no rows")
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # missing, empty, not UTF-8, other columns
         raise SystemExit(f"error: cannot read latency CSV {path} ({brief(e, 100)}); give one that "
                          f"`python latency.py dataset` wrote")
+    bad = [i for i in range(len(rows)) if not (np.isfinite(X[i]).all() and np.isfinite(y[i]) and y[i] > 0)]
+    if bad or len(kinds) > 1:
+        problem = (f"row {bad[0] + 2} has a non-finite feature or a latency that is not a positive number "
+                   f"({y[bad[0]]} ms)" if bad else f"rows of several spaces or protocols {sorted(kinds)}")
+        raise SystemExit(f"error: latency CSV {path}: {problem}; measure it again with `python latency.py dataset`")
+    return X, y, *kinds.pop()
 
 
 def predict(predictor: dict, X) -> np.ndarray:
@@ -407,6 +416,9 @@ def cmd_fit(cfg: LatencyConfig):
         raise SystemExit(f"error: {cfg.out} holds {len(y)} subnets; fitting a predictor needs at least 12")
     predictor, report, test = fit_predictor(X, y, cfg)
     t, out = report["test"][report["chosen"]], Path(cfg.predictor)
+    if not (np.isfinite(predict(predictor, X)).all() and np.isfinite(t["rmse_ms"])):  # validate, then replace
+        raise SystemExit(f"error: the {report['chosen']} predictor fit on {cfg.out} predicts non-finite latencies; "
+                         f"{out} is left as it was")
     save_predictor(predictor, out, space=space, protocol=protocol, feature_names=list(FEATURE_NAMES), data=cfg.out,
                    **report)
     title = f"{report['chosen']} predictor, {space} space: test tau {t['kendall_tau']:.3f}, RMSE {t['rmse_ms']:.2f} ms"

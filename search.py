@@ -18,6 +18,7 @@ borderline candidate may be accepted in one run and not in another (their cache 
 """
 
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -27,7 +28,7 @@ import torch
 
 import mos
 from data.prepare import load_data
-from data.files import atomic_open, lock_folder, releases_locks, write_json
+from data.files import atomic_open, claim_folder, releases_locks, write_json
 from latency import busy_warning, load_predictor, machine_state, measure_latency, predict
 from mos import ArchConfig
 from train import (check_settings, check_vocab, get_device, load_checkpoint, model_from_checkpoint, parse_settings,
@@ -70,6 +71,7 @@ class SearchConfig:
     final_iters: int = 50
     final_repeats: int = 3
     seed: int = 1
+    overwrite: bool = False  # start over in an out_dir that holds another run, deleting its files first
 
 
 # the settings' checks (train.check_settings): numbers >= 0 but these, and the choices
@@ -278,6 +280,25 @@ def plot(results, candidates, cfg, protocol, out_dir):
 # The run
 
 
+def check_predictor(cfg: SearchConfig, space) -> dict:
+    """The latency predictor, if it fits this search: fit on the supernet's space and on the protocol searched.
+    --latency=predicted needs one; --latency=measured only reports its predictions beside, if it fits."""
+    predictor = load_predictor(cfg.predictor) if Path(cfg.predictor).exists() else None
+    fitted_on = predictor and predictor.get("protocol", "hat")  # predictors from before the protocol timed HAT's
+    problem = (None if predictor is None else f"was fit on space '{predictor['space']}', the supernet's is "
+               f"'{space.name}'" if predictor["space"] != space.name else f"was fit on latencies of the {fitted_on!r} "
+               f"protocol; pass --protocol={fitted_on} or refit it with latency.py --protocol={cfg.protocol}"
+               if fitted_on != cfg.protocol else None)
+    if cfg.latency == "measured":
+        return None if problem else predictor
+    if problem:
+        raise SystemExit(f"error: predictor {cfg.predictor} {problem}")
+    if predictor is None:
+        raise SystemExit(f"error: --latency=predicted needs {cfg.predictor}: run `python latency.py dataset` and "
+                         f"`python latency.py fit`, or pass --latency=measured")
+    return predictor
+
+
 @releases_locks
 def main(argv):
     """Search every budget on one supernet, re-measure the winners, write the arch files, results and plots."""
@@ -296,24 +317,17 @@ def main(argv):
     corpus = load_data(trained["data"], trained["data_dir"], trained.get("data_source", ""), trained["seed"])
     check_vocab(ckpt, corpus, cfg.ckpt)
     batches = split_batches(corpus, "valid", cfg.max_tokens, device, cfg.valid_sentences)  # collated once
-    predictor = load_predictor(cfg.predictor) if Path(cfg.predictor).exists() else None
-    fitted_on = predictor and predictor.get("protocol", "hat")  # predictors from before the protocol timed HAT's
-    if predictor and predictor["space"] != space.name:
-        raise SystemExit(f"error: predictor {cfg.predictor} was fit on space '{predictor['space']}', the supernet's "
-                         f"is '{space.name}'")
-    if predictor and fitted_on != cfg.protocol:
-        raise SystemExit(f"error: predictor {cfg.predictor} was fit on latencies of the {fitted_on!r} protocol; pass "
-                         f"--protocol={fitted_on} or refit it with latency.py --protocol={cfg.protocol}")
-    if cfg.latency == "predicted" and predictor is None:
-        raise SystemExit(f"error: --latency=predicted needs {cfg.predictor}: run `python latency.py dataset` and "
-                         f"`python latency.py fit`, or pass --latency=measured")
+    predictor = check_predictor(cfg, space) if cfg.latency == "predicted" or Path(cfg.predictor).exists() else None
 
     def timed(arch, warmup, iters):
         """latency.py's measurement of the extracted subnet."""
         return measure_latency(supernet.subnet(arch), warmup=warmup, iters=iters, device=device, threads=cfg.threads,
                                protocol=cfg.protocol)
 
-    lock_folder(out_dir)  # one writer per search folder: a second search.py here stops, naming this one's pid
+    inputs = dict(ckpt=str(Path(cfg.ckpt).resolve()), latency=cfg.latency, protocol=cfg.protocol, seed=cfg.seed,
+                  predictor=str(Path(cfg.predictor).resolve()) if cfg.latency == "predicted" else None,
+                  budgets=list(cfg.budgets), valid_sentences=cfg.valid_sentences)  # what the results depend on
+    claim_folder(out_dir, "search.py", inputs, cfg.overwrite, legacy=("cache.json",))  # one writer, one owner
     stat = Path(cfg.ckpt).stat()  # the cached numbers belong to this checkpoint, subset and protocol
     tag = dict(ckpt=str(Path(cfg.ckpt).resolve()), ckpt_bytes=stat.st_size, ckpt_mtime=stat.st_mtime, **{
         k: getattr(cfg, k) for k in ("valid_sentences", "max_tokens", "threads", "device", "search_iters",
@@ -352,13 +366,17 @@ def main(argv):
                       history=r["history"], n_scored=len(r["scored"]), seconds=round(time.time() - t0, 1))
         results.append(result)
         scored.update(dict.fromkeys(r["scored"]))
-        write_json(out_dir / f"arch_{budget:g}ms.json", result["arch"])  # ready for train.py --arch=FILE
         pred = f"{result['predicted_ms']:.1f}" if predicted else "n/a"
         verdict = "within budget" if final <= budget else f"{result['over_budget_pct']:.1f}% over"
         print(f"budget {budget:g} ms: loss {r['valid_loss']:.4f} | predicted {pred} ms | re-measured {final:.1f} ms "
-              f"({verdict}) | {result['seconds']:.0f} s -> {out_dir / f'arch_{budget:g}ms.json'}")
+              f"({verdict}) | {result['seconds']:.0f} s")
 
     candidates = [(latency(a), fitness(a)) for a in scored]  # all cached by now
+    if not all(math.isfinite(x) for c in candidates for x in c):  # validate, then write: never a NaN winner
+        raise SystemExit(f"error: the supernet {cfg.ckpt} gives non-finite losses or latencies; {out_dir}'s results "
+                         f"are left as they were")
+    for result in results:  # ready for train.py --arch=FILE
+        write_json(out_dir / f"arch_{result['budget_ms']:g}ms.json", result["arch"])
     plot(results, candidates, cfg, protocol, out_dir)
     write_json(out_dir / "results.json", dict(settings=asdict(cfg), protocol=protocol, space=space.name,
                                               seconds=round(time.time() - t_start, 1), results=results,

@@ -37,9 +37,10 @@ from sacrebleu.metrics import BLEU
 from tqdm import tqdm
 
 import mos
-from data.batching import TokenBatcher, collate, load_data, remove_bpe
-from data.files import (append_jsonl, atomic_open, brief, checksum, load_file, lock_folder, releases_locks, save_checkpoint,
-                        trim_jsonl, write_json)
+from data.batching import TokenBatcher, collate, remove_bpe
+from data.files import (append_jsonl, atomic_open, brief, checksum, claim_folder, load_file, lock_folder,
+                        releases_locks, save_checkpoint, trim_jsonl, write_json)
+from data.prepare import load_data
 from mos import PAD, SPACES, ArchConfig, SuperTransformer, Transformer
 
 # -----------------------------------------------------------------------------
@@ -94,6 +95,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if present) | cpu | cuda
     seed: int = 1337
     resume: bool = False  # continue out_dir/ckpt.pt exactly where it stopped
+    overwrite: bool = False  # start over in an out_dir that holds a run, deleting that run's files first
     max_minutes: float = 55.0  # stop (and save) after this much training time, so the default run ends within the
     # hour even on a slower or busy machine; 0 = no limit
     max_bad_steps: int = 10  # stop after this many non-finite losses in a row (each such step is skipped)
@@ -111,7 +113,7 @@ PRESETS = {  # each lists only what differs from TrainConfig's defaults
 }
 # the settings' checks (check_settings): every number is >= 0 unless named here with its own minimum or (min, max) ...
 BOUNDS = dict(max_tokens=1, num_experts=1, router_hidden=1, eval_interval=1, log_interval=1, beam=1, max_bad_steps=1,
-              bleu_sentences=-1, dropout=(0, 1), label_smoothing=(0, 1))
+              bleu_sentences=-1, dropout=(0, 1), label_smoothing=(0, 1), seed=(0, 2**32 - 1))
 # ... and every named one is one of its choices
 CHOICES = dict(preset=PRESETS, data=("multi30k", "iwslt14", "toy"), space=SPACES, router=("none", "layer", "neuron"),
                sampling=("sandwich", "random"), split=("train", "valid", "test"))
@@ -290,6 +292,7 @@ def main(argv):
     if cfg.eval_only or cfg.translate:
         return evaluate_or_translate(cfg, corpus, device, passed)
     model, kind, model_args, space, fixed_arch = build_model(cfg, corpus, passed)
+    check_fits(corpus, cfg, model.max_len, resumed)  # every limit checked before anything is written
     model.to(device)
     optimizer = make_optimizer(model, cfg)
     step, epoch, batch_in_epoch, seconds_before = 0, 0, 0, 0.0  # where training stands; a resumed run's from ckpt
@@ -298,6 +301,9 @@ def main(argv):
         optimizer.load_state_dict(resumed["optimizer"])
         step, epoch, batch_in_epoch = resumed["step"], resumed["data"]["epoch"], resumed["data"]["batch"]
         seconds_before = resumed["train_seconds"]
+    src, tgt = corpus.splits["train"]
+    batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], cfg.max_tokens, seed=cfg.seed,
+                           rank=rank, world_size=world)
     out_dir = Path(cfg.out_dir)
     if master:
         open_run_folder(out_dir, cfg, resumed)
@@ -305,9 +311,6 @@ def main(argv):
               f"| {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {cfg.data} | device {device} "
               f"x{world} | {torch.get_num_threads()} threads | "
               f"{'resuming at step ' + str(step) if resumed else 'from ' + (cfg.init or 'scratch')}")
-    src, tgt = corpus.splits["train"]
-    batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], cfg.max_tokens, seed=cfg.seed,
-                           rank=rank, world_size=world)
     avg_interval = cfg.avg_interval or len(batcher.batches(0))  # default: one epoch of this rank's batches
     t0 = time.time()
     train_seconds = lambda: seconds_before + time.time() - t0  # training time over all sessions of this run
@@ -373,7 +376,15 @@ def main(argv):
     if ddp:
         check_replicas(model, [subnets_for(k, cfg, space, fixed_arch) for k in range(step)], world, master, out_dir)
     if master:
-        final_test(cfg, model, kind, space, corpus, device, out_dir, avg_interval)
+        previous = {s: signal.signal(s, raise_stopped) for s in STOP_SIGNALS}  # a stop now ends the test at once
+        try:
+            final_test(cfg, model, kind, space, corpus, device, out_dir, avg_interval)
+        except Stopped as e:  # the checkpoint of the last step is saved: the test is all that is left to do
+            print(f"stopped by {signal.Signals(e.signum).name} during the final test; the checkpoint of step {step} is "
+                  f"saved: test it with --resume=True --out_dir={cfg.out_dir}", file=sys.stderr)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
     if ddp:
         dist.destroy_process_group()
 
@@ -398,13 +409,15 @@ def settings_of_run(cfg: TrainConfig, passed: dict, master: bool):
     """(settings, checkpoint to resume or None): with --resume the stored settings win and the command line may only
     change how long and how often (RUNTIME_SETTINGS). Checked, with bf16=None resolved for this machine."""
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    if cfg.resume and cfg.overwrite:
+        raise SystemExit("error: --resume=True continues the run in out_dir, --overwrite=True deletes it; pass one")
     if master and cfg.resume:  # one writer per run folder, taken before reading the checkpoint it continues
         lock_folder(cfg.out_dir, create=False)
     resumed = load_checkpoint(ckpt_path, resume=True) if cfg.resume else None
     if resumed:
         check_same(resumed["config"], cfg, [k for k in passed if k not in RUNTIME_SETTINGS], ckpt_path)
         cfg = TrainConfig(**{**resumed["config"], **{k: getattr(cfg, k) for k in passed if k in RUNTIME_SETTINGS},
-                             "resume": True})
+                             "resume": True, "overwrite": False})  # a run started with --overwrite is kept now
     check_settings(cfg)
     if cfg.bf16 is None:
         cfg = replace(cfg, bf16=fast_bf16())
@@ -443,10 +456,11 @@ def build_model(cfg: TrainConfig, corpus, passed):
 
 
 def open_run_folder(out_dir: Path, cfg: TrainConfig, resumed):
-    """Take the folder's lock (one writer per run folder: another train.py here stops, naming this one's pid),
-    start fresh logs (a resumed run drops the steps a killed run logged after its checkpoint: they are redone) and
-    write config.json."""
-    lock_folder(out_dir)
+    """Claim the folder (data/files.claim_folder: one writer, and a folder holding another run or a finished or
+    interrupted one is refused unless --resume or --overwrite says what to do with it), start fresh logs (a resumed
+    run drops the steps a killed run logged after its checkpoint: they are redone) and write config.json."""
+    claim_folder(out_dir, "train.py", {}, overwrite=cfg.overwrite, legacy=("config.json",),
+                 refuse_if=() if resumed else ("ckpt.pt", "results.json"))
     for name in ("train_log.jsonl", "log.jsonl"):
         if resumed:
             trim_jsonl(out_dir / name, resumed["step"])
@@ -458,13 +472,43 @@ def open_run_folder(out_dir: Path, cfg: TrainConfig, resumed):
     write_json(out_dir / "config.json", asdict(cfg))
 
 
+def check_fits(corpus, cfg: TrainConfig, max_len: int, resumed):
+    """The limits a run meets, checked before it writes anything: a resumed run continues on the corpus it trained
+    on (its vocabularies and sentences), every sentence fits the model's position table, every training sentence a
+    batch of --max_tokens."""
+    path = Path(cfg.out_dir) / "ckpt.pt"
+    if resumed:
+        check_vocab(resumed, corpus, path)
+        if resumed.get("data_hash", corpus_hash(corpus)) != corpus_hash(corpus):
+            raise SystemExit(f"error: checkpoint {path} was trained on other sentences than data {corpus.name!r} "
+                             f"holds now (prepared again?); pass the --data_dir it was trained on, or --overwrite=True")
+    for split, sides in corpus.splits.items():
+        for side, seqs in zip(("source", "target"), sides):
+            n, i = max((len(x), i) for i, x in enumerate(seqs)) if seqs else (0, 0)
+            if n + 1 > max_len:  # + 1: the target's BOS
+                raise SystemExit(f"error: {split} {side} sentence {i} has {n} tokens; the model has {max_len} "
+                                 f"positions: filter it out of the corpus (data/prepare.py) or shorten it")
+            if split == "train" and n > cfg.max_tokens:
+                raise SystemExit(f"error: --max_tokens={cfg.max_tokens} is below the longest training sentence "
+                                 f"({n} tokens, {side} sentence {i}); raise --max_tokens")
+
+
+def corpus_hash(corpus) -> str:
+    """sha256 of the training sentences' ids, both sides: a resumed run must see the same data."""
+    digest = hashlib.sha256()
+    for side in corpus.splits["train"]:
+        for x in side:
+            digest.update(np.asarray(x, dtype=np.int64).tobytes() + b"|")
+    return digest.hexdigest()
+
+
 def save_run(path, model, optimizer, kind, model_args, cfg, corpus, step, epoch, batch_in_epoch, train_seconds):
     """ckpt.pt: a plain dict of the model, optimizer, settings and data position; never non-finite weights."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):  # never overwrite a good checkpoint
         raise SystemExit(f"error: the weights are not finite at step {step}; kept the last checkpoint {path}")
     save_checkpoint(dict(kind=kind, model=model.state_dict(), model_args=model_args, config=asdict(cfg),
                          optimizer=optimizer.state_dict(), step=step, data=dict(epoch=epoch, batch=batch_in_epoch),
-                         vocab=dict(src=corpus.src_vocab.itos, tgt=corpus.tgt_vocab.itos),
+                         vocab=dict(src=corpus.src_vocab.itos, tgt=corpus.tgt_vocab.itos), data_hash=corpus_hash(corpus),
                          train_seconds=train_seconds, torch_version=str(torch.__version__)), path)
 
 
@@ -839,7 +883,8 @@ def raise_stopped(signum, frame):
 def run(main, resume_hint="rerun the same command to continue"):
     """A script's entry point: main(sys.argv[1:]) with SIGINT and SIGTERM raising Stopped wherever it is (train.py
     defers them in its loop). Everything finished is already on disk (atomic writes, caches, whole CSV rows), so a
-    stop prints one line and exits with 128 + the signal's number (130 Ctrl-C, 143 SIGTERM), as a shell would."""
+    stop prints one line and exits with 128 + the signal's number (130 Ctrl-C, 143 SIGTERM), as a shell would; a
+    write that fails (a full disk, a file-size limit) ends in one line `error: ...` too."""
     for s in STOP_SIGNALS:
         signal.signal(s, raise_stopped)
     try:
@@ -847,6 +892,9 @@ def run(main, resume_hint="rerun the same command to continue"):
     except Stopped as e:
         print(f"stopped by {signal.Signals(e.signum).name}; {resume_hint}", file=sys.stderr)
         sys.exit(128 + e.signum)
+    except OSError as e:  # a full disk (ENOSPC), a file-size limit (EFBIG), no permission: files written stay whole
+        raise SystemExit(f"error: cannot write {e.filename or 'a file'} ({e.strerror or brief(e)}); free space or fix "
+                         f"the permissions, then {resume_hint}")
 
 
 if __name__ == "__main__":

@@ -107,14 +107,19 @@ def load_corpus(folder):
     folder = Path(folder)
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     src, tgt = summary["src_lang"], summary["tgt_lang"]
+    vocabs = {lang: Vocab.load(folder / f"vocab.{lang}.txt") for lang in (src, tgt)}
+
+    def cut(z, split, lang):
+        """One flat array per split and side, cut into sentences by offsets (views, no copies)."""
+        ids = z[f"{split}.{lang}.ids"].astype(np.int64)
+        if len(ids) and ids.max() >= len(vocabs[lang]):  # a vocabulary file emptied or replaced after preparing
+            raise ValueError(f"corpus.npz holds id {ids.max()} but vocab.{lang}.txt {len(vocabs[lang])} tokens")
+        return np.split(ids, z[f"{split}.{lang}.offsets"][1:-1])
     with np.load(folder / "corpus.npz", allow_pickle=False) as z:
-        # one flat array per split and side, cut into sentences by offsets (views, no copies)
-        cut = lambda key: np.split(z[f"{key}.ids"].astype(np.int64), z[f"{key}.offsets"][1:-1])
-        splits = {split: (cut(f"{split}.{src}"), cut(f"{split}.{tgt}")) for split in summary["pairs"]}
+        splits = {split: (cut(z, split, src), cut(z, split, tgt)) for split in summary["pairs"]}
     refs = {split: path.read_text(encoding="utf-8").split("\n")[:-1] for split in summary["pairs"]
             if (path := folder / f"{split}.tok.{tgt}").exists()}  # tokenised target lines for BLEU
-    return Corpus(summary["dataset"], Vocab.load(folder / f"vocab.{src}.txt"), Vocab.load(folder / f"vocab.{tgt}.txt"),
-                  splits, refs)
+    return Corpus(summary["dataset"], vocabs[src], vocabs[tgt], splits, refs)
 
 
 def make_toy_corpus(vocab_size=16, n_train=4000, n_valid=200, n_test=200, min_len=3, max_len=12, seed=0):

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
@@ -77,9 +78,11 @@ def read_jsonl(path) -> list:
 
 
 def trim_jsonl(path, last_step: int):
-    """Keep the whole records up to `last_step`, so a resumed run's log reads as if it had never stopped."""
+    """Keep the whole records up to `last_step`, so a resumed run's log reads as if it had never stopped (a finished
+    run's "final" record goes too: a resumed run ends with its own)."""
     if Path(path).exists():
-        kept = [r for r in read_jsonl(path) if r.get("step", last_step) <= last_step]
+        kept = [r for r in read_jsonl(path) if isinstance(r, dict) and type(r.get("step")) is int
+                and r["step"] <= last_step]  # a line edited into something else goes too
         with atomic_open(path) as f:
             f.write("".join(json.dumps(r) + "\n" for r in kept))
 
@@ -111,6 +114,44 @@ def lock_folder(folder, create=True) -> Path:
     if not create and not Path(folder).is_dir():
         raise SystemExit(f"error: {folder} does not exist (or is not a folder)")
     return _lock(writable_folder(folder) / ".lock", Path(folder))
+
+
+OWNER = "owner.json"  # which command made a run folder, and from what: {"command": ..., "inputs": {...}}
+
+
+def claim_folder(folder, command: str, inputs: dict, overwrite=False, refuse_if=(), legacy=()) -> Path:
+    """Lock `folder` and make it this run's: a run folder has an owner, recorded in owner.json. Refused in one line
+    naming the folder, what it holds and the flag to pass: files of another command's run, this command's run made
+    from other `inputs` (checkpoint, corpus, space, settings), or one holding any of the `refuse_if` files (train.py
+    without --resume: a finished or interrupted run). overwrite=True first deletes the old run's files, so nothing
+    of it is left beside the new one. A folder from before owners were recorded counts as this command's if it
+    holds one of the `legacy` files."""
+    folder = Path(folder)
+    lock_folder(folder)
+    old = [p for p in sorted(folder.iterdir()) if p.name not in (".lock", OWNER)]
+    owner = read_json(folder / OWNER, "run folder owner") if (folder / OWNER).exists() else None
+    if overwrite:
+        for p in old + [folder / OWNER] * (owner is not None):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        old, owner = [], None
+    if owner is None and any((folder / name).exists() for name in legacy):
+        owner = {"command": command, "inputs": inputs}  # an older run of this command: adopted as it is
+    again = f"give another folder or pass --overwrite=True to delete what {folder} holds first"
+    if old and not isinstance(owner, dict):
+        raise SystemExit(f"error: {folder} holds files of another run ({', '.join(p.name for p in old[:3])}); {again}")
+    stored = owner["inputs"] if owner else inputs
+    changed = [k for k in sorted(set(stored) | set(inputs)) if json.dumps(stored.get(k)) != json.dumps(inputs.get(k))]
+    if owner and owner.get("command") != command:
+        raise SystemExit(f"error: {folder} holds a {owner.get('command')} run, not a {command} one; {again}")
+    if changed:
+        raise SystemExit(f"error: {folder} holds a {command} run made with another {changed[0]} (it has "
+                         f"{stored.get(changed[0])!r}, now {inputs.get(changed[0])!r}); {again}")
+    found = [name for name in refuse_if if (folder / name).exists()]
+    if found:
+        raise SystemExit(f"error: {folder} holds a {command} run ({', '.join(found)}); continue it with "
+                         f"--resume=True, or {again}")
+    write_json(folder / OWNER, {"command": command, "inputs": inputs})
+    return folder
 
 
 def lock_file(path) -> Path:
@@ -192,8 +233,13 @@ def save_checkpoint(obj: dict, path):
     holds a model gets a checksum of its contents, which load_checkpoint verifies."""
     if isinstance(obj, dict) and "model" in obj:
         obj = {**obj, "checksum": checksum(obj)}
-    with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+    try:
+        with atomic_open(path, "wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as e:  # torch's zip writer turns a failed write (a full disk) into a RuntimeError
+        if not isinstance(e.__context__, OSError):
+            raise
+        raise OSError(e.__context__.errno, e.__context__.strerror, str(path)) from None
 
 
 def load_file(path, device="cpu") -> dict:

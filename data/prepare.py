@@ -6,18 +6,17 @@ Prepare German->English translation data for mos: Multi30k (task 1) or IWSLT14 D
     python data/prepare.py iwslt14 --source ../shared/data/iwslt14.de-en \
         --train_dir ../shared/data/iwslt14.de-en/train-sample --out data/iwslt14_sample   # the real 5% train sample
 
-Writes to data/{multi30k,iwslt14}/ (or --out): {split}.bpe.{de,en} (BPE'd text), {split}.tok.en (tokenised
-references for BLEU), bpe.codes, vocab.{de,en}.txt ("token count" lines, SPECIALS first), corpus.npz (flat id arrays
-+ offsets, read by data.batching.load_corpus) and summary.json, written last: a run that dies early leaves no
-summary.json, so the next run starts over; a run whose summary.json has the same settings is reused (--force redoes).
-Bad input raises DataError, a one-line message that the CLI prints as "error: ..." (exit status 2).
-"""
+Writes to data/{multi30k,iwslt14}/ (or --out), holding its lock: {split}.bpe.{de,en}, {split}.tok.en (BLEU
+references), bpe.codes, vocab.{de,en}.txt, corpus.npz (flat ids + offsets: data.batching.load_corpus) and, last,
+summary.json: a run that dies early leaves none, so the next starts over; one of the same settings is reused (--force
+redoes). Bad input raises DataError, printed as one line "error: ..." (exit 2). train.py calls `load_data`."""
 
 import argparse
 import functools
 import json
 import re
 import shutil
+import signal
 import sys
 import tarfile
 import time
@@ -29,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python data/prepare.py` can import data.*
 from data.batching import EOS, SPECIALS, UNK, Vocab, load_corpus, make_toy_corpus, remove_bpe  # noqa: E402
-from data.files import atomic_open, brief  # noqa: E402
+from data.files import atomic_open, brief, lock_folder, releases_locks  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
 DOWNLOADS = DATA_DIR / "downloads"
@@ -77,8 +76,7 @@ def download(url, dest):
     """Fetch `url` to `dest` with a progress bar (once: an existing `dest` is reused)."""
     if dest.exists():
         return dest
-    from tqdm import tqdm
-
+    from tqdm import tqdm  # only for downloads
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         with urllib.request.urlopen(url, timeout=30) as r, atomic_open(dest, "wb") as f:
@@ -95,8 +93,7 @@ def download(url, dest):
 
 def read_pair(de_path, en_path):
     """Read a parallel file pair, checking that both exist, decode and have the same number of lines."""
-    missing = [str(p) for p in (de_path, en_path) if not Path(p).is_file()]
-    if missing:
+    if missing := [str(p) for p in (de_path, en_path) if not Path(p).is_file()]:
         raise DataError(f"missing split file(s): {', '.join(missing)}; check --source")
     de, en = decode_lines(Path(de_path).read_bytes(), de_path), decode_lines(Path(en_path).read_bytes(), en_path)
     check_aligned(de, en, de_path, en_path)
@@ -143,8 +140,7 @@ def extract_segs(lines):
 @functools.lru_cache(maxsize=None)
 def moses(lang):
     """One sacremoses tokenizer per language and process (loading its prefix lists takes a moment)."""
-    from sacremoses import MosesTokenizer
-
+    from sacremoses import MosesTokenizer  # imported where used: most runs never tokenise
     return MosesTokenizer(lang=lang)
 
 
@@ -159,7 +155,7 @@ def tokenize(lines, lang, workers):
     chunks = [(lines[i : i + TOKENIZE_CHUNK], lang) for i in range(0, len(lines), TOKENIZE_CHUNK)]
     if workers <= 1 or len(chunks) <= 1:
         return [t for chunk in chunks for t in _tokenize_chunk(chunk)]
-    with Pool(workers) as pool:
+    with Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:  # Ctrl-C: main
         return [t for chunk in pool.map(_tokenize_chunk, chunks) for t in chunk]
 
 
@@ -245,16 +241,14 @@ def read_prepared(folder):
 
 def learn_bpe(train_de, train_en, merges, codes_path):
     """Joint BPE codes learned on train de + en concatenated (as fairseq does), written to `codes_path`."""
-    from subword_nmt.learn_bpe import learn_bpe as subword_learn_bpe
-
+    from subword_nmt.learn_bpe import learn_bpe as subword_learn_bpe  # imported where used: a reused run needs none
     with atomic_open(codes_path) as f:
         subword_learn_bpe(train_de + train_en, f, merges)
 
 
 def apply_bpe(codes_path, lines):
     """Segment tokenised lines with the codes, continuation marker "@@ "."""
-    from subword_nmt.apply_bpe import BPE
-
+    from subword_nmt.apply_bpe import BPE  # imported where used, as in learn_bpe
     with open(codes_path, encoding="utf-8") as f:
         bpe = BPE(f)
     return [bpe.process_line(line) for line in lines]
@@ -308,6 +302,7 @@ def start(out, settings, force):
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file of that name, no permission
         raise DataError(f"cannot create the output folder {out} ({e.strerror}); pass another --out") from None
+    lock_folder(out)  # one writer per folder: a second prepare.py (or train.py preparing it) stops in one line
     summary = None if force else reusable(out, settings)
     if summary is None:
         (out / "summary.json").unlink(missing_ok=True)
@@ -318,6 +313,7 @@ def start(out, settings, force):
 # the two datasets
 
 
+@releases_locks
 def prepare_multi30k(source=None, out=None, merges=MULTI30K_MERGES, force=False):
     """Multi30k task 1 de->en from the official tok files (a folder, or the repository URL by default)."""
     t0, out = time.time(), Path(out or DATA_DIR / "multi30k")
@@ -338,6 +334,7 @@ def prepare_multi30k(source=None, out=None, merges=MULTI30K_MERGES, force=False)
     return build(out, "multi30k", *drop_empty(splits), settings, merges, t0)
 
 
+@releases_locks
 def prepare_iwslt14(source=None, out=None, merges=IWSLT14_MERGES, force=False, workers=2, train_dir=None):
     """IWSLT14 de->en: from the raw de-en.tgz (a path or URL; fairseq's mirror by default) via fairseq's recipe,
     or from a folder already prepared in fairseq's layout (BPE'd {train,valid,test}.{de,en}), kept as is.
@@ -437,7 +434,11 @@ def main(argv=None):
                   args.train_dir else {}), **({"merges": args.merges} if args.merges is not None else {}))
     try:
         summary = prepare(**kwargs)
-    except DataError as e:
+    except KeyboardInterrupt:  # Ctrl-C: one line; summary.json is written last, so a rerun prepares the folder again
+        print("error: interrupted; the folder is unfinished (no summary.json) and a rerun prepares it again",
+              file=sys.stderr)
+        sys.exit(130)
+    except (DataError, OSError) as e:  # bad input, a full disk
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(("reused " if summary.get("reused") else "wrote ") + str(Path(args.out or DATA_DIR / args.dataset)))

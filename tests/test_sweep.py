@@ -128,7 +128,7 @@ def inputs(tmp_path_factory, tiny):
     paths["latin1"].write_bytes("ein hund läuft\n".encode("latin-1"))
     paths["cpu_predictor"].write_text(json.dumps({**json.loads(paths["predictor"].read_text()), "space": "cpu"}))
     paths["small_csv"].write_text(",".join(latency.HEADER) + "\n" + "".join(
-        f'tiny,"{{}}",{",".join(["0.5"] * len(FEATURE_NAMES))},{i},1,1,1,1,3\n' for i in range(3)))
+        f'tiny,"{{}}",{",".join(["0.5"] * len(FEATURE_NAMES))},{i + 1},1,1,1,1,3\n' for i in range(3)))
     paths["empty_dir"].mkdir()
     good = torch.load(paths["good"], weights_only=True)
     for name, (make, _) in VARIANTS.items():
@@ -270,7 +270,7 @@ CASES = [  # (command, argv, pattern of the error)
     ("train", [*TOY, "--log_interval=0", "--out_dir={out}"], "--log_interval=0 must be >= 1"),
     ("train", [*TOY, "--max_steps=-1", "--out_dir={out}"], "--max_steps=-1 must be >= 0"),
     ("train", [*TOY, "--num_experts=0", "--out_dir={out}"], "--num_experts=0 must be >= 1"),
-    ("train", [*TOY, "--seed=-1", "--out_dir={out}"], "--seed=-1 must be >= 0"),
+    ("train", [*TOY, "--seed=-1", "--out_dir={out}"], "--seed=-1 must be in \\[0, 4294967295\\]"),
     ("train", [*TOY, "--lr=-0.1", "--out_dir={out}"], "--lr=-0.1 must be >= 0"),
     ("train", [*TOY, "--dropout=1.5", "--out_dir={out}"], "--dropout=1.5 must be in \\[0, 1\\]"),
     ("train", [*TOY, "--test_sentences=-1", "--out_dir={out}"], "--test_sentences=-1 must be >= 0"),
