@@ -257,6 +257,7 @@ def apply_bpe(codes_path, lines):
 def write_outputs(out, name, bpe_splits, refs, settings, dropped, t0):
     """Write the vocabularies, texts, corpus.npz and (last) summary.json for {split: (de_bpe, en_bpe)};
     refs[split] are the tokenised English lines before BPE (the BLEU references)."""
+    (out / "summary.json").unlink(missing_ok=True)  # inputs read and checked: only now is the old corpus replaced
     vocabs = {lang: Vocab.build(bpe_splits["train"][k]) for k, lang in enumerate((SRC, TGT))}
     arrays, tokens, unk_rate = {}, {}, {}
     dtype = np.uint16 if max(map(len, vocabs.values())) <= np.iinfo(np.uint16).max else np.int32  # compact ids
@@ -297,16 +298,13 @@ def reusable(out, settings):
 
 
 def start(out, settings, force):
-    """Reuse a finished run, or clear the old summary so a half-rewritten folder never looks finished."""
+    """The summary of a finished run to reuse, or None. The old corpus stays whole until write_outputs starts."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file of that name, no permission
         raise DataError(f"cannot create the output folder {out} ({e.strerror}); pass another --out") from None
     lock_folder(out)  # one writer per folder: a second prepare.py (or train.py preparing it) stops in one line
-    summary = None if force else reusable(out, settings)
-    if summary is None:
-        (out / "summary.json").unlink(missing_ok=True)
-    return summary
+    return None if force else reusable(out, settings)
 
 
 # -----------------------------------------------------------------------------
@@ -364,18 +362,19 @@ def prepare_iwslt14(source=None, out=None, merges=IWSLT14_MERGES, force=False, w
     if prepared:  # already tokenised, lowercased and BPE'd: keep the BPE, only count, encode and save
         splits, dropped = drop_empty(read_prepared(source))
         refs = {split: [remove_bpe(line) for line in en] for split, (_, en) in splits.items()}
-        codes = Path(source) / "code"
-        if codes.exists():
+        summary, codes = write_outputs(out, "iwslt14", splits, refs, settings, dropped, t0), Path(source) / "code"
+        if codes.exists():  # a by-product kept beside (load_corpus does not read it)
             with atomic_open(out / "bpe.codes") as f:
                 f.write(codes.read_text(encoding="utf-8"))
-        return write_outputs(out, "iwslt14", splits, refs, settings, dropped, t0)
+        return summary
     tgz = download(source, DOWNLOADS / "de-en.tgz") if is_url else source
     splits = iwslt14_splits(read_raw_iwslt14(tgz), workers)
     return build(out, "iwslt14", *drop_empty(splits), settings, merges, t0)
 
 
 def build(out, name, splits, dropped, settings, merges, t0):
-    """Learn joint BPE on train, apply it to every split and write all outputs."""
+    """Learn joint BPE on train, apply it to every split and write all outputs (the old corpus is unfinished now)."""
+    (out / "summary.json").unlink(missing_ok=True)
     learn_bpe(*splits["train"], merges, out / "bpe.codes")
     bpe_splits = {split: (apply_bpe(out / "bpe.codes", de), apply_bpe(out / "bpe.codes", en))
                   for split, (de, en) in splits.items()}

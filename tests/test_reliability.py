@@ -295,3 +295,19 @@ def test_prepare_takes_the_folder_lock_and_ctrl_c_is_one_line(tmp_path):
     _, stderr = first.communicate(timeout=60)
     assert first.returncode == 130 and stderr.startswith("error: interrupted") and stderr.count("\n") == 1, stderr
     assert not (out / "summary.json").exists()
+
+
+def test_preparing_again_from_a_bad_source_leaves_the_prepared_corpus_whole(tmp_path):
+    from data import prepare
+    from data.batching import load_corpus
+    source, out = tmp_path / "source", tmp_path / "corpus"
+    source.mkdir()
+    for stem in ("train", "val", "test_2016_flickr"):
+        for lang, words in (("de", "ein hund läuft über die wiese"), ("en", "a dog runs across the meadow")):
+            (source / f"{stem}.lc.norm.tok.{lang}").write_text("".join(f"{words} {i} .\n" for i in range(30)))
+    prepare.prepare_multi30k(source=source, out=out, merges=20)
+    before = files(out)
+    (source / "val.lc.norm.tok.de").unlink()
+    with pytest.raises(prepare.DataError, match="missing split file"):
+        prepare.prepare_multi30k(source=source, out=out, merges=20, force=True)
+    assert files(out) == before and len(load_corpus(out).splits["valid"][0]) == 30
