@@ -494,11 +494,10 @@ def check_fits(corpus, cfg: TrainConfig, max_len: int, resumed):
 
 
 def corpus_hash(corpus) -> str:
-    """sha256 of the training sentences' ids, both sides: a resumed run must see the same data."""
+    """sha256 of the training sentences (their lengths and ids, both sides): a resumed run must see the same data."""
     digest = hashlib.sha256()
     for side in corpus.splits["train"]:
-        for x in side:
-            digest.update(np.asarray(x, dtype=np.int64).tobytes() + b"|")
+        digest.update(np.array([len(x) for x in side]).tobytes() + np.concatenate(side).astype(np.int64).tobytes())
     return digest.hexdigest()
 
 

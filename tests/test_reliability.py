@@ -285,7 +285,8 @@ def test_prepare_takes_the_folder_lock_and_ctrl_c_is_one_line(tmp_path):
     script.write_text(SLOW_PREPARE.format(root=str(ROOT)))
     args = ["multi30k", f"--source={MULTI30K}", f"--out={out}"]
     first = subprocess.Popen([sys.executable, str(script), *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True,  # Ctrl-C as in a terminal, even where a background
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # job ignores it
     assert first.stdout.readline() == "learning\n"
     second = subprocess.run([sys.executable, "data/prepare.py", *args], cwd=ROOT, env=ENV, capture_output=True,
                             text=True, timeout=120)
