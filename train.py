@@ -886,15 +886,20 @@ def run(main, resume_hint="rerun the same command to continue"):
     write that fails (a full disk, a file-size limit) ends in one line `error: ...` too."""
     for s in STOP_SIGNALS:
         signal.signal(s, raise_stopped)
+    caught = len(received)
     try:
         main(sys.argv[1:])
-    except Stopped as e:
-        print(f"stopped by {signal.Signals(e.signum).name}; {resume_hint}", file=sys.stderr)
-        sys.exit(128 + e.signum)
-    except OSError as e:  # a full disk (ENOSPC), a file-size limit (EFBIG), no permission: files written stay whole
-        raise SystemExit(f"error: cannot write {e.filename or 'a file'} ({e.strerror or brief(e)}); free space or fix "
-                         f"the permissions, then {resume_hint}")
-
+    except (Stopped, Exception) as e:
+        # a Stopped raised inside a library's cleanup can surface as that library's error (torch: "trying to pop
+        # from empty mode stack"): a signal caught during this run makes it a stop all the same, not a crash
+        signum = e.signum if isinstance(e, Stopped) else received[-1] if len(received) > caught else None
+        if signum is not None:
+            print(f"stopped by {signal.Signals(signum).name}; {resume_hint}", file=sys.stderr)
+            sys.exit(128 + signum)
+        if isinstance(e, OSError):  # a full disk (ENOSPC), a file-size limit (EFBIG), no permission: files stay whole
+            raise SystemExit(f"error: cannot write {e.filename or 'a file'} ({e.strerror or brief(e)}); free space or "
+                             f"fix the permissions, then {resume_hint}")
+        raise
 
 if __name__ == "__main__":
     run(main, resume_hint="continue with --resume=True if it saved a checkpoint")
