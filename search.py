@@ -284,19 +284,20 @@ def check_predictor(cfg: SearchConfig, space) -> dict:
     """The latency predictor, if it fits this search: fit on the supernet's space and on the protocol searched.
     --latency=predicted needs one; --latency=measured only reports its predictions beside, if it fits."""
     predictor = load_predictor(cfg.predictor) if Path(cfg.predictor).exists() else None
-    fitted_on = predictor and predictor.get("protocol", "hat")  # predictors from before the protocol timed HAT's
-    problem = (None if predictor is None else f"was fit on space '{predictor['space']}', the supernet's is "
-               f"'{space.name}'" if predictor["space"] != space.name else f"was fit on latencies of the {fitted_on!r} "
-               f"protocol; pass --protocol={fitted_on} or refit it with latency.py --protocol={cfg.protocol}"
-               if fitted_on != cfg.protocol else None)
-    if cfg.latency == "measured":
-        return None if problem else predictor
-    if problem:
-        raise SystemExit(f"error: predictor {cfg.predictor} {problem}")
-    if predictor is None:
+    if predictor is None and cfg.latency == "predicted":
         raise SystemExit(f"error: --latency=predicted needs {cfg.predictor}: run `python latency.py dataset` and "
                          f"`python latency.py fit`, or pass --latency=measured")
-    return predictor
+    if predictor is None:
+        return None
+    fitted_on, problem = predictor.get("protocol", "hat"), None  # predictors from before the protocol timed HAT's
+    if predictor["space"] != space.name:
+        problem = f"was fit on space '{predictor['space']}', the supernet's is '{space.name}'"
+    elif fitted_on != cfg.protocol:
+        problem = (f"was fit on latencies of the {fitted_on!r} protocol; pass --protocol={fitted_on} or refit it "
+                   f"with latency.py --protocol={cfg.protocol}")
+    if problem and cfg.latency == "predicted":
+        raise SystemExit(f"error: predictor {cfg.predictor} {problem}")
+    return None if problem else predictor
 
 
 @releases_locks
@@ -317,7 +318,7 @@ def main(argv):
     corpus = load_data(trained["data"], trained["data_dir"], trained.get("data_source", ""), trained["seed"])
     check_vocab(ckpt, corpus, cfg.ckpt)
     batches = split_batches(corpus, "valid", cfg.max_tokens, device, cfg.valid_sentences)  # collated once
-    predictor = check_predictor(cfg, space) if cfg.latency == "predicted" or Path(cfg.predictor).exists() else None
+    predictor = check_predictor(cfg, space)
 
     def timed(arch, warmup, iters):
         """latency.py's measurement of the extracted subnet."""

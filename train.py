@@ -292,7 +292,8 @@ def main(argv):
     if cfg.eval_only or cfg.translate:
         return evaluate_or_translate(cfg, corpus, device, passed)
     model, kind, model_args, space, fixed_arch = build_model(cfg, corpus, passed)
-    check_fits(corpus, cfg, model.max_len, resumed)  # every limit checked before anything is written
+    data_id = dict(vocab=dict(src=corpus.src_vocab.itos, tgt=corpus.tgt_vocab.itos), data_hash=corpus_hash(corpus))
+    check_fits(corpus, cfg, model.max_len, resumed, data_id["data_hash"])  # every limit, before anything is written
     model.to(device)
     optimizer = make_optimizer(model, cfg)
     step, epoch, batch_in_epoch, seconds_before = 0, 0, 0, 0.0  # where training stands; a resumed run's from ckpt
@@ -317,7 +318,7 @@ def main(argv):
 
     def save(path=out_dir / "ckpt.pt"):
         """The whole state of the run as it stands, to resume exactly."""
-        save_run(path, model, optimizer, kind, model_args, cfg, corpus, step, epoch, batch_in_epoch, train_seconds())
+        save_run(path, model, optimizer, kind, model_args, cfg, data_id, step, epoch, batch_in_epoch, train_seconds())
 
     def validate():
         """Valid loss (and BLEU) of the representative subnets, logged."""
@@ -472,14 +473,14 @@ def open_run_folder(out_dir: Path, cfg: TrainConfig, resumed):
     write_json(out_dir / "config.json", asdict(cfg))
 
 
-def check_fits(corpus, cfg: TrainConfig, max_len: int, resumed):
+def check_fits(corpus, cfg: TrainConfig, max_len: int, resumed, data_hash: str):
     """The limits a run meets, checked before it writes anything: a resumed run continues on the corpus it trained
     on (its vocabularies and sentences), every sentence fits the model's position table, every training sentence a
     batch of --max_tokens."""
     path = Path(cfg.out_dir) / "ckpt.pt"
     if resumed:
         check_vocab(resumed, corpus, path)
-        if resumed.get("data_hash", corpus_hash(corpus)) != corpus_hash(corpus):
+        if resumed.get("data_hash", data_hash) != data_hash:  # checkpoints from before the hash have none
             raise SystemExit(f"error: checkpoint {path} was trained on other sentences than data {corpus.name!r} "
                              f"holds now (prepared again?); pass the --data_dir it was trained on, or --overwrite=True")
     for split, sides in corpus.splits.items():
@@ -501,14 +502,14 @@ def corpus_hash(corpus) -> str:
     return digest.hexdigest()
 
 
-def save_run(path, model, optimizer, kind, model_args, cfg, corpus, step, epoch, batch_in_epoch, train_seconds):
-    """ckpt.pt: a plain dict of the model, optimizer, settings and data position; never non-finite weights."""
+def save_run(path, model, optimizer, kind, model_args, cfg, data_id, step, epoch, batch_in_epoch, train_seconds):
+    """ckpt.pt: a plain dict of the model, optimizer, settings, data position and the data it trains on (data_id:
+    the vocabularies and the hash of the training sentences, computed once per run); never non-finite weights."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):  # never overwrite a good checkpoint
         raise SystemExit(f"error: the weights are not finite at step {step}; kept the last checkpoint {path}")
     save_checkpoint(dict(kind=kind, model=model.state_dict(), model_args=model_args, config=asdict(cfg),
                          optimizer=optimizer.state_dict(), step=step, data=dict(epoch=epoch, batch=batch_in_epoch),
-                         vocab=dict(src=corpus.src_vocab.itos, tgt=corpus.tgt_vocab.itos), data_hash=corpus_hash(corpus),
-                         train_seconds=train_seconds, torch_version=str(torch.__version__)), path)
+                         **data_id, train_seconds=train_seconds, torch_version=str(torch.__version__)), path)
 
 
 class Meter:
@@ -764,7 +765,7 @@ def load_checkpoint(path, device="cpu", kinds=KINDS, resume=False) -> dict:
     """A checkpoint loaded safely (data/files.load_file: weights_only=True), then checked by checkpoint_problem():
     anything but a whole, uncorrupted checkpoint of one of `kinds` stops with one line naming the first problem.
     resume=True also requires what a resumed run needs (optimizer state, data position)."""
-    ckpt = load_file(path)
+    ckpt = load_file(path, device)
     problem = checkpoint_problem(ckpt, kinds, resume)
     if problem:
         raise SystemExit(f"error: checkpoint {path} {problem}")

@@ -139,7 +139,7 @@ def claim_folder(folder, command: str, inputs: dict, overwrite=False, refuse_if=
     again = f"give another folder or pass --overwrite=True to delete what {folder} holds first"
     if old and not isinstance(owner, dict):
         raise SystemExit(f"error: {folder} holds files of another run ({', '.join(p.name for p in old[:3])}); {again}")
-    stored = owner["inputs"] if owner else inputs
+    stored = owner.get("inputs", {}) if owner else inputs
     changed = [k for k in sorted(set(stored) | set(inputs)) if json.dumps(stored.get(k)) != json.dumps(inputs.get(k))]
     if owner and owner.get("command") != command:
         raise SystemExit(f"error: {folder} holds a {owner.get('command')} run, not a {command} one; {again}")

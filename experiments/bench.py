@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python experiments/bench.py` finds the core
 import mos  # noqa: E402
 from data.batching import TokenBatcher, collate, remove_bpe  # noqa: E402
-from data.prepare import load_data  # noqa: E402
 from data.files import writable_folder, write_json  # noqa: E402
+from data.prepare import load_data  # noqa: E402
 from mos import SPACES, SuperTransformer  # noqa: E402
 from train import (check_settings, evaluate, get_device, load_checkpoint, model_from_checkpoint,  # noqa: E402
                    parse_settings, token_loss, translate_ids)

@@ -58,12 +58,12 @@ import latency  # noqa: E402
 import search  # noqa: E402
 import train  # noqa: E402
 from data.batching import TokenBatcher, collate  # noqa: E402
-from data.prepare import load_data  # noqa: E402
 from data.files import (append_jsonl, atomic_open, lock_folder, read_json, read_jsonl, releases_locks,  # noqa: E402
                         write_json)
 from experiments.gap import ARMS, inherited_scores, paired_test, read_lines  # noqa: E402
 from experiments.latency_checks import measure_interleaved, spread  # noqa: E402
 from experiments.reproduce import TOY_LATENCY, TOY_SEARCH, train_stage  # noqa: E402
+from data.prepare import load_data  # noqa: E402
 from mos import PAD, SPACES, ArchConfig, Transformer  # noqa: E402
 
 # -----------------------------------------------------------------------------

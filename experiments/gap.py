@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python exper
 import mos  # noqa: E402
 import train  # noqa: E402
 from data.batching import TokenBatcher, remove_bpe  # noqa: E402
-from data.prepare import load_data  # noqa: E402
 from data.files import atomic_open, lock_folder, read_json, releases_locks, write_json  # noqa: E402
 from experiments.reproduce import train_stage  # noqa: E402
 from latency import kendall_tau, machine, measure_latency  # noqa: E402
+from data.prepare import load_data  # noqa: E402
 from mos import SPACES, ArchConfig, Transformer  # noqa: E402
 
 # -----------------------------------------------------------------------------
