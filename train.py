@@ -76,7 +76,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     clip: float = 25.0  # gradient-norm clip (fairseq default); 0 = off
-    bf16: bool | None = None  # bfloat16 autocast for forward passes; None: on where it runs natively (fast_bf16)
+    bf16: bool | None = None  # bfloat16 autocast for forward passes; None: the faster here, timed at the start
     # evaluation and output
     out_dir: str = "out"
     eval_interval: int = 500  # steps between validations (each also writes ckpt.pt)
@@ -242,15 +242,39 @@ def train_step(model, batch, archs, cfg: TrainConfig) -> list:
     return losses
 
 
+class SmoothedCrossEntropy(torch.autograd.Function):
+    """Summed label-smoothed cross-entropy of logits z (N, V) against targets y (N,), pad rows left out, with its
+    gradient written out: d loss / d z = softmax(z) - q, q = (1 - eps) * onehot(y) + eps / V. The numbers of
+    F.cross_entropy(label_smoothing=eps), but the backward reuses the forward's one (N, V) buffer in place; torch's
+    allocates and zero-fills several, a third of a CPU training step at a small vocabulary (experiments/bench.py)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, eps):
+        logp = logits.log_softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # (N, V), bf16 -> fp32
+        real = (target != PAD).to(logp.dtype)  # (N,)
+        nll, smooth = -logp.gather(1, target[:, None])[:, 0], -logp.mean(-1)  # (N,) each
+        ctx.save_for_backward(logp, target, real)
+        ctx.eps, ctx.dtype = eps, logits.dtype
+        return (((1 - eps) * nll + eps * smooth) * real).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        logp, target, real = ctx.saved_tensors
+        g = logp.exp_()  # softmax(z), in the saved buffer (backward runs once)
+        g -= ctx.eps / g.size(1)
+        g[torch.arange(g.size(0), device=g.device), target] -= 1 - ctx.eps
+        g *= real[:, None] * grad  # pad rows get no gradient
+        return g.to(ctx.dtype), None, None
+
+
 def token_loss(logits, tgt_out, label_smoothing, soft_targets=None):
     """Summed label-smoothed cross-entropy over the non-pad target tokens (nats); with soft_targets (B, T, V),
     the cross-entropy against that distribution instead (in-place distillation)."""
+    if soft_targets is None:
+        return SmoothedCrossEntropy.apply(logits.flatten(0, 1), tgt_out.flatten(), label_smoothing)  # (B*T, V)
     logits = logits.float().flatten(0, 1)  # (B, T, V) -> (B*T, V)
     mask = tgt_out.flatten() != PAD
-    if soft_targets is not None:
-        return -(soft_targets.flatten(0, 1)[mask] * logits[mask].log_softmax(-1)).sum()
-    return F.cross_entropy(logits, tgt_out.flatten(), ignore_index=PAD, label_smoothing=label_smoothing,
-                           reduction="sum")
+    return -(soft_targets.flatten(0, 1)[mask] * logits[mask].log_softmax(-1)).sum()
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -306,6 +330,12 @@ def main(argv):
     batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], cfg.max_tokens, seed=cfg.seed,
                            rank=rank, world_size=world)
     out_dir = Path(cfg.out_dir)
+    if cfg.bf16 is None:  # unset: the faster precision here, timed on the first batch
+        first = [x.to(device) for x in collate(src, tgt, batcher.batches(epoch)[0])]
+        bf16, why = faster_precision(model, first, space.largest() if fixed_arch is None else None, cfg, ddp)
+        cfg = replace(cfg, bf16=bf16)
+        if master:
+            print(f"precision {why}")
     if master:
         open_run_folder(out_dir, cfg, resumed)
         print(f"{kind} ({cfg.router} x{cfg.num_experts} experts)" if kind == "supernet" else f"standalone {fixed_arch}",
@@ -408,7 +438,7 @@ def start_ranks(cfg: TrainConfig):
 
 def settings_of_run(cfg: TrainConfig, passed: dict, master: bool):
     """(settings, checkpoint to resume or None): with --resume the stored settings win and the command line may only
-    change how long and how often (RUNTIME_SETTINGS). Checked, with bf16=None resolved for this machine."""
+    change how long and how often (RUNTIME_SETTINGS). Checked; bf16=None is decided later (faster_precision)."""
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     if cfg.resume and cfg.overwrite:
         raise SystemExit("error: --resume=True continues the run in out_dir, --overwrite=True deletes it; pass one")
@@ -420,12 +450,31 @@ def settings_of_run(cfg: TrainConfig, passed: dict, master: bool):
         cfg = TrainConfig(**{**resumed["config"], **{k: getattr(cfg, k) for k in passed if k in RUNTIME_SETTINGS},
                              "resume": True, "overwrite": False})  # a run started with --overwrite is kept now
     check_settings(cfg)
-    if cfg.bf16 is None:
-        cfg = replace(cfg, bf16=fast_bf16())
-    elif cfg.bf16 and not fast_bf16():
+    if cfg.bf16 and not fast_bf16():
         print("warning: --bf16=True where bf16 is not native (a CPU without AVX-512 BF16/AMX, or such a GPU): emulated "
               "bf16 can be ~100x slower than fp32 here; --bf16=False is faster", file=sys.stderr)
     return cfg, resumed
+
+
+def faster_precision(model, batch, arch, cfg: TrainConfig, ddp: bool):
+    """--bf16 unset: (bf16?, why), timing a training step of `arch` on `batch` in fp32 and in bf16 autocast,
+    interleaved, after a warm-up of each (seconds). Emulated bf16 (~100x slower than fp32) is not timed. Weights,
+    gradients and the random state are left as they were; every data-parallel rank takes rank 0's answer."""
+    if not fast_bf16():
+        return False, "fp32: this device has no native bf16 (no AVX-512 BF16/AMX, or a GPU without bf16)"
+    seconds = {False: [], True: []}
+    with torch.random.fork_rng(devices=[batch[0].device] if batch[0].is_cuda else []):
+        for bf16 in (False, True) * 3:  # the first round warms up
+            t = time.perf_counter()
+            train_step(model, batch, [arch], replace(cfg, bf16=bf16))  # .item() inside waits for a GPU
+            seconds[bf16].append(time.perf_counter() - t)
+            model.zero_grad(set_to_none=True)
+    fp32, bf16 = min(seconds[False][1:]), min(seconds[True][1:])
+    answer = [bf16 < fp32]
+    if ddp:
+        dist.broadcast_object_list(answer, src=0)
+    return answer[0], (f"{'bf16 autocast' if answer[0] else 'fp32'}, the faster here: a step of the largest subnet "
+                       f"took {fp32:.2f} s in fp32, {bf16:.2f} s in bf16 (--bf16=True/False forces one)")
 
 
 def build_model(cfg: TrainConfig, corpus, passed):
@@ -713,6 +762,7 @@ def evaluate_or_translate(cfg, corpus, device, passed=()):
     --translate: translate lines of tokenised, BPE'd (for the real corpora) source text to stdout."""
     if not cfg.init:
         raise SystemExit("error: --eval_only/--translate need --init=CHECKPOINT")
+    cfg = replace(cfg, bf16=bool(cfg.bf16))  # decoding runs in fp32 unless --bf16=True
     ckpt = load_checkpoint(cfg.init, device)
     check_vocab(ckpt, corpus, cfg.init)
     check_same(ckpt["config"], cfg, [k for k in passed if k in MODEL_SETTINGS], cfg.init)

@@ -1,10 +1,14 @@
 """
 Benchmarks, measured side by side in one run (nanoGPT's bench.py, grown a little). Prints a table and writes
-experiments/results/bench.json (the committed evidence; give --out=out_bench/bench.json for a trial run):
+experiments/results/bench.json (the committed evidence; give --out=out_bench/bench.json for a trial run), with the
+CPU model and its avx2/avx512f/avx512_bf16/amx_bf16 flags:
+  0. a peer: torch's own nn.Transformer at the largest subnet's size, trained on the same batch, fp32 and bf16,
+     against mos's extracted subnet and its supernet path; and the precision train.py picks when --bf16 is unset;
   1. training throughput (target tokens/s) of the CPU preset's sandwich step, and model FLOPs utilisation against
      this machine's own matmul peak measured in the same run (fp32, and bf16);
   2. step time of layer-wise and neuron-wise MoS against plain weight sharing, same arch and batch (ratio);
-  3. decoding: beam search with the cache against without, sentences/s on a 1,000-sentence set; forward
+  3. decoding: beam search with the cache against without, sentences/s on a 1,000-sentence set (30 decoder steps
+     forced, so an untrained model's early EOS cannot shorten it), and the cached search in bf16; forward
      latency at batch 1 of the extracted subnet against the supernet path (routing and mixing on every call);
   4. peak memory of a training step for the largest subnet;
   5. time spent waiting on data per step.
@@ -25,6 +29,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python experiments/bench.py` finds the core
 import mos  # noqa: E402
@@ -32,8 +38,8 @@ from data.batching import TokenBatcher, collate, remove_bpe  # noqa: E402
 from data.files import writable_folder, write_json  # noqa: E402
 from data.prepare import load_data  # noqa: E402
 from mos import SPACES, SuperTransformer  # noqa: E402
-from train import (check_settings, evaluate, get_device, load_checkpoint, model_from_checkpoint,  # noqa: E402
-                   parse_settings, token_loss, translate_ids)
+from train import (TrainConfig, check_settings, evaluate, faster_precision, get_device, load_checkpoint,  # noqa: E402
+                   model_from_checkpoint, parse_settings, token_loss, translate_ids)
 
 
 @dataclass
@@ -103,6 +109,39 @@ def train_flops(arch, space, tgt_vocab, n_src, n_tgt):
     return 6 * ((enc + cross_kv) * n_src + dec * n_tgt)
 
 
+def cpu() -> dict:
+    """The CPU model and the instruction-set flags that decide fp32 and bf16 speed."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    return dict(model=name, flags=[f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags])
+
+
+class Peer(nn.Module):
+    """What a user might write instead of mos: torch's own nn.Transformer (post-norm, as mos) at one arch's size,
+    with embeddings, sinusoidal positions, embedding dropout and an output projection, as mos's Transformer has.
+    One width, head count and FFN width for every layer: the largest subnet's."""
+
+    def __init__(self, arch, V_src, V_tgt, dropout):
+        super().__init__()
+        C, self.dropout = arch.enc_embed_dim, dropout
+        self.src_embed, self.tgt_embed = nn.Embedding(V_src, C, padding_idx=mos.PAD), nn.Embedding(V_tgt, C, padding_idx=mos.PAD)
+        self.register_buffer("pos", mos.sinusoids(1024, C))  # (L, C)
+        self.core = nn.Transformer(C, arch.enc_heads[0], arch.enc_layers, arch.dec_layers, arch.enc_ffn_dims[0],
+                                   dropout, batch_first=True)
+        self.out = nn.Linear(C, V_tgt, bias=False)
+
+    def forward(self, src, tgt_in):
+        """Teacher-forced logits (B, T, V)."""
+        scale, (S, T) = self.pos.size(1) ** 0.5, (src.size(1), tgt_in.size(1))
+        x = F.dropout(self.src_embed(src) * scale + self.pos[:S], self.dropout, self.training)  # (B, S, C)
+        y = F.dropout(self.tgt_embed(tgt_in) * scale + self.pos[:T], self.dropout, self.training)  # (B, T, C)
+        pad = src == mos.PAD  # (B, S)
+        h = self.core(x, y, tgt_mask=nn.Transformer.generate_square_subsequent_mask(T), tgt_is_causal=True,
+                      src_key_padding_mask=pad, memory_key_padding_mask=pad)  # (B, T, C)
+        return self.out(h)
+
+
 def peak_rss_bytes():
     """Peak resident memory of this process so far (Linux VmHWM)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -132,10 +171,11 @@ def main(argv):
     batch_idx = max(batcher.batches(0), key=len)  # a full batch of typical length
     batch = [x.to(device) for x in collate(src, tgt, batch_idx)]
     n_src, n_tgt = int((batch[0] != mos.PAD).sum()), int((batch[2] != mos.PAD).sum())
-    report = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    report = {"cpu": cpu(), "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "space": space.name, "data": corpus.name, "batch_sentences": len(batch_idx),
               "batch_target_tokens": n_tgt}
-    print(f"device {device} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
+    print(f"{report['cpu']['model']} {' '.join(report['cpu']['flags'])} | device {device} | "
+          f"{torch.get_num_threads()} threads | torch {torch.__version__} | "
           f"batch {len(batch_idx)} sentences, {n_tgt} target tokens")
 
     models = {r: SuperTransformer(space, V_src, V_tgt, num_experts=1 if r == "none" else 2, router=r).to(device)
@@ -156,6 +196,43 @@ def main(argv):
             opt.zero_grad(set_to_none=True)
         return run
 
+    # ---- 0. the peer: the largest subnet's training step in torch's nn.Transformer, mos's extracted subnet (a plain
+    # mos.Transformer) and mos's supernet path, fp32 and bf16, one batch, interleaved
+    largest = space.largest()
+    peers = dict(peer=Peer(largest, V_src, V_tgt, models["neuron"].dropout).to(device),
+                 subnet=models["neuron"].subnet(largest).train().to(device), supernet=models["neuron"])
+    peer_opts = {k: torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.9, 0.98)) for k, m in peers.items()}
+
+    def peer_step(name, bf16):
+        """One training step of peers[name] on the batch: label-smoothed cross-entropy (torch's own for the peer)."""
+        model, opt, (s_, ti, to) = peers[name], peer_opts[name], batch
+
+        def run():
+            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                logits = model(s_, ti, largest) if name == "supernet" else model(s_, ti)  # (B, T, V)
+            if name == "peer":
+                loss = F.cross_entropy(logits.float().flatten(0, 1), to.flatten(), ignore_index=mos.PAD,
+                                       label_smoothing=0.1, reduction="sum")
+            else:
+                loss = token_loss(logits, to, 0.1)
+            (loss / n_tgt).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+    t = interleaved({f"{name}_{p}": peer_step(name, p == "bf16") for name in peers for p in ("fp32", "bf16")},
+                    device, s["repeats"], s["warmup"])
+    report["largest_step_seconds"] = t
+    report["vs_peer"] = {f"{name}_{p}": t[f"{name}_{p}"] / t[f"peer_{p}"] for name in ("subnet", "supernet")
+                         for p in ("fp32", "bf16")}
+    report["bf16_speedup"] = {name: t[f"{name}_fp32"] / t[f"{name}_bf16"] for name in peers}
+    for p in ("fp32", "bf16"):
+        print(f"largest subnet's step, {p}: nn.Transformer peer {t['peer_' + p] * 1e3:.0f} ms | mos extracted subnet "
+              f"{t['subnet_' + p] * 1e3:.0f} ms (x{report['vs_peer']['subnet_' + p]:.2f}, target <= 1) | supernet path "
+              f"{t['supernet_' + p] * 1e3:.0f} ms (x{report['vs_peer']['supernet_' + p]:.2f})")
+    bf16, why = faster_precision(models["neuron"], batch, largest, TrainConfig(), ddp=False)
+    report["default_precision"] = dict(bf16=bf16, reason=why)
+    print(f"train.py's default here: {why}")
+
     # ---- 2. MoS overhead: the same arch and batch, plain sharing vs layer-wise vs neuron-wise
     for name, arch in (("largest", space.largest()), ("smallest", space.smallest())):
         t = interleaved({r: step_fn(r, [arch]) for r in models}, device, s["repeats"], s["warmup"])
@@ -165,17 +242,21 @@ def main(argv):
               f"(x{t['layer'] / t['none']:.3f}) | neuron-wise {t['neuron'] * 1e3:.0f} ms (x{t['neuron'] / t['none']:.3f})"
               f"  target <= x1.10")
 
-    # ---- 1. throughput and MFU of the CPU preset's sandwich step (neuron-wise MoS), fp32 and bf16
+    # ---- 1. throughput and MFU of the CPU preset's sandwich step (neuron-wise MoS), fp32 and bf16, interleaved
     sandwich = [space.largest(), space.smallest(), space.sample(random.Random(s["seed"]))]
     flops = sum(train_flops(a, space, V_tgt, n_src, n_tgt) for a in sandwich)
-    for dtype, bf16 in (("fp32", False), ("bf16", True)):
-        secs = interleaved({"step": step_fn("neuron", sandwich, bf16)}, device, s["repeats"], s["warmup"])["step"]
+    t = interleaved({p: step_fn("neuron", sandwich, p == "bf16") for p in ("fp32", "bf16")}, device, s["repeats"],
+                    s["warmup"])
+    for dtype, secs in t.items():
         peak = matmul_peak(device, torch.float32 if dtype == "fp32" else torch.bfloat16)
         report[f"sandwich_{dtype}"] = dict(step_seconds=secs, target_tokens_per_s=n_tgt / secs,
                                            model_tflops=flops / secs / 1e12, peak_matmul_tflops=peak / 1e12,
                                            mfu=flops / secs / peak)
         print(f"sandwich step {dtype}: {secs * 1e3:.0f} ms | {n_tgt / secs:.0f} target tok/s | "
               f"{flops / secs / 1e12:.3f} TFLOP/s of a {peak / 1e12:.3f} TFLOP/s matmul peak = MFU {flops / secs / peak:.1%}")
+    report["sandwich_bf16_speedup"] = t["fp32"] / t["bf16"]
+    report["default_precision"]["faster_in_sandwich"] = report["default_precision"]["bf16"] == (t["bf16"] < t["fp32"])
+    print(f"sandwich step: bf16 x{t['fp32'] / t['bf16']:.2f} faster than fp32 (target >= 1.6)")
 
     # ---- 5. data waiting: building the batches (packing + collate) against the step itself
     t_data = statistics.median(timed(lambda: collate(src, tgt, batch_idx), device) for _ in range(20))
@@ -187,7 +268,6 @@ def main(argv):
           f"= {(t_data + t_epoch) / step_s:.2%} of a step (target < 5%)")
 
     # ---- 4. peak memory of a training step of the largest subnet
-    largest = space.largest()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         step_fn("neuron", [largest])()
@@ -207,17 +287,22 @@ def main(argv):
     order = sorted(range(len(test_src)), key=lambda i: len(test_src[i]))
     chunks = [collate(test_src, test_src, order[k:k + s["decode_batch"]])[0].to(device)
               for k in range(0, len(order), s["decode_batch"])]
-    fixed = dict(beam=s["beam"], max_len_a=0.0, max_len_b=30)  # 30 output tokens, as the acceptance states
+    fixed = dict(beam=s["beam"], max_len_a=0.0, max_len_b=30, min_len=29)  # exactly 30 decoder steps (mos.beam_search)
 
-    def decode_all(cache):
-        return lambda: [mos.beam_search(subnet, c, use_cache=cache, **fixed) for c in chunks]
-    t = interleaved({"cached": decode_all(True), "uncached": decode_all(False)}, device, 1, 0)
+    def decode_all(cache, bf16=False):
+        def run():
+            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                return [mos.beam_search(subnet, c, use_cache=cache, **fixed) for c in chunks]
+        return run
+    t = interleaved({"cached": decode_all(True), "uncached": decode_all(False), "cached_bf16": decode_all(True, True)},
+                    device, 1, 0)
     n = len(test_src)
     report["beam_search"] = dict(sentences=n, batch=s["decode_batch"], beam=s["beam"], output_tokens=30,
                                  cached_sentences_per_s=n / t["cached"], uncached_sentences_per_s=n / t["uncached"],
-                                 speedup=t["uncached"] / t["cached"])
+                                 cached_bf16_sentences_per_s=n / t["cached_bf16"], speedup=t["uncached"] / t["cached"])
     print(f"beam {s['beam']}, 30 tokens, {n} sentences: cached {n / t['cached']:.1f} sent/s | uncached "
-          f"{n / t['uncached']:.1f} sent/s | x{t['uncached'] / t['cached']:.2f} (target >= 2)")
+          f"{n / t['uncached']:.1f} sent/s | x{t['uncached'] / t['cached']:.2f} (target >= 3) | cached in bf16 "
+          f"{n / t['cached_bf16']:.1f} sent/s")
     one_src = torch.randint(4, V_src, (1, 23), device=device)
     one_tgt = torch.randint(4, V_tgt, (1, 23), device=device)
     with torch.inference_mode():
