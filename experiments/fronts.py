@@ -58,9 +58,9 @@ import latency  # noqa: E402
 import search  # noqa: E402
 import train  # noqa: E402
 from data.batching import TokenBatcher, collate  # noqa: E402
-from data.files import (append_jsonl, atomic_open, lock_folder, read_json, read_jsonl, releases_locks,  # noqa: E402
-                        write_json)
-from experiments.gap import ARMS, inherited_scores, paired_test, read_lines  # noqa: E402
+from data.files import (append_jsonl, atomic_open, claim_folder, lock_folder, read_json, read_jsonl,  # noqa: E402
+                        releases_locks, write_json)
+from experiments.gap import ARMS, inherited_scores, paired_bootstrap, read_lines  # noqa: E402
 from experiments.latency_checks import measure_interleaved, spread  # noqa: E402
 from experiments.reproduce import TOY_LATENCY, TOY_SEARCH, train_stage  # noqa: E402
 from data.prepare import load_data  # noqa: E402
@@ -77,7 +77,7 @@ class FrontsConfig:
     gap: str = "experiments/results/gap"  # gap.py's folder: the supernets supernet_ARM_sSEED and the panel
     out: str = "experiments/results/fronts"
     seed: int = 1338  # whose supernets are searched (one seed suffices here; see experiments/results/fronts/README.md)
-    arms: tuple = tuple(ARMS)
+    arms: tuple = ("hat", "neuron", "hat_sandwich", "layer")  # gap.py's ARMS but hat_flops (its fronts: not run)
     until: str = "all"  # latency: stage 1 only (a quiet machine) | supernets: up to 5a | scratch: up to 5b | all
     scratch: bool = True  # False: skip stage 5b in this run (stage 4 and the report take the scratch runs finished)
     percentiles: tuple = (25, 50, 75)  # the budgets: these percentiles of the random subnets' measured latencies
@@ -298,7 +298,8 @@ def budget_check(cfg, arm, rows, noise, sessions, refs, out) -> dict:
     for step in (0, cfg.finetune_steps[-1]):
         files = [out / f"finetune_{r['name']}" / f"hyps_test_step{step}.txt" for r in (lo, hi)]
         if all(f.exists() for f in files):
-            test = paired_test({"low": read_lines(files[0]), "high": read_lines(files[1])}, refs, cfg.noise_bootstrap)
+            test = paired_bootstrap({"low": read_lines(files[0]), "high": read_lines(files[1])}, refs,
+                                    cfg.noise_bootstrap)
             check[f"bleu_step{step}"] = dict(low=test["low"]["bleu"], high=test["high"]["bleu"],
                                              p_value=test["high"]["p_value"])
     return check
@@ -319,7 +320,7 @@ def retraining_check(cfg, rows, refs, out) -> list:
         systems = {"scratch": read_lines(scratch_hyps)}
         systems.update({f"ft {s}": read_lines(out / f"finetune_{r['name']}" / f"hyps_test_step{s}.txt")
                         for s in steps})
-        test = paired_test(systems, refs, cfg.noise_bootstrap)  # each finetuning point against the scratch run
+        test = paired_bootstrap(systems, refs, cfg.noise_bootstrap)  # each finetuning point against the scratch run
         target = r["scratch"][full]["bleu"]
         reached = [s for s in steps if r["finetune"][s]["bleu"] >= target]
         checks.append(dict(name=r["name"], arm=r["arm"], scratch_steps=full, scratch_bleu=target,
@@ -527,7 +528,8 @@ def main(argv):
         for w in winners[arm]:
             folder = out / f"finetune_{w['name']}"
             if not (folder / "results_step0.json").exists():
-                folder.mkdir(parents=True, exist_ok=True)
+                # train_curve's run folder (train.py's), with the step-0 scores beside its own files
+                claim_folder(folder, "train.py", {}, legacy=("config.json",))
                 write_json(folder / "arch.json", w["arch"])
                 result = train.evaluate(supernet.subnet(ArchConfig.from_dict(w["arch"])), corpus, "test",
                                         torch.device("cpu"), run.max_tokens, cfg.test_sentences, run.beam,
@@ -544,8 +546,7 @@ def main(argv):
 
     # 5b. the same archs from scratch (no supernet needed: the arms given, as soon as their winners are known)
     for w in rows if cfg.scratch else ():  # an arch that several winners share is trained from scratch once
-        folder = scratch_folder(out, w["arch"])
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = claim_folder(scratch_folder(out, w["arch"]), "train.py", {}, legacy=("config.json",))  # train.py's
         write_json(folder / "arch.json", w["arch"])
         train_curve(folder, [*train_flags, f"--arch={folder / 'arch.json'}"], cfg.scratch_steps)
     if cfg.until == "scratch":

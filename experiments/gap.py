@@ -5,6 +5,7 @@ HAT's weight sharing against MoS, on a fixed panel of architectures.
 
     python experiments/gap.py --data_source=../shared/data/multi30k/tok   # Multi30k, cpu_wide: many CPU hours
     python experiments/gap.py --until=panel                 # only stage 1: choose and write the panel
+    python experiments/gap.py --report_only=True            # only stage 4, from what is finished: trains nothing
     python experiments/gap.py --preset=toy --out=out_gap_toy   # the same stages on the synthetic task, a minute or two
     python -m experiments.gap --preset=toy --out=out_gap_toy   # the same, as a module
 
@@ -12,12 +13,14 @@ Stages (rerun the same command after a stop: a finished stage is skipped, a trai
 a half-scored supernet continues with its next arch):
   1. panel.json: K architectures stratified over the space's latency range, fixed before any supernet is scored;
   2. standalone/archI: each panel arch trained from scratch with one budget (train.py --arch), its translations kept;
-  3. supernet_ARM_sSEED: every arm (ARMS) for every seed, the same data, updates and recipe; right after each one,
-     inherited.json: every panel arch cut from it (no retraining), test loss and BLEU, translations kept;
+  3. supernet_ARM_sSEED: every arm (ARMS) for every seed, the same data and recipe, the same updates but for
+     hat_flops (PASS_MATCHED: the sandwich arms' subnet passes as updates); right after each one, inherited.json:
+     every panel arch cut from it (no retraining), test loss and BLEU, translations kept;
   4. gap.json, gap.md, gap.png: per arm, inherited against standalone: mean |gap|, Kendall tau and Spearman rho of the
-     two rankings with a bootstrap interval over archs, the arm's training cost, sacrebleu's paired bootstrap of
-     each arm against HAT and of the MoS arms against HAT with the sandwich rule (BASELINES), on the same archs.
-     Written after every scored supernet, so a partial run reports what it has.
+     two rankings with a bootstrap interval over archs, the arm's training cost, a paired bootstrap over source
+     sentences (paired_bootstrap) of each arm against HAT and against HAT with the sandwich rule (BASELINES), on the
+     same archs. Written after every scored supernet, so a partial run reports what it has (a seed with no scored
+     supernet yet is left out).
 Settings are the GapConfig fields, changed with --key=value as in train.py. The default --out is the committed
 evidence, experiments/results/gap (give a toy run an out*/ folder); checkpoints (*.pt) stay out of git.
 """
@@ -31,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sacrebleu.metrics import BLEU
-from sacrebleu.significance import PairedTest
+from sacrebleu.significance import estimate_ci
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python experiments/gap.py` finds the core
@@ -52,9 +55,13 @@ ARMS = {  # the supernets compared, as train.py flags (the order they train in: 
     "neuron": ("--router=neuron", "--num_experts=2", "--sampling=sandwich"),  # neuron-wise MoS
     "hat_sandwich": ("--router=none", "--num_experts=1", "--sampling=sandwich"),  # HAT's weights, MoS's sampling
     "layer": ("--router=layer", "--num_experts=2", "--sampling=sandwich"),  # layer-wise MoS
+    "hat_flops": ("--router=none", "--num_experts=1", "--sampling=random"),  # HAT for the sandwich's subnet passes
 }
+PASS_MATCHED = ("hat_flops",)  # given a sandwich arm's subnet passes as updates (arm_flags): what compute alone buys
 BASELINES = ("hat", "hat_sandwich")  # the paired test: every arm against HAT (the paper's baseline), then the rest
-# against HAT with MoS's sampling (the same updates and subnets per update, so the router is the only difference)
+# against HAT with MoS's sampling (for the MoS arms the router is the only difference; for hat_flops, the sampling
+# rule at equal subnet passes)
+BOOTSTRAP_SEED = 12345  # sacrebleu's default SACREBLEU_SEED: with one decode per sentence, its paired test exactly
 STAGES = ("panel", "standalone")  # --until: stop after this stage (default: all)
 PANEL_SEED = 0  # the random candidates the panel is chosen from
 CI = (2.5, 97.5)  # percentiles of the bootstrap interval
@@ -68,9 +75,10 @@ class GapConfig:
     space: str = "cpu_wide"
     panel_size: int = 8  # K archs; the space's smallest and largest are always two of them
     candidates: int = 64  # random archs whose latency is measured to choose the panel from
-    seeds: tuple = (1337, 1338)  # every arm is trained once per seed (initialisation, data order, sampled subnets)
+    seeds: tuple = (1337, 1338, 1339)  # each arm trained once per seed (initialisation, data order, sampled subnets)
     arms: tuple = tuple(ARMS)
     until: str = "all"  # panel | standalone | all
+    report_only: bool = False  # only stage 4, from the finished runs' files: trains, measures and scores nothing
     test_sentences: int = 0  # BLEU on the first N test sentences; 0 = all
     bootstrap: int = 1000  # resamples for the intervals over archs and for the paired test
     latency_warmup: int = 5  # the panel's latency measurement (latency.measure_latency, beam protocol)
@@ -83,9 +91,10 @@ class GapConfig:
 PRESETS = {
     "multi30k": dict(),
     # the synthetic task on the tiny space: the whole pipeline in about a minute (tests)
-    "toy": dict(space="tiny", panel_size=4, candidates=12, test_sentences=30, bootstrap=100, latency_warmup=1,
-                latency_iters=2, threads=1, extra=("--preset=toy", "--max_steps=30", "--bleu_sentences=-1",
-                                                   "--save_interval=0", "--eval_interval=1000")),
+    "toy": dict(space="tiny", panel_size=4, candidates=12, seeds=(1337, 1338), test_sentences=30, bootstrap=100,
+                latency_warmup=1, latency_iters=2, threads=1,
+                extra=("--preset=toy", "--max_steps=30", "--bleu_sentences=-1", "--save_interval=0",
+                       "--eval_interval=1000")),
 }
 
 
@@ -137,6 +146,13 @@ def choose_panel(cfg: GapConfig, corpus, path: Path) -> list:
 
 # -----------------------------------------------------------------------------
 # Stages 2 and 3: training, and scoring the panel with inherited weights
+
+
+def arm_flags(arm: str, run: train.TrainConfig) -> list:
+    """train.py flags of an arm, for runs of `run`'s settings. A PASS_MATCHED arm (one random subnet per update) gets
+    as many updates as a sandwich arm makes subnet passes: max_steps x (largest + smallest + n_random)."""
+    steps = [f"--max_steps={run.max_steps * (2 + run.n_random)}"] if arm in PASS_MATCHED else []
+    return [*ARMS[arm], *steps]
 
 
 def inherited_scores(folder: Path, panel) -> tuple:
@@ -223,19 +239,38 @@ def gap_statistics(inherited, standalone, n_boot: int, seed=0) -> dict:
     return stats
 
 
-def paired_test(systems: dict, refs: list, n_samples: int) -> dict:
-    """sacrebleu's paired bootstrap over the concatenated translations of the panel: each system against the first
-    (the baseline). systems: name -> list of BPE'd lines; refs: the matching references. Returns name -> result."""
-    text = lambda lines: [remove_bpe(line) for line in lines]
+def paired_bootstrap(systems: dict, refs: list, n_samples: int) -> dict:
+    """Paired bootstrap over source sentences, each system against the first (the baseline). systems: name -> BPE'd
+    lines, K decodes of the N sentences of `refs` one block after the other (K x N lines: the panel's K archs).
+    A resample draws N sentences with replacement and keeps a sentence's K decodes together, so K correlated decodes
+    count as one draw, not K (the line-level test over K x N lines overstates the evidence). BLEU of a resample:
+    sacrebleu's, from the summed per-line statistics (on the full set, corpus_score of the K x N lines). p-value and
+    95% interval as sacrebleu's paired bootstrap (significance._paired_bs_test, after Koehn 2004): with d the real
+    BLEU difference and d_i a resample's, p = (1 + #{|d_i| - mean |d_i| > |d|}) / (1 + n_samples), and the interval
+    estimate_ci's; with K = 1 (one decode per sentence) it is sacrebleu's test to the digit. Returns
+    name -> dict(bleu, p_value (None for the baseline), ci: half the 95% interval's width)."""
+    base, n = next(iter(systems)), len(refs)
     for name, lines in systems.items():
-        if len(lines) != len(refs):
-            raise SystemExit(f"error: {name} has {len(lines)} translations for {len(refs)} references; score the "
-                             f"same sentences (--test_sentences) everywhere")
-    named = [(name, text(lines)) for name, lines in systems.items()]
-    _, scores = PairedTest(named, {"BLEU": BLEU(tokenize="none", force=True)}, [text(refs)], test_type="bs",
-                           n_samples=n_samples)()
-    return {name: dict(bleu=float(r.score), p_value=None if r.p_value is None else float(r.p_value),
-                       ci=float(r.ci)) for (name, _), r in zip(named, scores["BLEU"])}
+        if len(lines) != len(systems[base]) or len(lines) % n or not lines:
+            raise SystemExit(f"error: {name} has {len(lines)} translations for {n} references ({base} has "
+                             f"{len(systems[base])}); score the same sentences (--test_sentences) everywhere")
+    k, metric = len(systems[base]) // n, BLEU(tokenize="none", force=True)
+    text = lambda lines: [remove_bpe(line) for line in lines]
+    stats = {name: np.array(metric._extract_corpus_statistics(text(lines), [text(refs) * k]))  # (K*N, D) counts
+             for name, lines in systems.items()}  # D = lengths + matches and totals per n-gram order
+    bleu = {name: metric._compute_score_from_stats(s.sum(0).tolist()).score for name, s in stats.items()}
+    per_sentence = {name: s.reshape(k, n, -1).sum(0).astype("float32") for name, s in stats.items()}  # (N, D),
+    # float32 as sacrebleu's resamples (exact for these counts)
+    draws = np.random.default_rng(BOOTSTRAP_SEED).choice(n, size=(n_samples, n), replace=True)  # sacrebleu's draw
+    boot = {name: np.array([metric._compute_score_from_stats(s[i].sum(0)).score for i in draws])  # (n_samples,)
+            for name, s in per_sentence.items()}
+    out = {}
+    for name in systems:
+        diffs = np.abs(boot[name] - boot[base])  # (n_samples,)
+        p = (np.sum(diffs - diffs.mean() > abs(bleu[name] - bleu[base])) + 1) / (n_samples + 1)
+        out[name] = dict(bleu=float(bleu[name]), p_value=None if name == base else float(p),
+                         ci=float(estimate_ci(boot[name])[1]))
+    return out
 
 
 def paired_groups(arms) -> dict:
@@ -271,7 +306,7 @@ def report(out: Path, cfg: GapConfig, panel, corpus):
                                                                        cfg.bootstrap))
             for (arm, seed), r in runs.items()]
     n_test = cfg.test_sentences or len(corpus.refs["test"])
-    refs = corpus.refs["test"][:n_test] * len(names)
+    refs = corpus.refs["test"][:n_test]  # each arm's hyps: the panel's len(names) archs, one block each
     paired = {}  # seed -> baseline -> arm -> result
     for seed in cfg.seeds:  # the arms of one seed, decoding the same archs, against each baseline
         hyps = {arm: [line for n in names for line in read_lines(out / f"supernet_{arm}_s{seed}" /
@@ -279,14 +314,17 @@ def report(out: Path, cfg: GapConfig, panel, corpus):
                 for arm in cfg.arms if (arm, seed) in runs}  # each arm's files read once, for every baseline
         groups = paired_groups(list(hyps))
         if groups:
-            paired[seed] = {base: paired_test({arm: hyps[arm] for arm in (base, *others)}, refs, cfg.bootstrap)
+            paired[seed] = {base: paired_bootstrap({arm: hyps[arm] for arm in (base, *others)}, refs,
+                                                   cfg.bootstrap)
                             for base, others in groups.items()}
+    method = (f"paired bootstrap over source sentences, {cfg.bootstrap:,} resamples (the {n_test:,} test sentences "
+              f"drawn with replacement, each with its {len(names)} panel archs' decodes; p as sacrebleu's)")
     summary = summarise(rows, cfg.arms)
     write_json(out / "gap.json", dict(settings=asdict(cfg), panel=panel,  # (machines: panel.json, cost.json)
                                       standalone=standalone, runs=rows, per_arm=summary,
                                       inherited={f"{a}_s{s}": r["inherited"] for (a, s), r in runs.items()},
-                                      paired_bootstrap={str(s): p for s, p in paired.items()}))
-    write_markdown(out / "gap.md", panel, standalone, runs, rows, summary, paired)
+                                      paired_method=method, paired_bootstrap={str(s): p for s, p in paired.items()}))
+    write_markdown(out / "gap.md", panel, standalone, runs, rows, summary, paired, method)
     plot(out / "gap.png", panel, standalone, runs)
     return summary
 
@@ -311,7 +349,7 @@ def summarise(rows, arms) -> dict:
     return out
 
 
-def write_markdown(path: Path, panel, standalone, runs, rows, summary, paired):
+def write_markdown(path: Path, panel, standalone, runs, rows, summary, paired, method: str):
     """The tables of gap.md: per arm (mean over seeds, [min, max]), per run (the rankings' bootstrap intervals over
     archs), per arch, and the paired tests."""
     span = lambda s, f: f"{s['mean']:{f}} [{s['min']:{f}}, {s['max']:{f}}]"
@@ -342,10 +380,10 @@ def write_markdown(path: Path, panel, standalone, runs, rows, summary, paired):
                      + " | ".join(f"{runs[k]['inherited'][e['name']]['bleu']:.2f}" for k in keys) + " |")
     for seed, by_base in paired.items():
         for base, result in by_base.items():
-            lines += ["", f"Paired bootstrap (sacrebleu), seed {seed}, all panel archs' test translations "
-                          f"concatenated, against {base}: " + "; ".join(
-                              f"{n} {r['bleu']:.2f}" + ("" if r["p_value"] is None else f" (p = {r['p_value']:.4f})")
-                              for n, r in result.items())]
+            tested = "; ".join(f"{n} {r['bleu']:.2f}" + ("" if r["p_value"] is None else
+                                                          f" (p = {r['p_value']:.4f})") for n, r in result.items())
+            lines += ["", f"P{method[1:]}, seed {seed}, every panel arch's test translations, against {base}: "
+                          f"{tested}"]
     with atomic_open(path) as f:
         f.write("\n".join(lines) + "\n")
 
@@ -380,7 +418,7 @@ def plot(path: Path, panel, standalone, runs):
 
 @releases_locks
 def main(argv):
-    """Run every stage that has not finished, up to --until, then the report."""
+    """Run every stage that has not finished, up to --until, then the report (--report_only: the report alone)."""
     cfg = train.parse_settings(GapConfig, argv, presets=PRESETS)
     train.check_settings(cfg, dict(panel_size=2, candidates=1, latency_iters=1, threads=1),
                          dict(space=SPACES, until=(*STAGES, "all")))
@@ -394,14 +432,19 @@ def main(argv):
     run = train.parse_settings(train.TrainConfig, extra, presets=train.PRESETS)  # a bad train.py flag fails now
     out = Path(cfg.out)
     lock_folder(out)  # one writer per experiment folder
-    write_json(out / "settings.json", asdict(cfg))
+    path = out / "panel.json"
+    if cfg.report_only and not path.exists():
+        raise SystemExit(f"error: {path} not found: --report_only=True reports finished runs; run the stages first")
+    if not cfg.report_only:  # the settings of the command that trains (a report alone keeps them)
+        write_json(out / "settings.json", asdict(cfg))
     corpus = load_data(run.data, run.data_dir, run.data_source, run.seed)  # every model is scored on it
     threads = torch.get_num_threads()  # measure_latency pins its own count and restores it
 
     # 1. the panel, fixed before anything is trained
-    path = out / "panel.json"
     panel = read_json(path, "panel")["panel"] if path.exists() else choose_panel(cfg, corpus, path)
     print("panel: " + ", ".join(f"{e['name']} {e['latency_ms']:.1f} ms" for e in panel))
+    if cfg.report_only:
+        return report(out, cfg, panel, corpus)  # 4. alone
     if cfg.until == "panel":
         return panel
     torch.set_num_threads(threads)
@@ -420,7 +463,7 @@ def main(argv):
             if (folder / "cost.json").exists() and inherited_scores(folder, panel)[1]:
                 print(f"[done] {folder} (trained and scored)")
                 continue
-            train_stage(folder, [*train_flags, *ARMS[arm], f"--seed={seed}"])
+            train_stage(folder, [*train_flags, *arm_flags(arm, run), f"--seed={seed}"])
             score_inherited(folder, panel, corpus, cfg)
             if not (folder / "cost.json").exists():
                 write_json(folder / "cost.json", training_cost(train.load_checkpoint(folder / "ckpt.pt"), corpus))

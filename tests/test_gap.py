@@ -1,11 +1,13 @@
 """experiments/gap.py: the panel's stratification, the gap and ranking statistics on hand-made numbers, the paired
-test, the training cost, and the whole pipeline on the toy task."""
+test over source sentences, the arms' updates and training cost, and the whole pipeline on the toy task."""
 
 import json
 import math
 
 import numpy as np
 import pytest
+from sacrebleu.metrics import BLEU
+from sacrebleu.significance import PairedTest
 
 import latency
 import mos
@@ -58,13 +60,48 @@ def test_paired_test_finds_the_better_system():
     refs = ["a b c d e f", "g h i j k", "l m n o p q r"] * 20
     worse = ["a b x d e y", "g h i z k", "l m n o"] * 20
     close = worse[:-1] + ["l m n o p"]  # one sentence of 60 a little better
-    result = gap.paired_test({"base": worse, "better": list(refs), "close": close}, refs, n_samples=200)
+    result = gap.paired_bootstrap({"base": worse, "better": list(refs), "close": close}, refs, n_samples=200)
     assert result["base"]["p_value"] is None  # the baseline is not tested against itself
     assert result["better"]["bleu"] == pytest.approx(100.0) and result["base"]["bleu"] < 90
     assert result["better"]["p_value"] < 0.05 and result["close"]["p_value"] > 0.05
     assert result["base"]["bleu"] == pytest.approx(bleu_score(worse, refs)[0])
+    # one decode per sentence: sacrebleu's own paired bootstrap, every number
+    named = [("base", worse), ("better", list(refs)), ("close", close)]
+    _, scores = PairedTest(named, {"BLEU": BLEU(tokenize="none", force=True)}, [refs], test_type="bs",
+                           n_samples=200)()
+    for (name, _), r in zip(named, scores["BLEU"]):
+        assert (result[name]["bleu"], result[name]["p_value"], result[name]["ci"]) == (r.score, r.p_value, r.ci)
     with pytest.raises(SystemExit, match="59 translations for 60 references"):
-        gap.paired_test({"base": worse, "short": worse[:-1]}, refs, n_samples=10)
+        gap.paired_bootstrap({"base": worse, "short": worse[:-1]}, refs, n_samples=10)
+
+
+def test_paired_test_resamples_source_sentences_not_lines():
+    """K = 8 archs decoding 20 sentences alike: the line-level test takes the 160 lines as independent and finds a
+    difference that the 20 sentences do not support; resampled by sentence, it is the test of one decode each."""
+    refs = ["a b c d e f", "g h i j k", "l m n o p q r", "s t u v w"] * 5  # 20 sentences
+    base = ["a b x d e y", "g h i z k", "l m n o", "s t u v q"] * 5
+    better = base[:-3] + ["g h i j k", "l m n o p q", "s t u v q"]  # 2 of the 20 sentences better
+    k, systems = 8, {"base": base * 8, "better": better * 8}  # (K * N lines): each arch's block in turn
+    by_line = gap.paired_bootstrap(systems, refs * k, n_samples=1000)  # 160 "sentences"
+    by_sentence = gap.paired_bootstrap(systems, refs, n_samples=1000)  # 20 sentences, their 8 decodes together
+    one_decode = gap.paired_bootstrap({"base": base, "better": better}, refs, n_samples=1000)
+    assert by_line["better"]["p_value"] < 0.01 < 0.05 < by_sentence["better"]["p_value"]
+    assert by_sentence["better"]["p_value"] == pytest.approx(one_decode["better"]["p_value"])
+    assert by_sentence["better"]["ci"] > 2 * by_line["better"]["ci"]  # the interval of 20 draws, not of 160
+    for name, lines in systems.items():  # the full set's BLEU: sacrebleu's corpus BLEU of every line
+        corpus = BLEU(tokenize="none", force=True).corpus_score(lines, [refs * k]).score
+        assert by_sentence[name]["bleu"] == by_line[name]["bleu"] == corpus
+
+
+def test_concatenated_bleu_is_sacrebleus_corpus_score():
+    refs = ["a b c d e f", "g h i j k", "l m n o p q r"]
+    decodes = {"base": ["a b x d e y", "g h i z k", "l m n o", "a b c d e", "g h i j", "l m n o p q r"],
+               "other": ["a b c d e f", "g h k", "l m o p q r", "x b c d e f", "g h i j k", "l n o p q"]}
+    result = gap.paired_bootstrap(decodes, refs, n_samples=20)  # two archs' decodes of 3 sentences
+    for name, lines in decodes.items():
+        assert result[name]["bleu"] == BLEU(tokenize="none", force=True).corpus_score(lines, [refs * 2]).score
+    with pytest.raises(SystemExit, match="5 translations for 3 references"):
+        gap.paired_bootstrap({"base": decodes["base"][:5], "other": decodes["other"][:5]}, refs, n_samples=10)
 
 
 def test_paired_groups_test_mos_against_both_baselines():
@@ -74,6 +111,24 @@ def test_paired_groups_test_mos_against_both_baselines():
     assert gap.paired_groups(("neuron", "hat_sandwich", "layer")) == {"hat_sandwich": ["neuron", "layer"]}
     assert gap.paired_groups(("hat", "hat_sandwich")) == {"hat": ["hat_sandwich"]}  # nothing left for the second
     assert gap.paired_groups(("neuron", "layer")) == {}  # no baseline, no test
+    # the compute-matched HAT against both: more updates alone (hat), the sandwich rule at equal passes (hat_sandwich)
+    assert gap.paired_groups(tuple(gap.ARMS)) == {"hat": ["neuron", "hat_sandwich", "layer", "hat_flops"],
+                                                   "hat_sandwich": ["neuron", "layer", "hat_flops"]}
+
+
+def test_hat_flops_makes_the_sandwich_arms_subnet_passes_as_updates():
+    extra = ["--preset=toy", "--max_steps=30"]
+    run = parse_settings(TrainConfig, extra, presets=PRESETS)
+    for arm in gap.ARMS:  # only hat_flops gets its own update count; every other arm keeps the experiment's
+        cfg = parse_settings(TrainConfig, [*extra, *gap.arm_flags(arm, run)], presets=PRESETS)
+        assert cfg.max_steps == (90 if arm == "hat_flops" else 30)
+    cfg = parse_settings(TrainConfig, [*extra, *gap.arm_flags("hat_flops", run)], presets=PRESETS)
+    sandwich = parse_settings(TrainConfig, [*extra, *gap.arm_flags("hat_sandwich", run)], presets=PRESETS)
+    space = mos.SPACES["tiny"]
+    costs = [gap.training_cost(dict(config=vars(c), model_args=dict(space=space.to_dict()), step=c.max_steps,
+                                    train_seconds=1.0), make_toy_corpus(seed=0)) for c in (cfg, sandwich)]
+    assert costs[0]["updates"] == costs[0]["subnet_passes"] == costs[1]["subnet_passes"] == 90
+    assert gap.arm_flags("hat_flops", TrainConfig())[-1] == "--max_steps=4500"  # Multi30k: 3 x 1,500
 
 
 def test_training_cost_counts_the_sampled_subnets():
@@ -145,3 +200,10 @@ def test_gap_pipeline_on_the_toy_task(tmp_path):
     for ckpt in out.glob("supernet_*/ckpt.pt"):
         ckpt.unlink()
     assert gap.main(flags) == summary
+
+    # the report alone, asked for an arm and a seed with no run yet: it reports what there is and trains nothing
+    settings = (out / "settings.json").read_text()
+    again = gap.main([*flags, "--arms=['hat','neuron','hat_flops']", "--seeds=[1,2,3]", "--report_only=True"])
+    assert again == summary and not list(out.glob("supernet_hat_flops_*")) + list(out.glob("supernet_*_s3"))
+    assert set(json.loads((out / "gap.json").read_text())["paired_bootstrap"]) == {"1", "2"}
+    assert (out / "settings.json").read_text() == settings  # the settings of the command that trained
