@@ -291,9 +291,9 @@ def dropout(x, p: float, training: bool):
 
 def attend(q, k, v, mask=None, causal=False):
     """softmax(q k^T / sqrt(D)) v for queries (B, h, T, D) and keys/values (B, h, S, D); mask (B, 1, 1, S) or
-    (T, S) is True where attention is allowed; causal: the square causal mask. On a GPU this is torch's fused
-    kernel; on a CPU the formula itself, whose bf16 backward is much faster than torch's CPU flash kernel."""
-    if q.is_cuda:
+    (T, S) is True where attention is allowed; causal: the square causal mask. Torch's fused kernel on a GPU and
+    without a backward; when a CPU trains, the formula: its bf16 backward is ~2x torch's CPU kernel's (bench.py)."""
+    if q.is_cuda or not q.requires_grad:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, h, T, D)
     scores = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)  # (B, h, T, S)
     if causal:

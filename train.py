@@ -762,7 +762,7 @@ def evaluate_or_translate(cfg, corpus, device, passed=()):
     --translate: translate lines of tokenised, BPE'd (for the real corpora) source text to stdout."""
     if not cfg.init:
         raise SystemExit("error: --eval_only/--translate need --init=CHECKPOINT")
-    cfg = replace(cfg, bf16=bool(cfg.bf16))  # decoding runs in fp32 unless --bf16=True
+    cfg = replace(cfg, bf16=fast_bf16() if cfg.bf16 is None else cfg.bf16)  # decoding: bf16 where native
     ckpt = load_checkpoint(cfg.init, device)
     check_vocab(ckpt, corpus, cfg.init)
     check_same(ckpt["config"], cfg, [k for k in passed if k in MODEL_SETTINGS], cfg.init)

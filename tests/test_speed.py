@@ -33,13 +33,20 @@ def qkv(B=3, h=4, T=5, S=7, D=16, seed=0):
 
 def test_cpu_attention_equals_torch_sdpa_for_every_mask_the_model_uses():
     q, k, v = qkv()
+    q.requires_grad_()  # a backward follows: the formula path (without one, attend is torch's kernel itself)
     pad = torch.ones(3, 1, 1, 7, dtype=torch.bool)
     pad[1, ..., 4:] = False  # a padded source sentence
     offset = torch.ones(5, 7, dtype=torch.bool).tril(2)  # 5 new positions after 2 cached ones
     for mask in (None, pad, offset):
         expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        assert (mos.attend(q, k, v, mask) - expected).abs().max() < 1e-5
+        ours = mos.attend(q, k, v, mask)
+        assert (ours - expected).abs().max() < 1e-5
+        (grad_ours,), (grad_torch,) = (torch.autograd.grad(y.square().sum(), q) for y in (ours, expected))
+        assert (grad_ours - grad_torch).abs().max() < 1e-4
+        with torch.no_grad():
+            assert (mos.attend(q, k, v, mask) - expected).abs().max() < 1e-5
     q, k, v = qkv(S=5)
+    q.requires_grad_()
     causal = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert (mos.attend(q, k, v, causal=True) - causal).abs().max() < 1e-5
     with torch.autocast("cpu", torch.bfloat16):
