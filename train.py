@@ -620,7 +620,7 @@ def average_gradients(model, world):
 
 def check_replicas(model, subnets, world, master, out_dir):
     """Data parallel: the replicas stayed in sync (same subnets every step, same weights at the end), or an error."""
-    digest = [float(sum(p.double().sum() for p in model.parameters())), hashlib.sha256(str(subnets).encode()).hexdigest()]
+    digest = [float(sum(p.data.double().sum() for p in model.parameters())), hashlib.sha256(str(subnets).encode()).hexdigest()]
     digests = [None] * world
     dist.all_gather_object(digests, digest)
     if master:
