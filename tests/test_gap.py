@@ -207,3 +207,32 @@ def test_gap_pipeline_on_the_toy_task(tmp_path):
     assert again == summary and not list(out.glob("supernet_hat_flops_*")) + list(out.glob("supernet_*_s3"))
     assert set(json.loads((out / "gap.json").read_text())["paired_bootstrap"]) == {"1", "2"}
     assert (out / "settings.json").read_text() == settings  # the settings of the command that trained
+
+
+def test_every_committed_gap_bleu_recomputes_from_its_translations():
+    """experiments/results/gap: each standalone run's and each supernet's per-arch test BLEU is what its committed
+    translations score against the Multi30k test references (../shared/data/multi30k), so no score stands without
+    the decodes behind it; and the report's per-seed concatenated BLEU is what the eight archs' files give."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    refs_path = root.parent / "shared" / "data" / "multi30k" / "tok" / "test_2016_flickr.lc.norm.tok.en"
+    if not refs_path.exists():
+        pytest.skip("../shared/data/multi30k/tok not present")
+    refs = refs_path.read_text(encoding="utf-8").splitlines()
+    folder = root / "experiments" / "results" / "gap"
+    report = json.loads((folder / "gap.json").read_text())
+    lines = lambda path: path.read_text(encoding="utf-8").splitlines()
+    checked = 0
+    for name, score in report["standalone"].items():
+        assert bleu_score(lines(folder / "standalone" / name / "hyps_test_model.txt"), refs)[0] == \
+            pytest.approx(score["bleu"], abs=1e-9)
+        checked += 1
+    for run, scores in report["inherited"].items():
+        hyps = {arch: lines(folder / f"supernet_{run}" / f"hyps_test_{arch}.txt") for arch in scores}
+        for arch, score in scores.items():
+            assert bleu_score(hyps[arch], refs)[0] == pytest.approx(score["bleu"], abs=1e-9), (run, arch)
+            checked += 1
+        arm, seed = run.rsplit("_s", 1)
+        concatenated = bleu_score([h for arch in sorted(hyps) for h in hyps[arch]], refs * len(hyps))[0]
+        assert concatenated == pytest.approx(report["paired_bootstrap"][seed]["hat"][arm]["bleu"], abs=1e-9), run
+    assert checked >= 8 * 11  # the standalone reference and at least ten scored supernets
