@@ -18,8 +18,8 @@ a half-scored supernet continues with its next arch):
      every panel arch cut from it (no retraining), test loss and BLEU, translations kept;
   4. gap.json, gap.md, gap.png: per arm, inherited against standalone: mean |gap|, Kendall tau and Spearman rho of the
      two rankings with a bootstrap interval over archs, the arm's training cost, a paired bootstrap over source
-     sentences (paired_bootstrap) of each arm against HAT and against HAT with the sandwich rule (BASELINES), on the
-     same archs. Written after every scored supernet, so a partial run reports what it has (a seed with no scored
+     sentences (paired_bootstrap) of each arm against HAT, against HAT with the sandwich rule and against HAT with
+     as many subnet passes (BASELINES), on the same archs; each arm's mean difference per seed (arm_differences). Written after every scored supernet, so a partial run reports what it has (a seed with no scored
      supernet yet is left out).
 Settings are the GapConfig fields, changed with --key=value as in train.py. The default --out is the committed
 evidence, experiments/results/gap (give a toy run an out*/ folder); checkpoints (*.pt) stay out of git.
@@ -58,9 +58,9 @@ ARMS = {  # the supernets compared, as train.py flags (the order they train in: 
     "hat_flops": ("--router=none", "--num_experts=1", "--sampling=random"),  # HAT for the sandwich's subnet passes
 }
 PASS_MATCHED = ("hat_flops",)  # given a sandwich arm's subnet passes as updates (arm_flags): what compute alone buys
-BASELINES = ("hat", "hat_sandwich")  # the paired test: every arm against HAT (the paper's baseline), then the rest
-# against HAT with MoS's sampling (for the MoS arms the router is the only difference; for hat_flops, the sampling
-# rule at equal subnet passes)
+BASELINES = ("hat", "hat_sandwich", "hat_flops")  # the paired test: every arm against HAT (the paper's baseline),
+# then the rest against HAT with MoS's sampling (for the MoS arms the router is the only difference; for hat_flops,
+# the sampling rule at equal subnet passes), then the MoS arms against HAT at equal subnet passes
 BOOTSTRAP_SEED = 12345  # sacrebleu's default SACREBLEU_SEED: with one decode per sentence, its paired test exactly
 STAGES = ("panel", "standalone")  # --until: stop after this stage (default: all)
 PANEL_SEED = 0  # the random candidates the panel is chosen from
@@ -285,6 +285,22 @@ def paired_groups(arms) -> dict:
     return groups
 
 
+def arm_differences(runs: dict, names) -> dict:
+    """baseline -> arm -> one record per seed where both ran: the mean over the panel archs of (arm - baseline)
+    inherited test BLEU and loss, and on how many archs the arm is ahead (higher BLEU, lower loss). Whether a claim
+    holds beyond the seed range is read off these: the same sign at every seed, and the smallest of them."""
+    out = {}
+    for base, others in paired_groups(sorted({a for a, _ in runs}, key=list(ARMS).index)).items():
+        for arm in others:
+            for seed in sorted({s for a, s in runs if a == arm and (base, s) in runs}):
+                a, b = runs[(arm, seed)]["inherited"], runs[(base, seed)]["inherited"]
+                bleu, loss = (np.array([a[n][k] - b[n][k] for n in names]) for k in ("bleu", "loss"))  # (archs,)
+                out.setdefault(base, {}).setdefault(arm, []).append(dict(
+                    seed=seed, bleu=float(bleu.mean()), loss=float(loss.mean()), archs=len(names),
+                    ahead_bleu=int((bleu > 0).sum()), ahead_loss=int((loss < 0).sum())))
+    return out
+
+
 def report(out: Path, cfg: GapConfig, panel, corpus):
     """gap.json, gap.md and gap.png from every finished standalone run and every fully scored supernet."""
     names = [e["name"] for e in panel]
@@ -319,12 +335,13 @@ def report(out: Path, cfg: GapConfig, panel, corpus):
                             for base, others in groups.items()}
     method = (f"paired bootstrap over source sentences, {cfg.bootstrap:,} resamples (the {n_test:,} test sentences "
               f"drawn with replacement, each with its {len(names)} panel archs' decodes; p as sacrebleu's)")
-    summary = summarise(rows, cfg.arms)
+    summary, differences = summarise(rows, cfg.arms), arm_differences(runs, names)
     write_json(out / "gap.json", dict(settings=asdict(cfg), panel=panel,  # (machines: panel.json, cost.json)
                                       standalone=standalone, runs=rows, per_arm=summary,
                                       inherited={f"{a}_s{s}": r["inherited"] for (a, s), r in runs.items()},
+                                      arm_differences=differences,
                                       paired_method=method, paired_bootstrap={str(s): p for s, p in paired.items()}))
-    write_markdown(out / "gap.md", panel, standalone, runs, rows, summary, paired, method)
+    write_markdown(out / "gap.md", panel, standalone, runs, rows, summary, paired, method, differences)
     plot(out / "gap.png", panel, standalone, runs)
     return summary
 
@@ -349,9 +366,9 @@ def summarise(rows, arms) -> dict:
     return out
 
 
-def write_markdown(path: Path, panel, standalone, runs, rows, summary, paired, method: str):
+def write_markdown(path: Path, panel, standalone, runs, rows, summary, paired, method: str, differences=None):
     """The tables of gap.md: per arm (mean over seeds, [min, max]), per run (the rankings' bootstrap intervals over
-    archs), per arch, and the paired tests."""
+    archs), per arch, each arm against each baseline seed by seed, and the paired tests."""
     span = lambda s, f: f"{s['mean']:{f}} [{s['min']:{f}}, {s['max']:{f}}]"
     lines = ["| arm | seeds | mean abs gap BLEU | mean gap BLEU | mean abs gap loss | Kendall tau (BLEU) | "
              "Spearman rho (BLEU) | Kendall tau (loss) | subnet passes | train PFLOPs | mean train hours |",
@@ -378,6 +395,17 @@ def write_markdown(path: Path, panel, standalone, runs, rows, summary, paired, m
         lines.append(f"| {e['name']} | {e['latency_ms']:.1f} | {e['params'] / 1e6:.2f}M | "
                      f"{standalone[e['name']]['bleu']:.2f} | "
                      + " | ".join(f"{runs[k]['inherited'][e['name']]['bleu']:.2f}" for k in keys) + " |")
+    lines += ["", "Each arm against each baseline, seed by seed: the mean over the panel archs of (arm - baseline) "
+                  "inherited test BLEU and loss, and the archs on which the arm is ahead", "",
+              "| arm | against | per seed: BLEU (archs ahead) | per seed: loss, nats (archs lower) | same sign at every "
+              "seed (BLEU / loss) |", "|---|---|---|---|---|"]
+    for base, by_arm in (differences or {}).items():
+        for arm, per_seed in by_arm.items():
+            agree = lambda k: "yes" if len({d[k] > 0 for d in per_seed}) == 1 else "no"
+            lines.append(f"| {arm} | {base} | " + ", ".join(f"s{d['seed']} {d['bleu']:+.2f} ({d['ahead_bleu']}/"
+                         f"{d['archs']})" for d in per_seed) + " | " + ", ".join(
+                         f"s{d['seed']} {d['loss']:+.3f} ({d['ahead_loss']}/{d['archs']})" for d in per_seed)
+                         + f" | {agree('bleu')} / {agree('loss')} |")
     for seed, by_base in paired.items():
         for base, result in by_base.items():
             tested = "; ".join(f"{n} {r['bleu']:.2f}" + ("" if r["p_value"] is None else

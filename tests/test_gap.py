@@ -111,9 +111,11 @@ def test_paired_groups_test_mos_against_both_baselines():
     assert gap.paired_groups(("neuron", "hat_sandwich", "layer")) == {"hat_sandwich": ["neuron", "layer"]}
     assert gap.paired_groups(("hat", "hat_sandwich")) == {"hat": ["hat_sandwich"]}  # nothing left for the second
     assert gap.paired_groups(("neuron", "layer")) == {}  # no baseline, no test
-    # the compute-matched HAT against both: more updates alone (hat), the sandwich rule at equal passes (hat_sandwich)
+    # the compute-matched HAT against both: more updates alone (hat), the sandwich rule at equal passes (hat_sandwich);
+    # and the MoS arms against it (MoS against HAT at equal subnet passes)
     assert gap.paired_groups(tuple(gap.ARMS)) == {"hat": ["neuron", "hat_sandwich", "layer", "hat_flops"],
-                                                   "hat_sandwich": ["neuron", "layer", "hat_flops"]}
+                                                   "hat_sandwich": ["neuron", "layer", "hat_flops"],
+                                                   "hat_flops": ["neuron", "layer"]}
 
 
 def test_hat_flops_makes_the_sandwich_arms_subnet_passes_as_updates():
@@ -236,3 +238,19 @@ def test_every_committed_gap_bleu_recomputes_from_its_translations():
         concatenated = bleu_score([h for arch in sorted(hyps) for h in hyps[arch]], refs * len(hyps))[0]
         assert concatenated == pytest.approx(report["paired_bootstrap"][seed]["hat"][arm]["bleu"], abs=1e-9), run
     assert checked >= 8 * 11  # the standalone reference and at least ten scored supernets
+
+
+def test_arm_differences_per_seed_on_hand_made_scores():
+    """Each arm against each baseline at every seed both ran: mean (arm - baseline) over archs, archs ahead."""
+    names = ["a0", "a1"]
+    score = lambda b0, b1, l0, l1: dict(inherited={"a0": dict(bleu=b0, loss=l0), "a1": dict(bleu=b1, loss=l1)})
+    runs = {("hat", 1): score(20, 30, 3.0, 2.0), ("hat_sandwich", 1): score(25, 29, 2.5, 2.1),
+            ("layer", 1): score(26, 31, 2.4, 2.0), ("hat_sandwich", 2): score(24, 30, 2.6, 2.0),
+            ("layer", 2): score(23, 30, 2.5, 2.1)}  # no hat at seed 2
+    d = gap.arm_differences(runs, names)
+    assert list(d) == ["hat", "hat_sandwich"] and list(d["hat"]) == ["hat_sandwich", "layer"]
+    assert d["hat"]["layer"] == [dict(seed=1, bleu=3.5, loss=pytest.approx(-0.3), archs=2, ahead_bleu=2,
+                                      ahead_loss=1)]
+    assert [r["seed"] for r in d["hat_sandwich"]["layer"]] == [1, 2]
+    assert d["hat_sandwich"]["layer"][0]["bleu"] == 1.5 and d["hat_sandwich"]["layer"][1]["bleu"] == -0.5
+    assert d["hat_sandwich"]["layer"][1]["ahead_bleu"] == 0 and d["hat_sandwich"]["layer"][1]["ahead_loss"] == 1
