@@ -19,8 +19,9 @@ a half-scored supernet continues with its next arch):
   4. gap.json, gap.md, gap.png: per arm, inherited against standalone: mean |gap|, Kendall tau and Spearman rho of the
      two rankings with a bootstrap interval over archs, the arm's training cost, a paired bootstrap over source
      sentences (paired_bootstrap) of each arm against HAT, against HAT with the sandwich rule and against HAT with
-     as many subnet passes (BASELINES), on the same archs; each arm's mean difference per seed (arm_differences). Written after every scored supernet, so a partial run reports what it has (a seed with no scored
-     supernet yet is left out).
+     as many subnet passes (BASELINES), on the same archs; each arm's mean difference per seed (arm_differences).
+     Written after every scored supernet, so a partial run reports what it has (a seed with no scored supernet yet
+     is left out).
 Settings are the GapConfig fields, changed with --key=value as in train.py. The default --out is the committed
 evidence, experiments/results/gap (give a toy run an out*/ folder); checkpoints (*.pt) stay out of git.
 """
@@ -366,7 +367,7 @@ def summarise(rows, arms) -> dict:
     return out
 
 
-def write_markdown(path: Path, panel, standalone, runs, rows, summary, paired, method: str, differences=None):
+def write_markdown(path: Path, panel, standalone, runs, rows, summary, paired, method: str, differences):
     """The tables of gap.md: per arm (mean over seeds, [min, max]), per run (the rankings' bootstrap intervals over
     archs), per arch, each arm against each baseline seed by seed, and the paired tests."""
     span = lambda s, f: f"{s['mean']:{f}} [{s['min']:{f}}, {s['max']:{f}}]"
@@ -397,9 +398,9 @@ def write_markdown(path: Path, panel, standalone, runs, rows, summary, paired, m
                      + " | ".join(f"{runs[k]['inherited'][e['name']]['bleu']:.2f}" for k in keys) + " |")
     lines += ["", "Each arm against each baseline, seed by seed: the mean over the panel archs of (arm - baseline) "
                   "inherited test BLEU and loss, and the archs on which the arm is ahead", "",
-              "| arm | against | per seed: BLEU (archs ahead) | per seed: loss, nats (archs lower) | same sign at every "
-              "seed (BLEU / loss) |", "|---|---|---|---|---|"]
-    for base, by_arm in (differences or {}).items():
+              "| arm | against | per seed: BLEU (archs ahead) | per seed: loss, nats (archs lower) | "
+              "same sign at every seed (BLEU / loss) |", "|---|---|---|---|---|"]
+    for base, by_arm in differences.items():
         for arm, per_seed in by_arm.items():
             agree = lambda k: "yes" if len({d[k] > 0 for d in per_seed}) == 1 else "no"
             lines.append(f"| {arm} | {base} | " + ", ".join(f"s{d['seed']} {d['bleu']:+.2f} ({d['ahead_bleu']}/"

@@ -3,6 +3,7 @@ test over source sentences, the arms' updates and training cost, and the whole p
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,7 +216,6 @@ def test_every_committed_gap_bleu_recomputes_from_its_translations():
     """experiments/results/gap: each standalone run's and each supernet's per-arch test BLEU is what its committed
     translations score against the Multi30k test references (../shared/data/multi30k), so no score stands without
     the decodes behind it; and the report's per-seed concatenated BLEU is what the eight archs' files give."""
-    from pathlib import Path
     root = Path(__file__).resolve().parent.parent
     refs_path = root.parent / "shared" / "data" / "multi30k" / "tok" / "test_2016_flickr.lc.norm.tok.en"
     if not refs_path.exists():
@@ -223,8 +223,7 @@ def test_every_committed_gap_bleu_recomputes_from_its_translations():
     refs = refs_path.read_text(encoding="utf-8").splitlines()
     folder = root / "experiments" / "results" / "gap"
     report = json.loads((folder / "gap.json").read_text())
-    lines = lambda path: path.read_text(encoding="utf-8").splitlines()
-    checked = 0
+    lines, checked = gap.read_lines, 0
     for name, score in report["standalone"].items():
         assert bleu_score(lines(folder / "standalone" / name / "hyps_test_model.txt"), refs)[0] == \
             pytest.approx(score["bleu"], abs=1e-9)
