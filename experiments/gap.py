@@ -19,9 +19,10 @@ a half-scored supernet continues with its next arch):
   4. gap.json, gap.md, gap.png: per arm, inherited against standalone: mean |gap|, Kendall tau and Spearman rho of the
      two rankings with a bootstrap interval over archs, the arm's training cost, a paired bootstrap over source
      sentences (paired_bootstrap) of each arm against HAT, against HAT with the sandwich rule and against HAT with
-     as many subnet passes (BASELINES), on the same archs; each arm's mean difference per seed (arm_differences).
-     Written after every scored supernet, so a partial run reports what it has (a seed with no scored supernet yet
-     is left out).
+     as many subnet passes, and layer-wise against neuron-wise MoS (BASELINES), on the same archs; each arm's mean
+     difference per seed (arm_differences) and whether it holds beyond the seed range (seed_range). Written after
+     every scored supernet, from every scored supernet in the folder (whatever --arms and --seeds ask for now), so
+     a partial run reports what it has and a rerun of one seed keeps the others.
 Settings are the GapConfig fields, changed with --key=value as in train.py. The default --out is the committed
 evidence, experiments/results/gap (give a toy run an out*/ folder); checkpoints (*.pt) stay out of git.
 """
@@ -59,9 +60,10 @@ ARMS = {  # the supernets compared, as train.py flags (the order they train in: 
     "hat_flops": ("--router=none", "--num_experts=1", "--sampling=random"),  # HAT for the sandwich's subnet passes
 }
 PASS_MATCHED = ("hat_flops",)  # given a sandwich arm's subnet passes as updates (arm_flags): what compute alone buys
-BASELINES = ("hat", "hat_sandwich", "hat_flops")  # the paired test: every arm against HAT (the paper's baseline),
-# then the rest against HAT with MoS's sampling (for the MoS arms the router is the only difference; for hat_flops,
-# the sampling rule at equal subnet passes), then the MoS arms against HAT at equal subnet passes
+BASELINES = ("hat", "hat_sandwich", "hat_flops", "neuron")  # the paired test: every arm against HAT (the paper's
+# baseline), then the rest against HAT with MoS's sampling (for the MoS arms the router is the only difference; for
+# hat_flops, the sampling rule at equal subnet passes), then the MoS arms against HAT at equal subnet passes, then
+# the two routers against each other
 BOOTSTRAP_SEED = 12345  # sacrebleu's default SACREBLEU_SEED: with one decode per sentence, its paired test exactly
 STAGES = ("panel", "standalone")  # --until: stop after this stage (default: all)
 PANEL_SEED = 0  # the random candidates the panel is chosen from
@@ -302,19 +304,41 @@ def arm_differences(runs: dict, names) -> dict:
     return out
 
 
+def seed_range(differences: dict, runs: dict, names) -> dict:
+    """baseline -> arm -> the reading of arm_differences fixed before the third seed (the gap README), for BLEU and
+    loss: a claim "arm differs from baseline" holds if the sign is the same at every seed, and holds beyond the seed
+    range if, besides, the smallest difference is larger than the baseline's own spread over those seeds (the largest
+    minus the smallest of its per-seed means over the archs). One seed has no range: it is never beyond."""
+    out = {}
+    for base, by_arm in differences.items():
+        for arm, per_seed in by_arm.items():
+            seeds = [d["seed"] for d in per_seed]
+            verdict = dict(seeds=len(seeds))
+            for key in ("bleu", "loss"):
+                own = [np.mean([runs[(base, s)]["inherited"][n][key] for n in names]) for s in seeds]  # (seeds,)
+                diffs = np.array([d[key] for d in per_seed])  # (seeds,)
+                same = bool((diffs > 0).all() or (diffs < 0).all())
+                smallest, spread = float(np.abs(diffs).min()), float(max(own) - min(own))
+                verdict[key] = dict(same_sign=same, smallest=smallest, baseline_spread=spread,
+                                    beyond=same and len(seeds) > 1 and smallest > spread)
+            out.setdefault(base, {})[arm] = verdict
+    return out
+
+
 def report(out: Path, cfg: GapConfig, panel, corpus):
-    """gap.json, gap.md and gap.png from every finished standalone run and every fully scored supernet."""
+    """gap.json, gap.md and gap.png from every finished standalone run and every fully scored supernet in the
+    folder, seed by seed and in the order of ARMS."""
     names = [e["name"] for e in panel]
     standalone = {n: read_json(out / "standalone" / n / "results.json", "results")["model"]
                   for n in names if (out / "standalone" / n / "results.json").exists()}
+    found = [f.name[len("supernet_"):].rpartition("_s") for f in out.glob("supernet_*_s*")]  # (arm, "_s", seed)
     runs = {}
-    summary = None
-    for seed in cfg.seeds:
-        for arm in cfg.arms:
-            folder = out / f"supernet_{arm}_s{seed}"
-            scored, complete = inherited_scores(folder, panel)
-            if complete and (folder / "cost.json").exists():
-                runs[(arm, seed)] = dict(inherited=scored, cost=read_json(folder / "cost.json", "cost"))
+    for arm, seed in sorted(((a, int(s)) for a, _, s in found if a in ARMS and s.isdigit()),
+                            key=lambda k: (k[1], list(ARMS).index(k[0]))):
+        folder = out / f"supernet_{arm}_s{seed}"
+        scored, complete = inherited_scores(folder, panel)
+        if complete and (folder / "cost.json").exists():
+            runs[(arm, seed)] = dict(inherited=scored, cost=read_json(folder / "cost.json", "cost"))
     if len(standalone) < len(names) or not runs:
         print(f"report: {len(standalone)}/{len(names)} standalone runs and {len(runs)} scored supernets so far")
         return None
@@ -324,11 +348,12 @@ def report(out: Path, cfg: GapConfig, panel, corpus):
             for (arm, seed), r in runs.items()]
     n_test = cfg.test_sentences or len(corpus.refs["test"])
     refs = corpus.refs["test"][:n_test]  # each arm's hyps: the panel's len(names) archs, one block each
+    arms, seeds = [a for a in ARMS if any(k[0] == a for k in runs)], sorted({s for _, s in runs})
     paired = {}  # seed -> baseline -> arm -> result
-    for seed in cfg.seeds:  # the arms of one seed, decoding the same archs, against each baseline
+    for seed in seeds:  # the arms of one seed, decoding the same archs, against each baseline
         hyps = {arm: [line for n in names for line in read_lines(out / f"supernet_{arm}_s{seed}" /
                                                                   f"hyps_test_{n}.txt")]
-                for arm in cfg.arms if (arm, seed) in runs}  # each arm's files read once, for every baseline
+                for arm in arms if (arm, seed) in runs}  # each arm's files read once, for every baseline
         groups = paired_groups(list(hyps))
         if groups:
             paired[seed] = {base: paired_bootstrap({arm: hyps[arm] for arm in (base, *others)}, refs,
@@ -336,13 +361,14 @@ def report(out: Path, cfg: GapConfig, panel, corpus):
                             for base, others in groups.items()}
     method = (f"paired bootstrap over source sentences, {cfg.bootstrap:,} resamples (the {n_test:,} test sentences "
               f"drawn with replacement, each with its {len(names)} panel archs' decodes; p as sacrebleu's)")
-    summary, differences = summarise(rows, cfg.arms), arm_differences(runs, names)
+    summary, differences = summarise(rows, arms), arm_differences(runs, names)
+    verdicts = seed_range(differences, runs, names)
     write_json(out / "gap.json", dict(settings=asdict(cfg), panel=panel,  # (machines: panel.json, cost.json)
                                       standalone=standalone, runs=rows, per_arm=summary,
                                       inherited={f"{a}_s{s}": r["inherited"] for (a, s), r in runs.items()},
-                                      arm_differences=differences,
+                                      arm_differences=differences, seed_range=verdicts,
                                       paired_method=method, paired_bootstrap={str(s): p for s, p in paired.items()}))
-    write_markdown(out / "gap.md", panel, standalone, runs, rows, summary, paired, method, differences)
+    write_markdown(out / "gap.md", panel, standalone, runs, rows, summary, paired, method, differences, verdicts)
     plot(out / "gap.png", panel, standalone, runs)
     return summary
 
@@ -367,9 +393,9 @@ def summarise(rows, arms) -> dict:
     return out
 
 
-def write_markdown(path: Path, panel, standalone, runs, rows, summary, paired, method: str, differences):
+def write_markdown(path: Path, panel, standalone, runs, rows, summary, paired, method: str, differences, verdicts):
     """The tables of gap.md: per arm (mean over seeds, [min, max]), per run (the rankings' bootstrap intervals over
-    archs), per arch, each arm against each baseline seed by seed, and the paired tests."""
+    archs), per arch, each arm against each baseline seed by seed with its seed-range verdict, the paired tests."""
     span = lambda s, f: f"{s['mean']:{f}} [{s['min']:{f}}, {s['max']:{f}}]"
     lines = ["| arm | seeds | mean abs gap BLEU | mean gap BLEU | mean abs gap loss | Kendall tau (BLEU) | "
              "Spearman rho (BLEU) | Kendall tau (loss) | subnet passes | train PFLOPs | mean train hours |",
@@ -383,11 +409,12 @@ def write_markdown(path: Path, panel, standalone, runs, rows, summary, paired, m
     ci = lambda r, key: f"{r[key]:.2f} [{r[key + '_ci'][0]:.2f}, {r[key + '_ci'][1]:.2f}]" if r[key + "_ci"] else \
         f"{r[key]:.2f}"
     lines += ["", "Per run, with 95% bootstrap intervals over the panel's archs", "",
-              "| arm | seed | mean abs gap BLEU | Kendall tau (BLEU) | Spearman rho (BLEU) | Kendall tau (loss) | "
-              "Spearman rho (loss) | train hours | machine |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['arm']} | {r['seed']} | {r['mean_abs_gap_bleu']:.2f} | {ci(r, 'kendall_bleu')} | "
-              f"{ci(r, 'spearman_bleu')} | {ci(r, 'kendall_loss')} | {ci(r, 'spearman_loss')} | "
-              f"{r['train_seconds'] / 3600:.2f} | {r.get('machine', 'not recorded')} |" for r in rows]
+              "| arm | seed | mean abs gap BLEU | mean abs gap loss | Kendall tau (BLEU) | Spearman rho (BLEU) | "
+              "Kendall tau (loss) | Spearman rho (loss) | train hours | machine |", "|---" * 10 + "|"]
+    lines += [f"| {r['arm']} | {r['seed']} | {r['mean_abs_gap_bleu']:.2f} | {r['mean_abs_gap_loss']:.3f} | "
+              f"{ci(r, 'kendall_bleu')} | {ci(r, 'spearman_bleu')} | {ci(r, 'kendall_loss')} | "
+              f"{ci(r, 'spearman_loss')} | {r['train_seconds'] / 3600:.2f} | {r.get('machine', 'not recorded')} |"
+              for r in rows]
     keys = sorted(runs, key=lambda k: (list(summary).index(k[0]), k[1]))
     lines += ["", "Test BLEU per panel arch: standalone, then inherited from each supernet (arm_sSEED)", "",
               "| arch | latency ms | params | standalone | " + " | ".join(f"{a}_s{s}" for a, s in keys) + " |",
@@ -397,16 +424,22 @@ def write_markdown(path: Path, panel, standalone, runs, rows, summary, paired, m
                      f"{standalone[e['name']]['bleu']:.2f} | "
                      + " | ".join(f"{runs[k]['inherited'][e['name']]['bleu']:.2f}" for k in keys) + " |")
     lines += ["", "Each arm against each baseline, seed by seed: the mean over the panel archs of (arm - baseline) "
-                  "inherited test BLEU and loss, and the archs on which the arm is ahead", "",
+                  "inherited test BLEU and loss, and the archs on which the arm is ahead; the smallest |difference| "
+                  "against the baseline's own spread over the seeds (seed_range)", "",
               "| arm | against | per seed: BLEU (archs ahead) | per seed: loss, nats (archs lower) | "
-              "same sign at every seed (BLEU / loss) |", "|---|---|---|---|---|"]
+              "same sign at every seed (BLEU / loss) | smallest vs baseline's spread: BLEU; loss | "
+              "beyond the seed range (BLEU / loss) |", "|---|---|---|---|---|---|---|"]
+    yes = lambda flag: "yes" if flag else "no"
     for base, by_arm in differences.items():
         for arm, per_seed in by_arm.items():
-            agree = lambda k: "yes" if len({d[k] > 0 for d in per_seed}) == 1 else "no"
+            v = verdicts[base][arm]
             lines.append(f"| {arm} | {base} | " + ", ".join(f"s{d['seed']} {d['bleu']:+.2f} ({d['ahead_bleu']}/"
                          f"{d['archs']})" for d in per_seed) + " | " + ", ".join(
                          f"s{d['seed']} {d['loss']:+.3f} ({d['ahead_loss']}/{d['archs']})" for d in per_seed)
-                         + f" | {agree('bleu')} / {agree('loss')} |")
+                         + f" | {yes(v['bleu']['same_sign'])} / {yes(v['loss']['same_sign'])} | "
+                         f"{v['bleu']['smallest']:.2f} vs {v['bleu']['baseline_spread']:.2f}; "
+                         f"{v['loss']['smallest']:.3f} vs {v['loss']['baseline_spread']:.3f} | "
+                         f"{yes(v['bleu']['beyond'])} / {yes(v['loss']['beyond'])} |")
     for seed, by_base in paired.items():
         for base, result in by_base.items():
             tested = "; ".join(f"{n} {r['bleu']:.2f}" + ("" if r["p_value"] is None else

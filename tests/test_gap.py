@@ -108,15 +108,17 @@ def test_concatenated_bleu_is_sacrebleus_corpus_score():
 def test_paired_groups_test_mos_against_both_baselines():
     # the router's own effect is MoS against hat_sandwich (same sampling); every arm is also tested against hat
     assert gap.paired_groups(("hat", "neuron", "hat_sandwich", "layer")) == {
-        "hat": ["neuron", "hat_sandwich", "layer"], "hat_sandwich": ["neuron", "layer"]}
-    assert gap.paired_groups(("neuron", "hat_sandwich", "layer")) == {"hat_sandwich": ["neuron", "layer"]}
+        "hat": ["neuron", "hat_sandwich", "layer"], "hat_sandwich": ["neuron", "layer"], "neuron": ["layer"]}
+    assert gap.paired_groups(("neuron", "hat_sandwich", "layer")) == {"hat_sandwich": ["neuron", "layer"],
+                                                                       "neuron": ["layer"]}
     assert gap.paired_groups(("hat", "hat_sandwich")) == {"hat": ["hat_sandwich"]}  # nothing left for the second
-    assert gap.paired_groups(("neuron", "layer")) == {}  # no baseline, no test
+    assert gap.paired_groups(("neuron", "layer")) == {"neuron": ["layer"]}  # the two routers, against each other
+    assert gap.paired_groups(("neuron", "hat_flops")) == {"hat_flops": ["neuron"]}  # a baseline, tested once
     # the compute-matched HAT against both: more updates alone (hat), the sandwich rule at equal passes (hat_sandwich);
     # and the MoS arms against it (MoS against HAT at equal subnet passes)
     assert gap.paired_groups(tuple(gap.ARMS)) == {"hat": ["neuron", "hat_sandwich", "layer", "hat_flops"],
                                                    "hat_sandwich": ["neuron", "layer", "hat_flops"],
-                                                   "hat_flops": ["neuron", "layer"]}
+                                                   "hat_flops": ["neuron", "layer"], "neuron": ["layer"]}
 
 
 def test_hat_flops_makes_the_sandwich_arms_subnet_passes_as_updates():
@@ -210,6 +212,11 @@ def test_gap_pipeline_on_the_toy_task(tmp_path):
     assert again == summary and not list(out.glob("supernet_hat_flops_*")) + list(out.glob("supernet_*_s3"))
     assert set(json.loads((out / "gap.json").read_text())["paired_bootstrap"]) == {"1", "2"}
     assert (out / "settings.json").read_text() == settings  # the settings of the command that trained
+    # the report covers every scored run in the folder: a rerun that names one arm and one seed keeps the others
+    results = lambda: {k: v for k, v in json.loads((out / "gap.json").read_text()).items() if k != "settings"}
+    before = results()
+    assert gap.main([*flags, "--arms=['hat']", "--seeds=[2]", "--report_only=True"]) == summary
+    assert results() == before  # (its settings record the command that wrote it)
 
 
 def test_every_committed_gap_bleu_recomputes_from_its_translations():
@@ -253,3 +260,22 @@ def test_arm_differences_per_seed_on_hand_made_scores():
     assert [r["seed"] for r in d["hat_sandwich"]["layer"]] == [1, 2]
     assert d["hat_sandwich"]["layer"][0]["bleu"] == 1.5 and d["hat_sandwich"]["layer"][1]["bleu"] == -0.5
     assert d["hat_sandwich"]["layer"][1]["ahead_bleu"] == 0 and d["hat_sandwich"]["layer"][1]["ahead_loss"] == 1
+
+
+def test_seed_range_reads_the_differences_as_fixed_before_the_third_seed():
+    """Same sign at every seed: holds; and the smallest difference above the baseline's own spread over the seeds
+    (largest minus smallest of its per-seed mean over archs): beyond the seed range. One seed is never beyond."""
+    names = ["a0", "a1"]
+    score = lambda b0, b1, l0, l1: dict(inherited={"a0": dict(bleu=b0, loss=l0), "a1": dict(bleu=b1, loss=l1)})
+    runs = {("hat_sandwich", 1): score(20, 30, 2.0, 2.0), ("hat_sandwich", 2): score(21, 30, 2.0, 2.2),  # spread 0.5
+            ("layer", 1): score(21, 31, 1.9, 2.0), ("layer", 2): score(21.4, 30.2, 2.05, 2.2),  # BLEU +1, +0.3
+            ("hat", 1): score(10, 20, 3.0, 3.0), ("neuron", 1): score(12, 20, 2.9, 3.0)}  # one seed
+    verdicts = gap.seed_range(gap.arm_differences(runs, names), runs, names)
+    v = verdicts["hat_sandwich"]["layer"]
+    assert v["seeds"] == 2 and v["bleu"]["same_sign"] and not v["bleu"]["beyond"]  # +0.3 within the 0.5 spread
+    assert v["bleu"]["smallest"] == pytest.approx(0.3) and v["bleu"]["baseline_spread"] == pytest.approx(0.5)
+    assert not v["loss"]["same_sign"] and not v["loss"]["beyond"]  # -0.05 then +0.025
+    runs[("layer", 2)] = score(22, 30.2, 1.9, 2.1)  # BLEU +0.6 at seed 2: now beyond the 0.5 spread
+    assert gap.seed_range(gap.arm_differences(runs, names), runs, names)["hat_sandwich"]["layer"]["bleu"]["beyond"]
+    one = verdicts["hat"]["neuron"]
+    assert one["seeds"] == 1 and one["bleu"]["same_sign"] and not one["bleu"]["beyond"]  # +1 at one seed: no range
