@@ -279,7 +279,7 @@ def paired_bootstrap(systems: dict, refs: list, n_samples: int) -> dict:
 def paired_groups(arms) -> dict:
     """baseline -> the arms paired-tested against it: for each of BASELINES that ran, every other arm except the
     baselines before it (they were already tested against it). ("hat", "neuron", "hat_sandwich", "layer") gives
-    hat: neuron, hat_sandwich, layer and hat_sandwich: neuron, layer."""
+    hat: neuron, hat_sandwich, layer; hat_sandwich: neuron, layer; and neuron: layer."""
     groups = {}
     for i, base in enumerate(BASELINES):
         others = [arm for arm in arms if arm not in BASELINES[:i + 1]]
@@ -291,7 +291,7 @@ def paired_groups(arms) -> dict:
 def arm_differences(runs: dict, names) -> dict:
     """baseline -> arm -> one record per seed where both ran: the mean over the panel archs of (arm - baseline)
     inherited test BLEU and loss, and on how many archs the arm is ahead (higher BLEU, lower loss). Whether a claim
-    holds beyond the seed range is read off these: the same sign at every seed, and the smallest of them."""
+    holds beyond the seed range is read off these by seed_range."""
     out = {}
     for base, others in paired_groups(sorted({a for a, _ in runs}, key=list(ARMS).index)).items():
         for arm in others:
