@@ -39,11 +39,12 @@ from torch import nn
 from tqdm import tqdm
 
 import mos
-from data.files import (append_jsonl, atomic_open, brief, lock_file, read_json, releases_locks, writable_folder,
-                        write_json)
-from mos import EOS, FEATURE_NAMES, SPACES, Transformer
-from train import (check_settings, get_device, load_checkpoint, model_from_checkpoint, need, parse_settings, resolve_arch,
-                   run)
+from mos import EOS, FEATURE_NAMES, SPACES, ArchConfig, Transformer
+from runs.files import append_jsonl, atomic_open, brief, read_json, releases_locks, write_json
+from runs.folders import claim_file, is_jsonl_of, is_png
+from runs.settings import check_settings, get_device, need, parse_settings
+from runs.signals import run
+from train import load_checkpoint, model_from_checkpoint, resolve_arch
 
 SRC_LEN = TGT_LEN = 23  # HAT: the mean IWSLT sentence length (30 for WMT)
 BEAM = 5  # fairseq's default beam, which HAT's latency runs (and MoS's gold latency) use
@@ -53,9 +54,13 @@ TRIM = 0.1  # HAT's statistic drops the fastest and the slowest 10% of the runs
 BUSY_LOAD = 0.5  # runnable processes beyond our own threads (1-minute load average) that make a figure suspect
 SPLIT = (0.7, 0.15)  # predictor data: train / valid (picks linear or MLP) / test (the rest, reported)
 MLP_WIDTH, MLP_HIDDEN_LAYERS, MLP_BATCH = 400, 3, 128  # HAT's latency_predictor.py: 10 -> 400 -> 3 x 400 -> 1
-# a dataset's columns (files from before the protocol column timed HAT's protocol)
-HEADER = ["space", "arch", *FEATURE_NAMES, "median_ms", "trimmed_mean_ms", "iqr_ms", "encoder_ms", "threads", "iters",
-          "protocol"]
+# a dataset's columns: the subnet, its features, its latency and every setting of the protocol that timed it
+SETTINGS = ["threads", "iters", "protocol", "beam", "src_len", "tgt_len", "warmup", "device"]
+HEADER = ["space", "arch", *FEATURE_NAMES, "median_ms", "trimmed_mean_ms", "iqr_ms", "encoder_ms", *SETTINGS]
+# files from before every setting was stored (their first columns are HEADER's): read by `fit` as they are, never
+# appended to; the oldest has no protocol column and timed HAT's protocol
+OLD_HEADERS = (HEADER[:HEADER.index("protocol") + 1], HEADER[:HEADER.index("protocol")])
+MIN_SUBNETS = 12  # distinct subnets `fit` needs: train / valid / test two each at least, and a tau on each
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -91,9 +96,11 @@ class LatencyConfig:
     seed: int = 0
 
 
-# the settings' checks (train.check_settings): numbers >= 0 but these, and the choices
-BOUNDS = dict(src_vocab=5, tgt_vocab=5, threads=1, src_len=1, tgt_len=1, beam=1, iters=1, repeats=1, n=1, mlp_steps=1)
+# the settings' checks (runs.settings.check_settings): numbers finite and >= 0 but these, and the choices
+BOUNDS = dict(src_vocab=5, tgt_vocab=5, threads=1, src_len=1, tgt_len=1, beam=1, iters=1, repeats=1, n=1, mlp_steps=1,
+              mlp_lr="(0, inf)")
 CHOICES = dict(space=SPACES, protocol=PROTOCOLS)
+COMMANDS = ("measure", "depth", "dataset", "fit")
 
 
 # -----------------------------------------------------------------------------
@@ -195,10 +202,9 @@ def subnet_maker(cfg: LatencyConfig):
     return space, make
 
 
-def protocol(cfg: LatencyConfig) -> dict:
-    """measure_latency's keyword arguments from the settings."""
-    return dict(src_len=cfg.src_len, tgt_len=cfg.tgt_len, beam=cfg.beam, warmup=cfg.warmup, iters=cfg.iters,
-                device=cfg.device, threads=cfg.threads, protocol=cfg.protocol)
+def protocol_args(cfg: LatencyConfig) -> dict:
+    """measure_latency's keyword arguments from the settings (SETTINGS, in that order)."""
+    return {name: getattr(cfg, name) for name in SETTINGS}
 
 
 def with_dec_layers(arch, n):
@@ -211,7 +217,7 @@ def measure_repeated(cfg, make, arch, label) -> dict:
     """measure_latency `repeats` times; prints each, returns the median of the medians and their spread."""
     model, runs = make(arch), []
     for i in range(cfg.repeats):
-        runs.append(r := measure_latency(model, **protocol(cfg)))
+        runs.append(r := measure_latency(model, **protocol_args(cfg)))
         print(f"{label} run {i + 1}: median {r['median_ms']:.1f} ms | trimmed mean {r['trimmed_mean_ms']:.1f} | "
               f"IQR {r['iqr_ms']:.1f} | encoder {r['encoder_ms']:.1f}")
     medians = [r["median_ms"] for r in runs]
@@ -283,15 +289,16 @@ def fit_predictor(X, y, cfg: LatencyConfig):
 
 
 def read_latency_csv(path):
-    """(features (n, 10), latency ms (n,), space name, protocol) from a dataset CSV of `latency.py dataset` (files
-    from before the protocol column timed HAT's protocol), checked in full: finite features, positive finite
-    latencies, every row of one space and one protocol. Anything else is a one-line error."""
+    """(features (n, 10), latency ms (n,), space name, protocol) from a dataset CSV of `latency.py dataset`, checked
+    in full: finite features, positive finite latencies, every row of one space, one protocol and the same protocol
+    settings (SETTINGS; a file from before they were all stored is checked on those it has). Else one line."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
         X = np.array([[float(r[n]) for n in FEATURE_NAMES] for r in rows])  # (n, 10)
         y = np.array([float(r["median_ms"]) for r in rows])  # (n,)
-        kinds = {(r["space"], r.get("protocol") or "hat") for r in rows}
+        kinds = {(r["space"], r.get("protocol") or "hat", *(r.get(k) for k in SETTINGS if k != "protocol"))
+                 for r in rows}
         need(rows, "no rows")
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # missing, empty, not UTF-8, other columns
         raise SystemExit(f"error: cannot read latency CSV {path} ({brief(e, 100)}); give one that "
@@ -299,9 +306,11 @@ def read_latency_csv(path):
     bad = [i for i in range(len(rows)) if not (np.isfinite(X[i]).all() and np.isfinite(y[i]) and y[i] > 0)]
     if bad or len(kinds) > 1:
         problem = (f"row {bad[0] + 2} has a non-finite feature or a latency that is not a positive number "
-                   f"({y[bad[0]]} ms)" if bad else f"rows of several spaces or protocols {sorted(kinds)}")
+                   f"({y[bad[0]]} ms)" if bad else f"rows of several spaces or protocol settings "
+                   f"{sorted(kinds, key=str)[:2]} (space, protocol, {', '.join(SETTINGS[:2] + SETTINGS[3:])})")
         raise SystemExit(f"error: latency CSV {path}: {problem}; measure it again with `python latency.py dataset`")
-    return X, y, *kinds.pop()
+    space, protocol = kinds.pop()[:2]
+    return X, y, space, protocol
 
 
 def predict(predictor: dict, X) -> np.ndarray:
@@ -326,18 +335,58 @@ def decode_array(d: dict) -> np.ndarray:
     return np.frombuffer(base64.b64decode(d["float32_base64"]), dtype="<f4").reshape(d["shape"]).astype(np.float64)
 
 
+def fastest_arch(space) -> ArchConfig:
+    """Every choice at its minimum, attending to one encoder layer only: the fastest subnet when cost grows with
+    every size (measured latency); a fitted predictor need not agree (search.lowest_latency)."""
+    smallest = space.smallest()
+    return replace(smallest, dec_cross_spans=(min(space.cross_spans),) * smallest.dec_layers)
+
+
+def predictor_problem(predictor: dict):
+    """Why a predictor cannot serve a search (a phrase), or None: it must predict finite, positive latencies for
+    its space's fastest and largest subnets, or every budget would be met (or none)."""
+    if predictor.get("space") not in SPACES:
+        return f"its space {predictor.get('space')!r} is not one of {list(SPACES)}"
+    space = SPACES[predictor["space"]]
+    X = np.stack([mos.arch_features(arch, space).numpy() for arch in (fastest_arch(space), space.largest())])
+    ms = predict(predictor, X)  # (2,)
+    if not (np.isfinite(ms).all() and (ms > 0).all()):
+        return f"it predicts {ms.round(3).tolist()} ms for the fastest and the largest subnet: not positive latencies"
+    return None
+
+
 def load_predictor(path) -> dict:
     """A predictor JSON written by `fit`, with its weights as numpy arrays so that predict() is fast; anything else
-    is a one-line error."""
+    (predictions that are not finite and positive included) is a one-line error."""
     predictor = read_json(path, "latency predictor")
     try:
         for layer in predictor.get("layers", []):
             layer["weight"], layer["bias"] = decode_array(layer["weight"]), decode_array(layer["bias"])
         need(isinstance(predictor["space"], str), "no space name")
-        need(np.isfinite(predict(predictor, np.ones(len(FEATURE_NAMES)))).all(), "predictions are not finite")
+        problem = predictor_problem(predictor)
+        need(problem is None, problem)
     except Exception as e:  # not a dict, missing or malformed entries, weights of the wrong sizes
-        raise SystemExit(f"error: latency predictor {path} is not one `python latency.py fit` wrote ({brief(e, 100)})")
+        raise SystemExit(f"error: latency predictor {path} is not one `python latency.py fit` wrote ({brief(e, 160)})")
     return predictor
+
+
+def is_predictor(path) -> bool:
+    """Whether a file is a predictor JSON `fit` wrote (what --predictor may replace)."""
+    try:
+        predictor = json.loads(Path(path).read_bytes().decode("utf-8"))
+        return isinstance(predictor, dict) and predictor.get("kind") in ("linear", "mlp") and "space" in predictor
+    except (OSError, ValueError, RecursionError):
+        return False
+
+
+def is_dataset(path) -> bool:
+    """Whether a file is a latency dataset CSV (what --out may append to), of this or an older header, or the
+    start of one that a kill cut short."""
+    try:
+        first = Path(path).read_bytes().decode("utf-8").split("\n")[0].rstrip("\r")
+    except (OSError, ValueError):
+        return False
+    return any(first.split(",") == h or ",".join(h).startswith(first) for h in (HEADER, *OLD_HEADERS))
 
 
 def save_predictor(predictor: dict, path, **extra):
@@ -369,13 +418,13 @@ def plot_predictor(y, p, test, title, path):
 
 
 def cmd_dataset(cfg: LatencyConfig):
-    """Measure cfg.n random subnets into a CSV, one row each as soon as it is measured, so a rerun resumes: it keeps
-    the whole rows of the same subnets (and protocol), drops a row a kill cut short, and measures the rest."""
+    """Measure cfg.n random subnets into a CSV, one row each as soon as it is measured, with every protocol setting,
+    so a rerun resumes: it keeps the whole rows of the same subnets and settings, drops a row a kill cut short, and
+    measures the rest. Rows measured otherwise are never mixed in: such a file is refused."""
     space, make = subnet_maker(cfg)
     rng = random.Random(cfg.seed)
     archs = [space.sample(rng) for _ in range(cfg.n)]  # the same list on every run: row i is always archs[i]
-    path = Path(cfg.out)
-    lock_file(path)  # one writer per CSV: a second `dataset` on it stops, naming this one's pid
+    path, settings = Path(cfg.out), [str(v) for v in protocol_args(cfg).values()]  # SETTINGS, in that order
     try:
         text = path.read_text(encoding="utf-8") if path.exists() else ""
         whole = text[:text.rfind("\n") + 1]  # a kill may have cut the last row short: it is measured again
@@ -383,15 +432,20 @@ def cmd_dataset(cfg: LatencyConfig):
         stored = [json.loads(r[1]) for r in rows[1:]]  # the arch column
     except (OSError, ValueError, IndexError, RecursionError) as e:
         raise SystemExit(f"error: cannot read {path} as a latency dataset ({brief(e, 100)}); give another --out")
-    stored_protocol = (dict(zip(HEADER, rows[1])).get("protocol") or "hat") if rows[1:] else cfg.protocol
     if rows[:1] != [HEADER] and not (not rows and ",".join(HEADER).startswith(text)):  # (a cut header is ours)
-        raise SystemExit(f"error: {path} is not a latency dataset (its first line is not {','.join(HEADER)}); "
-                         f"give another --out")
-    if stored != [a.to_dict() for a in archs[:len(stored)]]:
+        raise SystemExit(f"error: {path} is not a latency dataset of this version (its first line is not "
+                         f"{','.join(HEADER)}: an older file does not record every protocol setting); give another "
+                         f"--out")
+    if stored[:cfg.n] != [a.to_dict() for a in archs[:len(stored)]]:
         raise SystemExit(f"error: {path} holds other subnets than --space={space.name} --seed={cfg.seed} draws; "
                          f"pass those settings or another --out")
-    if stored_protocol != cfg.protocol:
-        raise SystemExit(f"error: {path} was measured with --protocol={stored_protocol}; pass that or another --out")
+    if len(stored) > cfg.n:
+        raise SystemExit(f"error: {path} already holds {len(stored)} subnets, more than --n={cfg.n}; pass "
+                         f"--n={len(stored)} or more to measure more, or another --out")
+    other = next((dict(zip(SETTINGS, r[-len(SETTINGS):])) for r in rows[1:] if r[-len(SETTINGS):] != settings), None)
+    if other:
+        flags = " ".join(f"--{k}={v}" for k, v in other.items())
+        raise SystemExit(f"error: {path} was measured with other settings ({flags}); pass those, or another --out")
     if text != whole:
         with atomic_open(path) as f:
             f.write(whole)
@@ -400,24 +454,32 @@ def cmd_dataset(cfg: LatencyConfig):
         if not rows:
             writer.writerow(HEADER)
         for arch in tqdm(archs[len(stored):], initial=len(stored), total=cfg.n, desc="latency dataset"):
-            r = measure_latency(make(arch), **protocol(cfg))
+            r = measure_latency(make(arch), **protocol_args(cfg))
             writer.writerow([space.name, json.dumps(arch.to_dict(), separators=(",", ":")),
                              *[round(float(v), 6) for v in mos.arch_features(arch, space)],
                              *[round(r[k], 3) for k in ("median_ms", "trimmed_mean_ms", "iqr_ms", "encoder_ms")],
-                             r["threads"], r["iters"], r["protocol"]])
+                             *settings])
             f.flush()
     print(f"{cfg.n} subnets in {path}")
 
 
 def cmd_fit(cfg: LatencyConfig):
-    """Fit and choose a predictor on the dataset CSV; write it as JSON, its report, and the scatter plot."""
+    """Fit and choose a predictor on the dataset CSV; validate it, then write it as JSON, its report, and the
+    scatter plot. A dataset of too few distinct subnets, or a fit that cannot serve a search, leaves the old
+    predictor as it was."""
     X, y, space, protocol = read_latency_csv(cfg.out)
-    if len(y) < 12:  # train / valid / test need two subnets each at least
-        raise SystemExit(f"error: {cfg.out} holds {len(y)} subnets; fitting a predictor needs at least 12")
+    distinct = len(np.unique(X, axis=0))
+    if distinct < MIN_SUBNETS:
+        raise SystemExit(f"error: {cfg.out} holds {distinct} distinct subnets; fitting a predictor needs at least "
+                         f"{MIN_SUBNETS} (measure more with `latency.py dataset --n=...`); {cfg.predictor} is left as "
+                         f"it was")
     predictor, report, test = fit_predictor(X, y, cfg)
     t, out = report["test"][report["chosen"]], Path(cfg.predictor)
-    if not (np.isfinite(predict(predictor, X)).all() and np.isfinite(t["rmse_ms"])):  # validate, then replace
-        raise SystemExit(f"error: the {report['chosen']} predictor fit on {cfg.out} predicts non-finite latencies; "
+    problem = predictor_problem({**predictor, "space": space})
+    if not (np.isfinite(predict(predictor, X)).all() and np.isfinite([t["rmse_ms"], t["kendall_tau"]]).all()):
+        problem = "it predicts non-finite latencies, or its test scores are not finite"
+    if problem:  # validate, then replace
+        raise SystemExit(f"error: the {report['chosen']} predictor fit on {cfg.out} cannot serve a search ({problem}); "
                          f"{out} is left as it was")
     save_predictor(predictor, out, space=space, protocol=protocol, feature_names=list(FEATURE_NAMES), data=cfg.out,
                    **report)
@@ -429,15 +491,30 @@ def cmd_fit(cfg: LatencyConfig):
     print(f"chosen: {report['chosen']} (lower valid RMSE) -> {out}, {out.with_suffix('.png')}")
 
 
+def claim_outputs(cfg: LatencyConfig):
+    """The command's output files, checked and locked before anything is measured (runs/folders.py): each may
+    replace or append to only a file of its own kind, and never one of the command's inputs."""
+    arch_file = [cfg.arch] if cfg.arch not in ("largest", "smallest", "middle") else []
+    if cfg.command == "dataset":
+        claim_file(cfg.out, "latency dataset", is_dataset, reads=[cfg.ckpt], what="--out")
+    elif cfg.command == "fit":
+        claim_file(cfg.predictor, "latency predictor", is_predictor, reads=[cfg.out], what="--predictor")
+        claim_file(Path(cfg.predictor).with_suffix(".png"), "PNG plot", is_png, reads=[cfg.out],
+                   what="--predictor's plot")
+    elif cfg.log:
+        claim_file(cfg.log, "latency log", lambda p: is_jsonl_of(p, ("label", "median_ms")),
+                   reads=[cfg.ckpt, *arch_file], what="--log")
+
+
 @releases_locks
 def main(argv):
     """Run one command; returns what it measured (for tests and notebooks)."""
     cfg = parse_settings(LatencyConfig, argv, command_field="command")
     check_settings(cfg, BOUNDS, CHOICES)
     get_device(cfg.device)
-    # an output that cannot be written fails now, not after the measurements
-    for path in filter(None, (cfg.log, cfg.predictor if cfg.command == "fit" else "")):
-        writable_folder(Path(path).parent)
+    if cfg.command not in COMMANDS:
+        raise SystemExit(f"error: unknown command {cfg.command!r}; use {', '.join(COMMANDS)}")
+    claim_outputs(cfg)  # an output that cannot be written fails now, not after the measurements
     torch.set_num_threads(cfg.threads)
     if cfg.command in ("measure", "depth"):
         space, make = subnet_maker(cfg)
@@ -446,8 +523,6 @@ def main(argv):
             return measure_repeated(cfg, make, arch, "standalone model" if hasattr(make, "arch") else cfg.arch)
         return [measure_repeated(cfg, make, with_dec_layers(arch, n), f"{cfg.arch}, {n} decoder layers")
                 for n in sorted(space.dec_layers)]
-    if cfg.command not in ("dataset", "fit"):
-        raise SystemExit(f"error: unknown command {cfg.command!r}; use measure, depth, dataset, fit")
     return cmd_dataset(cfg) if cfg.command == "dataset" else cmd_fit(cfg)
 
 

@@ -21,18 +21,21 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
 import mos
 from data.prepare import load_data
-from data.files import atomic_open, claim_folder, releases_locks, write_json
-from latency import busy_warning, load_predictor, machine_state, measure_latency, predict
+from latency import PROTOCOLS, busy_warning, fastest_arch, load_predictor, machine_state, measure_latency, predict
 from mos import ArchConfig
-from train import (check_settings, check_vocab, get_device, load_checkpoint, model_from_checkpoint, parse_settings,
-                   run, split_batches, valid_loss)
+from runs.checkpoints import check_vocab
+from runs.files import atomic_open, releases_locks, write_json
+from runs.folders import check_target, claim_folder
+from runs.settings import check_settings, get_device, parse_settings
+from runs.signals import run
+from train import load_checkpoint, model_from_checkpoint, split_batches, valid_loss
 
 SCALARS = [f.name for f in fields(ArchConfig) if f.type is int]  # embedding widths and layer counts
 PER_LAYER = [f.name for f in fields(ArchConfig) if f.type is tuple]  # one value per active layer
@@ -74,16 +77,17 @@ class SearchConfig:
     overwrite: bool = False  # start over in an out_dir that holds another run, deleting its files first
 
 
-# the settings' checks (train.check_settings): numbers >= 0 but these, and the choices
+# the settings' checks (runs.settings.check_settings): numbers finite and >= 0 but these, and the choices
 BOUNDS = dict(population=1, parents=2, mutate_prob=(0, 1), iterations=1, max_tries=1, valid_sentences=1, max_tokens=1,
               threads=1, search_iters=1, final_iters=1, final_repeats=1)
-CHOICES = dict(latency=("predicted", "measured"))
+CHOICES = dict(latency=("predicted", "measured"), protocol=PROTOCOLS)
 
 
 def check_budgets(budgets):
-    """Latency budgets are a non-empty list of positive numbers of ms."""
-    if not budgets or not all(type(b) in (int, float) and b > 0 for b in budgets):
-        raise SystemExit(f"error: --budgets={list(budgets)}; give a list of positive numbers (ms), e.g. [18,27]")
+    """Latency budgets are a non-empty list of finite, positive numbers of ms."""
+    if not budgets or not all(type(b) in (int, float) and math.isfinite(b) and b > 0 for b in budgets):
+        raise SystemExit(f"error: --budgets={list(budgets)}; give a list of finite, positive numbers (ms), e.g. "
+                         f"[18,27]")
 
 
 class BudgetError(ValueError):
@@ -131,13 +135,6 @@ def crossover(a: ArchConfig, b: ArchConfig, space, rng) -> ArchConfig:
 
 # -----------------------------------------------------------------------------
 # The evolutionary loop
-
-
-def fastest_arch(space) -> ArchConfig:
-    """Every choice at its minimum, attending to one encoder layer only: the fastest subnet when cost grows with
-    every size (measured latency); a fitted predictor need not agree (see lowest_latency)."""
-    smallest = space.smallest()
-    return replace(smallest, dec_cross_spans=(min(space.cross_spans),) * smallest.dec_layers)
 
 
 def lowest_latency(space, latency, n, rng) -> tuple:
@@ -308,8 +305,10 @@ def main(argv):
     check_budgets(cfg.budgets)
     if cfg.population != cfg.parents + cfg.mutations + cfg.crossovers:  # HAT asserts the same
         raise SystemExit(f"error: population {cfg.population} != parents + mutations + crossovers")
+    reads = [cfg.ckpt, cfg.predictor if cfg.latency == "predicted" else ""]  # the inputs, never outputs
+    out_dir = check_target(cfg.out_dir, "--out_dir", reads)
     torch.set_num_threads(cfg.threads)
-    t_start, device, out_dir = time.time(), get_device(cfg.device), Path(cfg.out_dir)
+    t_start, device = time.time(), get_device(cfg.device)
     ckpt = load_checkpoint(cfg.ckpt)
     if ckpt["kind"] != "supernet":
         raise SystemExit(f"error: {cfg.ckpt} holds a standalone model; search needs a supernet checkpoint")
@@ -328,7 +327,7 @@ def main(argv):
     inputs = dict(ckpt=str(Path(cfg.ckpt).resolve()), latency=cfg.latency, protocol=cfg.protocol, seed=cfg.seed,
                   predictor=str(Path(cfg.predictor).resolve()) if cfg.latency == "predicted" else None,
                   budgets=list(cfg.budgets), valid_sentences=cfg.valid_sentences)  # what the results depend on
-    claim_folder(out_dir, "search.py", inputs, cfg.overwrite, legacy=("cache.json",))  # one writer, one owner
+    claim_folder(out_dir, "search.py", inputs, reads, cfg.overwrite, legacy=("cache.json",))  # runs/folders.py
     stat = Path(cfg.ckpt).stat()  # the cached numbers belong to this checkpoint, subset and protocol
     tag = dict(ckpt=str(Path(cfg.ckpt).resolve()), ckpt_bytes=stat.st_size, ckpt_mtime=stat.st_mtime, **{
         k: getattr(cfg, k) for k in ("valid_sentences", "max_tokens", "threads", "device", "search_iters",

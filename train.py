@@ -10,38 +10,40 @@ Train a Mixture-of-Supernets supernet, a standalone subnet, or finetune an extra
     torchrun --nproc_per_node=2 train.py ...               # data-parallel, one shard per rank
 
 Read after mos.py, top to bottom: the settings; the training algorithm (`subnets_for` and `train_step`: the
-sandwich rule); the loop in `main`; what the loop calls; evaluation (loss, beam search, BLEU); last, out of the
-way, checkpoints and run safety (what makes a run resumable exactly and every bad input one line `error: ...`).
-latency.py and search.py import their settings parser, checkpoints and evaluation from here.
+sandwich rule); the loop in `main`; what the loop calls; evaluation (loss, beam search, BLEU); last, how a
+checkpoint becomes a model. The run machinery (settings parsing, run folders, checkpoint files, signals, ranks) is
+runs/, called in a line each; latency.py and search.py import the evaluation and `load_checkpoint` from here.
 """
 
-import ast
 import hashlib
 import json
 import math
-import os
 import random
 import re
+import shlex
 import signal
 import sys
 import time
-import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from sacrebleu.metrics import BLEU
 from tqdm import tqdm
 
 import mos
 from data.batching import TokenBatcher, collate, remove_bpe
-from data.files import (append_jsonl, atomic_open, brief, checksum, claim_folder, load_file, lock_folder,
-                        releases_locks, save_checkpoint, trim_jsonl, write_json)
-from data.prepare import load_data
+from data.prepare import DATA_DIR, load_data
 from mos import PAD, SPACES, ArchConfig, SuperTransformer, Transformer
+from runs import checkpoints
+from runs.checkpoints import KINDS, check_same, check_vocab, save_checkpoint
+from runs.files import append_jsonl, atomic_open, lock_folder, releases_locks, trim_jsonl, write_json
+from runs.folders import check_target, claim_folder
+from runs.loop import Health, Meter, average_gradients, check_replicas, start_ranks, stop_now
+from runs.settings import check_settings, parse_settings
+from runs.signals import STOP_SIGNALS, Stopped, defer_stop_signals, raise_stopped, run
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -111,9 +113,11 @@ PRESETS = {  # each lists only what differs from TrainConfig's defaults
     "toy": dict(data="toy", space="tiny", max_tokens=1024, lr=2e-3, warmup=100, max_steps=300, dropout=0.1,
                 eval_interval=100, log_interval=20, bleu_sentences=100, router_hidden=32, max_minutes=0.0, bf16=False),
 }
-# the settings' checks (check_settings): every number is >= 0 unless named here with its own minimum or (min, max) ...
+# the settings' checks (runs.settings.check_settings): every number finite and >= 0 unless named here with its own
+# minimum or interval ...
 BOUNDS = dict(max_tokens=1, num_experts=1, router_hidden=1, eval_interval=1, log_interval=1, beam=1, max_bad_steps=1,
-              bleu_sentences=-1, dropout=(0, 1), label_smoothing=(0, 1), seed=(0, 2**32 - 1))
+              bleu_sentences=-1, dropout="[0, 1)", label_smoothing="[0, 1)", lr="(0, inf)",
+              seed=(0, 2**32 - 1))
 # ... and every named one is one of its choices
 CHOICES = dict(preset=PRESETS, data=("multi30k", "iwslt14", "toy"), space=SPACES, router=("none", "layer", "neuron"),
                sampling=("sandwich", "random"), split=("train", "valid", "test"))
@@ -121,68 +125,6 @@ CHOICES = dict(preset=PRESETS, data=("multi30k", "iwslt14", "toy"), space=SPACES
 RUNTIME_SETTINGS = ("resume", "max_steps", "max_minutes", "out_dir", "device", "eval_interval", "save_interval",
                     "log_interval", "bleu_sentences", "test_sentences", "max_bad_steps")
 MODEL_SETTINGS = ("space", "router", "num_experts", "router_hidden")  # what a supernet checkpoint fixes
-
-
-def parse_settings(cls, argv, command_field=None, presets=None):
-    """The settings of dataclass `cls` from argv (every command's parser): a first bare word sets `command_field`
-    (latency.py's command); --preset=NAME applies presets[NAME] first (the values that differ from the defaults);
-    then each --key=value, read as a Python literal (a bare word is a string) of the field's type."""
-    cfg = cls()
-    if command_field and argv and not argv[0].startswith("--"):
-        cfg, argv = replace(cfg, **{command_field: argv[0]}), argv[1:]
-    for arg in argv:
-        if not (arg.startswith("--") and "=" in arg):
-            raise SystemExit(f"error: bad argument {arg!r}; use --key=value")
-    pairs = dict(arg[2:].split("=", 1) for arg in argv)
-    if presets is not None:
-        preset = pairs.get("preset", cfg.preset)
-        if preset not in presets:
-            raise SystemExit(f"error: unknown preset {preset!r}; choose one of {list(presets)}")
-        cfg = cls(**{**presets[preset], "preset": preset})
-    for key, text in pairs.items():
-        setattr(cfg, key, typed_value(cls, key, text))
-    return cfg
-
-
-def typed_value(cls, key, text):
-    """--key=text as the type of field `key` of `cls`: a literal (3, 1.5, [1, 2]) or else the bare word; true/false
-    for a bool, [a.json,b] for a tuple, an int where a float is asked; `bool | None` (bf16) also takes None."""
-    kinds = {f.name: f.type for f in fields(cls)}
-    if key not in kinds:
-        raise SystemExit(f"error: unknown setting --{key}; settings are {list(kinds)}")
-    kind, optional = (bool, True) if kinds[key] == (bool | None) else (kinds[key], False)
-    value = literal(text)
-    if kind is tuple and isinstance(value, str) and text.startswith("[") and text.endswith("]"):
-        value = [literal(item.strip()) for item in text[1:-1].split(",") if item.strip()]  # [a.json,b]: bare words
-    if kind is bool and text.lower() in ("true", "false"):
-        value = text.lower() == "true"
-    if (kind is float and type(value) is int) or (kind is tuple and type(value) is list):
-        value = kind(value)
-    if type(value) is not kind and not (optional and value is None):
-        raise SystemExit(f"error: --{key}={text} should be a {kind.__name__}" + (" or None" if optional else ""))
-    return value
-
-
-def literal(text: str):
-    """A Python literal (3, 1.5, 'x', [1]) if the text is one, else the text itself as a string."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return text
-
-
-def check_settings(cfg, bounds=BOUNDS, choices=CHOICES):
-    """One line `error: ...` for the first setting of dataclass `cfg` out of range: every number >= 0 unless `bounds`
-    gives its minimum or (min, max); every setting named in `choices` one of its values."""
-    for f in fields(cfg):
-        value, bound = getattr(cfg, f.name), bounds.get(f.name, 0)
-        low, high = bound if isinstance(bound, tuple) else (bound, math.inf)
-        if type(value) in (int, float) and not low <= value <= high:
-            raise SystemExit(f"error: --{f.name}={value} must be " + (f">= {low}" if high == math.inf else
-                                                                      f"in [{low}, {high}]"))
-    for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise SystemExit(f"error: --{key}={getattr(cfg, key)}; choose one of {list(allowed)}")
 
 
 def fast_bf16() -> bool:
@@ -315,7 +257,7 @@ def main(argv):
     corpus = load_data(cfg.data, cfg.data_dir, cfg.data_source, cfg.seed)
     if cfg.eval_only or cfg.translate:
         return evaluate_or_translate(cfg, corpus, device, passed)
-    model, kind, model_args, space, fixed_arch = build_model(cfg, corpus, passed)
+    model, kind, model_args, space, fixed_arch = build_model(cfg, corpus, passed, resumed)
     data_id = dict(vocab=dict(src=corpus.src_vocab.itos, tgt=corpus.tgt_vocab.itos), data_hash=corpus_hash(corpus))
     check_fits(corpus, cfg, model.max_len, resumed, data_id["data_hash"])  # every limit, before anything is written
     model.to(device)
@@ -391,7 +333,7 @@ def main(argv):
                 save()
                 why = signal.Signals(interrupted[0]).name if interrupted else "max_minutes reached"
                 tqdm.write(f"stopped at step {step} ({why}); "
-                           f"checkpoint saved, continue with --resume=True --out_dir={cfg.out_dir}")
+                           f"checkpoint saved, continue with --resume=True --out_dir={shlex.quote(cfg.out_dir)}")
             if interrupted:
                 restore_signals()
                 return
@@ -412,7 +354,7 @@ def main(argv):
             final_test(cfg, model, kind, space, corpus, device, out_dir, avg_interval)
         except Stopped as e:  # the checkpoint of the last step is saved: the test is all that is left to do
             print(f"stopped by {signal.Signals(e.signum).name} during the final test; the checkpoint of step {step} is "
-                  f"saved: test it with --resume=True --out_dir={cfg.out_dir}", file=sys.stderr)
+                  f"saved: test it with --resume=True --out_dir={shlex.quote(cfg.out_dir)}", file=sys.stderr)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -424,24 +366,16 @@ def main(argv):
 # What the loop calls: the run's settings, model and folder
 
 
-def start_ranks(cfg: TrainConfig):
-    """(ddp, rank, world size, device): data-parallel ranks under torchrun (one process per GPU or CPU shard)."""
-    device = get_device(cfg.device, auto=True)
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return False, 0, 1, device
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return True, dist.get_rank(), dist.get_world_size(), device
-
-
 def settings_of_run(cfg: TrainConfig, passed: dict, master: bool):
     """(settings, checkpoint to resume or None): with --resume the stored settings win and the command line may only
-    change how long and how often (RUNTIME_SETTINGS). Checked; bf16=None is decided later (faster_precision)."""
+    change how long and how often (RUNTIME_SETTINGS). Checked, and the output folder with them (runs/folders.py),
+    before anything is written; bf16=None is decided later (faster_precision)."""
+    check_settings(cfg, BOUNDS, CHOICES)
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     if cfg.resume and cfg.overwrite:
         raise SystemExit("error: --resume=True continues the run in out_dir, --overwrite=True deletes it; pass one")
+    if not (cfg.eval_only or cfg.translate):  # a run writes out_dir: never an impossible target or an input
+        check_target(cfg.out_dir, "--out_dir", reads=inputs_of(cfg))
     if master and cfg.resume:  # one writer per run folder, taken before reading the checkpoint it continues
         lock_folder(cfg.out_dir, create=False)
     resumed = load_checkpoint(ckpt_path, resume=True) if cfg.resume else None
@@ -449,11 +383,22 @@ def settings_of_run(cfg: TrainConfig, passed: dict, master: bool):
         check_same(resumed["config"], cfg, [k for k in passed if k not in RUNTIME_SETTINGS], ckpt_path)
         cfg = TrainConfig(**{**resumed["config"], **{k: getattr(cfg, k) for k in passed if k in RUNTIME_SETTINGS},
                              "resume": True, "overwrite": False})  # a run started with --overwrite is kept now
-    check_settings(cfg)
+        check_settings(cfg, BOUNDS, CHOICES)
+        if cfg.max_steps < resumed["step"]:
+            raise SystemExit(f"error: --max_steps={cfg.max_steps} is below the step of checkpoint {ckpt_path} "
+                             f"({resumed['step']}); give --max_steps={resumed['step']} or more")
     if cfg.bf16 and not fast_bf16():
         print("warning: --bf16=True where bf16 is not native (a CPU without AVX-512 BF16/AMX, or such a GPU): emulated "
               "bf16 can be ~100x slower than fp32 here; --bf16=False is faster", file=sys.stderr)
     return cfg, resumed
+
+
+def inputs_of(cfg: TrainConfig) -> list:
+    """The files and folders a run reads (its output folder may not hold or lie in any of them): the supernet to
+    finetune, the arch file, the text to translate, the prepared corpus and its source."""
+    files = [cfg.init, cfg.arch if cfg.arch not in ("largest", "smallest", "middle") else "",
+             cfg.translate if cfg.translate != "-" else "", cfg.data_source if "://" not in cfg.data_source else ""]
+    return files + ([cfg.data_dir or DATA_DIR / cfg.data] if cfg.data != "toy" else [])
 
 
 def faster_precision(model, batch, arch, cfg: TrainConfig, ddp: bool):
@@ -477,11 +422,17 @@ def faster_precision(model, batch, arch, cfg: TrainConfig, ddp: bool):
                        f"took {fp32:.2f} s in fp32, {bf16:.2f} s in bf16 (--bf16=True/False forces one)")
 
 
-def build_model(cfg: TrainConfig, corpus, passed):
+def build_model(cfg: TrainConfig, corpus, passed, resumed=None):
     """(model, kind, model_args, space, fixed arch): a supernet (no --arch), a standalone subnet from scratch, or
-    the subnet --arch extracted from the supernet --init (finetuning)."""
+    the subnet --arch extracted from the supernet --init (finetuning); a resumed run's from its own checkpoint alone
+    (its model_args; the weights are loaded by the caller), never from --init again."""
     if cfg.router == "none" and cfg.num_experts != 1:
         raise SystemExit("error: --router=none is plain weight sharing with one expert: add --num_experts=1")
+    if resumed:
+        model_args = resumed["model_args"]
+        arch = ArchConfig.from_dict(model_args["arch"]) if resumed["kind"] == "standalone" else None
+        return (build(resumed["kind"], model_args), resumed["kind"], model_args,
+                mos.SearchSpace.from_dict(model_args["space"]), arch)
     space, vocab = SPACES[cfg.space], dict(src_vocab=len(corpus.src_vocab), tgt_vocab=len(corpus.tgt_vocab))
     supernet_ckpt = load_checkpoint(cfg.init) if cfg.init else None
     if supernet_ckpt:  # finetune: the arch is cut from this supernet, so its space and router are the ones used
@@ -500,16 +451,18 @@ def build_model(cfg: TrainConfig, corpus, passed):
     model_args = dict(arch=fixed_arch.to_dict(), space=space.to_dict(), **vocab, dropout=cfg.dropout, max_len=1024)
     if not supernet_ckpt:
         return build("standalone", model_args), "standalone", model_args, space, fixed_arch
-    model = model_from_checkpoint(supernet_ckpt).subnet(fixed_arch)  # the subnet's mixed, sliced weights
-    model_args["space"], model_args["max_len"] = supernet_ckpt["model_args"]["space"], model.max_len
+    subnet = model_from_checkpoint(supernet_ckpt).subnet(fixed_arch)  # the subnet's mixed, sliced weights
+    model_args["max_len"] = subnet.max_len
+    model = build("standalone", model_args)  # a standalone model of this arch: --dropout, width-scaled
+    model.load_state_dict(subnet.state_dict())
     return model, "standalone", model_args, space, fixed_arch
 
 
 def open_run_folder(out_dir: Path, cfg: TrainConfig, resumed):
-    """Claim the folder (data/files.claim_folder: one writer, and a folder holding another run or a finished or
-    interrupted one is refused unless --resume or --overwrite says what to do with it), start fresh logs (a resumed
-    run drops the steps a killed run logged after its checkpoint: they are redone) and write config.json."""
-    claim_folder(out_dir, "train.py", {}, overwrite=cfg.overwrite, legacy=("config.json",),
+    """Claim the folder (runs/folders.py: one writer, nothing foreign in it, and a folder holding another run or a
+    finished or interrupted one is refused unless --resume or --overwrite says what to do with it), start fresh logs
+    (a resumed run drops the steps a killed run logged after its checkpoint: they are redone), write config.json."""
+    claim_folder(out_dir, "train.py", {}, reads=inputs_of(cfg), overwrite=cfg.overwrite, legacy=("config.json",),
                  refuse_if=() if resumed else ("ckpt.pt", "results.json"))
     for name in ("train_log.jsonl", "log.jsonl"):
         if resumed:
@@ -559,74 +512,6 @@ def save_run(path, model, optimizer, kind, model_args, cfg, data_id, step, epoch
     save_checkpoint(dict(kind=kind, model=model.state_dict(), model_args=model_args, config=asdict(cfg),
                          optimizer=optimizer.state_dict(), step=step, data=dict(epoch=epoch, batch=batch_in_epoch),
                          **data_id, train_seconds=train_seconds, torch_version=str(torch.__version__)), path)
-
-
-class Meter:
-    """Training throughput (target tokens/s over all ranks) and the train_log.jsonl records."""
-
-    def __init__(self, world):
-        self.world, self.tokens, self.since = world, 0, time.time()
-
-    def log(self, bar, out_dir, cfg, step, lr, losses, tokens):
-        """The progress bar every step; a train_log.jsonl record (the loss of each subnet) every log_interval."""
-        self.tokens += tokens * self.world
-        names = (["model"] if cfg.arch else ["L", "S"] + [f"R{k}" for k in range(cfg.n_random)]
-                 if cfg.sampling == "sandwich" else ["R"])  # largest, smallest, random
-        record = {"step": step, "lr": lr, **{n: round(v, 4) for n, v in zip(names, losses)}}
-        bar.set_postfix(loss=f"{np.mean(losses):.3f}", lr=f"{lr:.1e}",
-                        tok_s=f"{self.tokens / (time.time() - self.since):.0f}")
-        bar.update(1)
-        if step % cfg.log_interval == 0:
-            record["tok_per_s"] = round(self.tokens / (time.time() - self.since))
-            self.tokens, self.since = 0, time.time()
-            append_jsonl(out_dir / "train_log.jsonl", record)
-
-
-class Health:
-    """Counts non-finite steps: each is skipped; max_bad in a row stop the run with the last checkpoint intact."""
-
-    def __init__(self, max_bad):
-        self.max_bad, self.in_a_row, self.skipped = max_bad, 0, 0
-
-    def finite(self, losses, grad_norm, step) -> bool:
-        """Whether this step's update may be applied."""
-        if all(map(math.isfinite, losses)) and torch.isfinite(grad_norm):
-            self.in_a_row = 0
-            return True
-        self.in_a_row, self.skipped = self.in_a_row + 1, self.skipped + 1
-        tqdm.write(f"step {step}: non-finite loss {dict(enumerate(losses))} or gradient norm; update skipped "
-                   f"({self.skipped} so far)")
-        if self.in_a_row >= self.max_bad:
-            raise SystemExit(f"error: {self.in_a_row} non-finite steps in a row at step {step}; stopping with the "
-                             f"last checkpoint intact (try a lower --lr or --clip)")
-        return False
-
-
-def stop_now(stop: bool, ddp: bool) -> bool:
-    """Whether to stop after this step; under data parallel, every rank stops at the same step."""
-    flag = torch.tensor(int(stop))
-    if ddp:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag)
-
-
-def average_gradients(model, world):
-    """Data parallel: average the gradients over ranks (all ranks trained the same subnets on their own shard)."""
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
-
-
-def check_replicas(model, subnets, world, master, out_dir):
-    """Data parallel: the replicas stayed in sync (same subnets every step, same weights at the end), or an error."""
-    digest = [float(sum(p.data.double().sum() for p in model.parameters())), hashlib.sha256(str(subnets).encode()).hexdigest()]
-    digests = [None] * world
-    dist.all_gather_object(digests, digest)
-    if master:
-        write_json(out_dir / "ddp_check.json", {"rank_digests": digests, "in_sync": digests.count(digest) == world})
-        if digests.count(digest) != world:
-            raise SystemExit(f"error: data-parallel replicas diverged: {digests}")
 
 
 # -----------------------------------------------------------------------------
@@ -782,15 +667,8 @@ def evaluate_or_translate(cfg, corpus, device, passed=()):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints and run safety: plain dicts saved atomically with a checksum and loaded with weights_only=True
-# (data/files.py, with the one-writer-per-folder lock), checked here by the model's own strict load_state_dict;
-# one-line errors for bad settings and devices; SIGINT and SIGTERM
-
-
-KINDS = ("supernet", "standalone")  # what train.py writes as ckpt.pt; a "snapshot" (final averaging) has model, step
-NEEDED = dict(supernet=("model", "model_args", "config", "vocab", "step"), snapshot=("model", "step"))
-NEEDED["standalone"] = NEEDED["supernet"]
-RESUME = ("optimizer", "data", "train_seconds")  # what --resume needs besides
+# From a checkpoint to a model: checkpoints are plain dicts (runs/checkpoints.py) holding the model's constructor
+# arguments (model_args) beside its weights
 
 
 def build(kind: str, args: dict):
@@ -812,145 +690,9 @@ def model_from_checkpoint(ckpt: dict):
 
 
 def load_checkpoint(path, device="cpu", kinds=KINDS, resume=False) -> dict:
-    """A checkpoint loaded safely (data/files.load_file: weights_only=True), then checked by checkpoint_problem():
-    anything but a whole, uncorrupted checkpoint of one of `kinds` stops with one line naming the first problem.
-    resume=True also requires what a resumed run needs (optimizer state, data position)."""
-    ckpt = load_file(path, device)
-    problem = checkpoint_problem(ckpt, kinds, resume)
-    if problem:
-        raise SystemExit(f"error: checkpoint {path} {problem}")
-    if "checksum" not in ckpt:
-        print(f"warning: checkpoint {path} has no checksum (saved before checksums were added?): its weights "
-              f"cannot be checked for corruption", file=sys.stderr)
-    return ckpt
+    """A checkpoint of train.py, loaded safely and checked whole (runs.checkpoints), or one line `error: ...`."""
+    return checkpoints.load_checkpoint(path, build, TrainConfig, device, kinds, resume)
 
-
-def checkpoint_problem(ckpt, kinds=KINDS, resume=False):
-    """The first thing wrong with a loaded checkpoint (a phrase that follows "checkpoint PATH"), or None if it is a
-    whole one of `kinds`. The model its model_args describe is built on the meta device (shapes, no memory) and its
-    own strict load_state_dict checks the weights' names and shapes; so does the optimizer's for its state."""
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("kind"), str):
-        return f"holds a {type(ckpt).__name__} without a 'kind' entry; it is not a mos checkpoint"
-    if ckpt["kind"] not in kinds:
-        return f"is of kind {ckpt['kind']!r}; this needs one of {list(kinds)}"
-    missing = [key for key in NEEDED[ckpt["kind"]] + (RESUME if resume else ()) if key not in ckpt]
-    if missing:
-        return f"has no {missing[0]!r} entry; it is not a whole mos checkpoint"
-    if type(ckpt["step"]) is not int or ckpt["step"] < 0 or not isinstance(ckpt["model"], dict):
-        return f"has step {ckpt['step']!r} (a count >= 0) or model weights that are not a dict"
-    if "checksum" in ckpt and checksum(ckpt) != ckpt["checksum"]:
-        return "does not match the checksum saved in it: the file was corrupted (or edited) after it was written"
-    if ckpt["kind"] != "snapshot":
-        try:
-            with torch.device("meta"):
-                model = build(ckpt["kind"], ckpt["model_args"])
-            with warnings.catch_warnings():  # "copying to a meta parameter is a no-op": all we want is the check
-                warnings.simplefilter("ignore")
-                model.load_state_dict(ckpt["model"], strict=True)  # names and shapes, nothing copied
-            for side in ("src", "tgt"):
-                need(len(ckpt["vocab"][side]) == ckpt["model_args"][f"{side}_vocab"], f"a {side} vocabulary of "
-                     f"{len(ckpt['vocab'][side])} tokens for a model of {ckpt['model_args'][f'{side}_vocab']}")
-            for key, value in ckpt["config"].items():
-                typed_value(TrainConfig, key, repr(value))  # an unknown setting, or one of the wrong type, stops
-            if "optimizer" in ckpt:
-                params = list(model.parameters())
-                make_optimizer(model, TrainConfig()).load_state_dict(ckpt["optimizer"])
-                need(all(v.shape == params[i].shape for i, s in ckpt["optimizer"]["state"].items()
-                         for v in s.values() if v.dim() > 0), "optimizer state of other shapes than the model's")
-            if "data" in ckpt:
-                need(all(type(ckpt["data"][k]) is int and ckpt["data"][k] >= 0 for k in ("epoch", "batch")),
-                     "a data position that is not {'epoch': count, 'batch': count}")
-        except (Exception, SystemExit) as e:  # SystemExit: typed_value's one-line error on a stored setting
-            return f"does not fit its model_args ({brief(e, 300)})"
-    bad = next((k for k, v in ckpt["model"].items() if not (isinstance(v, torch.Tensor) and torch.isfinite(v).all())
-                or (ckpt["kind"] == "snapshot" and not isinstance(v, torch.Tensor))), None)
-    return None if bad is None else f"has non-finite values (NaN or inf) or no tensor in weight {bad!r}"
-
-
-def need(condition, problem: str):
-    """Raise ValueError(problem) unless the condition holds: a check that, unlike assert, python -O keeps."""
-    if not condition:
-        raise ValueError(problem)
-
-
-def check_vocab(ckpt, corpus, path):
-    """Refuse a checkpoint trained with other vocabularies than this corpus's."""
-    if ckpt["vocab"]["src"] != corpus.src_vocab.itos or ckpt["vocab"]["tgt"] != corpus.tgt_vocab.itos:
-        raise SystemExit(f"error: checkpoint {path} was trained with other vocabularies than data "
-                         f"{corpus.name!r}; pass the --data/--data_dir it was trained on")
-
-
-def check_same(stored: dict, cfg, keys, path):
-    """Refuse settings given on the command line that contradict those a checkpoint was made with, naming each."""
-    norm = lambda v: json.loads(json.dumps(v))  # tuples and lists compare equal
-    clashes = [f"--{k}={getattr(cfg, k)} (it has {stored.get(k)})" for k in keys
-               if k in stored and norm(getattr(cfg, k)) != norm(stored[k])]
-    if clashes:
-        raise SystemExit(f"error: checkpoint {path} was made with other settings than {', '.join(clashes)}; "
-                         f"drop these flags (the checkpoint's own are used) or use another checkpoint/--out_dir")
-
-
-def get_device(name: str, auto=False) -> torch.device:
-    """cpu | cuda | cuda:N (and auto: cuda if present): a torch.device, or one line saying why not here."""
-    if auto and name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-        need(device.type in ("cpu", "cuda"), "not a cpu or cuda device")
-    except (RuntimeError, ValueError):
-        raise SystemExit(f"error: --device={name}; use cpu or cuda" + (" or auto" if auto else ""))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device={name} but torch sees no CUDA GPU here; use --device=cpu")
-    return device
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what schedulers (SLURM, Kubernetes) send before SIGKILL
-received = []  # every stop signal this process caught, in order (experiments/reproduce.py asks after a train.main)
-
-
-class Stopped(BaseException):
-    """A stop signal arrived (a BaseException, like KeyboardInterrupt: `except Exception` does not swallow it)."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def defer_stop_signals(noted: list):
-    """From now on SIGINT and SIGTERM only append their number to `noted` (the training loop looks at it after every
-    step, saves and stops). Returns the function that puts the previous handlers back."""
-    previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum) or received.append(signum))
-                for s in STOP_SIGNALS}
-    return lambda: [signal.signal(s, handler) for s, handler in previous.items()]
-
-
-def raise_stopped(signum, frame):
-    """The handler outside the training loop: stop where we are (everything finished is already on disk)."""
-    received.append(signum)
-    raise Stopped(signum)
-
-
-def run(main, resume_hint="rerun the same command to continue"):
-    """A script's entry point: main(sys.argv[1:]) with SIGINT and SIGTERM raising Stopped wherever it is (train.py
-    defers them in its loop). Everything finished is already on disk (atomic writes, caches, whole CSV rows), so a
-    stop prints one line and exits with 128 + the signal's number (130 Ctrl-C, 143 SIGTERM), as a shell would; a
-    write that fails (a full disk, a file-size limit) ends in one line `error: ...` too."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, raise_stopped)
-    caught = len(received)
-    try:
-        main(sys.argv[1:])
-    except (Stopped, Exception) as e:
-        # a Stopped raised inside a library's cleanup can surface as that library's error (torch: "trying to pop
-        # from empty mode stack"): a signal caught during this run makes it a stop all the same, not a crash
-        signum = e.signum if isinstance(e, Stopped) else received[-1] if len(received) > caught else None
-        if signum is not None:
-            print(f"stopped by {signal.Signals(signum).name}; {resume_hint}", file=sys.stderr)
-            sys.exit(128 + signum)
-        if isinstance(e, OSError):  # a full disk (ENOSPC), a file-size limit (EFBIG), no permission: files stay whole
-            raise SystemExit(f"error: cannot write {e.filename or 'a file'} ({e.strerror or brief(e)}); free space or "
-                             f"fix the permissions, then {resume_hint}")
-        raise
 
 if __name__ == "__main__":
     run(main, resume_hint="continue with --resume=True if it saved a checkpoint")

@@ -6,10 +6,10 @@ Prepare German->English translation data for mos: Multi30k (task 1) or IWSLT14 D
     python data/prepare.py iwslt14 --source ../shared/data/iwslt14.de-en \
         --train_dir ../shared/data/iwslt14.de-en/train-sample --out data/iwslt14_sample   # the real 5% train sample
 
-Writes to data/{multi30k,iwslt14}/ (or --out), holding its lock: {split}.bpe.{de,en}, {split}.tok.en (BLEU
-references), bpe.codes, vocab.{de,en}.txt, corpus.npz (flat ids + offsets: data.batching.load_corpus) and, last,
-summary.json: a run that dies early leaves none, so the next starts over; one of the same settings is reused (--force
-redoes). Bad input raises DataError, printed as one line "error: ..." (exit 2). train.py calls `load_data`."""
+Writes to data/{multi30k,iwslt14}/ (or --out; claimed as runs/folders.py says): {split}.bpe.{de,en}, {split}.tok.en
+(BLEU references), bpe.codes, vocab.{de,en}.txt, corpus.npz (flat ids + offsets: data.batching.load_corpus) and,
+last, summary.json: a run that dies early leaves none, so the next starts over; one of the same settings is reused
+(--force redoes). Bad input raises DataError, printed as one line "error: ..." (exit 2). train.py calls `load_data`."""
 
 import argparse
 import functools
@@ -28,9 +28,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python data/prepare.py` can import data.*
 from data.batching import EOS, SPECIALS, UNK, Vocab, load_corpus, make_toy_corpus, remove_bpe  # noqa: E402
-from data.files import atomic_open, brief, lock_folder, releases_locks  # noqa: E402
+from runs.files import atomic_open, brief, releases_locks  # noqa: E402
+from runs.folders import check_target, claim_folder  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
+CLAIM = dict(command="data/prepare.py", inputs={}, legacy=("summary.json", "corpus.npz"), what="--out")  # runs/folders
 DOWNLOADS = DATA_DIR / "downloads"
 SRC, TGT = "de", "en"  # German source, English target
 SPLITS = ("train", "valid", "test")
@@ -297,14 +299,11 @@ def reusable(out, settings):
     return summary if summary.get("settings") == settings and (out / "corpus.npz").exists() else None
 
 
-def start(out, settings, force):
-    """The summary of a finished run to reuse, or None. The old corpus stays whole until write_outputs starts."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file of that name, no permission
-        raise DataError(f"cannot create the output folder {out} ({e.strerror}); pass another --out") from None
-    lock_folder(out)  # one writer per folder: a second prepare.py (or train.py preparing it) stops in one line
-    return None if force else reusable(out, settings)
+def start(out, settings, force, reads):
+    """The summary of a finished run to reuse, or None, once `out` passed runs/folders.check_target (nothing is
+    written before the inputs are read: then claim_folder(out, **CLAIM) takes it; the old corpus stays whole)."""
+    check_target(out, "--out", reads)
+    return None if force else reusable(Path(out), settings)
 
 
 # -----------------------------------------------------------------------------
@@ -314,14 +313,14 @@ def start(out, settings, force):
 @releases_locks
 def prepare_multi30k(source=None, out=None, merges=MULTI30K_MERGES, force=False):
     """Multi30k task 1 de->en from the official tok files (a folder, or the repository URL by default)."""
-    t0, out = time.time(), Path(out or DATA_DIR / "multi30k")
+    t0, out = time.time(), DATA_DIR / "multi30k" if out is None else out
     source = source or MULTI30K_URL
     is_url = re.match(r"https?://", str(source)) is not None
     source_id = str(source) if is_url else str(Path(source).resolve())
     settings = dict(dataset="multi30k", source=source_id, merges=merges)
-    if summary := start(out, settings, force):
+    if summary := start(out, settings, force, reads=[] if is_url else [source]):
         return dict(summary, reused=True)
-    splits = {}
+    out, splits = Path(out), {}
     for split, stem in MULTI30K_STEMS.items():
         paths = []
         for lang in (SRC, TGT):
@@ -338,7 +337,7 @@ def prepare_iwslt14(source=None, out=None, merges=IWSLT14_MERGES, force=False, w
     or from a folder already prepared in fairseq's layout (BPE'd {train,valid,test}.{de,en}), kept as is.
     With `train_dir`, the prepared folder is first assembled at out/fairseq from train_dir's train.{de,en} and
     the source folder's valid, test and code (fairseq_folder)."""
-    t0, out = time.time(), Path(out or DATA_DIR / "iwslt14")
+    t0, out = time.time(), DATA_DIR / "iwslt14" if out is None else out
     source = str(source or IWSLT14_URL)
     is_url = re.match(r"https?://", source) is not None
     prepared = not is_url and Path(source).is_dir() and not (Path(source) / f"train.tags.de-en.{SRC}").exists()
@@ -355,13 +354,16 @@ def prepare_iwslt14(source=None, out=None, merges=IWSLT14_MERGES, force=False, w
             raise DataError(f"{source} is a prepared folder without {', '.join(missing)}; add them (fairseq "
                             f"prepare-iwslt14.sh output), take train from --train_dir=DIR, or pass the raw "
                             f"de-en.tgz with --source")
-    if summary := start(out, settings, force):
+    if summary := start(out, settings, force, reads=([] if is_url else [source]) + ([train_dir] if train_dir else [])):
         return dict(summary, reused=True)
+    out = Path(out)
     if train_dir:
+        claim_folder(out, **CLAIM)
         source = fairseq_folder(source, train_dir, out / "fairseq")
     if prepared:  # already tokenised, lowercased and BPE'd: keep the BPE, only count, encode and save
         splits, dropped = drop_empty(read_prepared(source))
         refs = {split: [remove_bpe(line) for line in en] for split, (_, en) in splits.items()}
+        claim_folder(out, **CLAIM)
         summary, codes = write_outputs(out, "iwslt14", splits, refs, settings, dropped, t0), Path(source) / "code"
         if codes.exists():  # a by-product kept beside (load_corpus does not read it)
             with atomic_open(out / "bpe.codes") as f:
@@ -374,6 +376,7 @@ def prepare_iwslt14(source=None, out=None, merges=IWSLT14_MERGES, force=False, w
 
 def build(out, name, splits, dropped, settings, merges, t0):
     """Learn joint BPE on train, apply it to every split and write all outputs (the old corpus is unfinished now)."""
+    claim_folder(out, **CLAIM)
     (out / "summary.json").unlink(missing_ok=True)
     learn_bpe(*splits["train"], merges, out / "bpe.codes")
     bpe_splits = {split: (apply_bpe(out / "bpe.codes", de), apply_bpe(out / "bpe.codes", en))
@@ -400,9 +403,6 @@ def load_data(data: str, data_dir: str = "", data_source: str = "", seed: int = 
     except Exception as e:  # a missing, empty, truncated or non-UTF-8 file of the prepared folder
         raise SystemExit(f"error: cannot read the prepared corpus in {folder} ({brief(e)}); prepare it again with "
                          f"data/prepare.py --force")
-
-
-# -----------------------------------------------------------------------------
 
 
 def usage_error(message):
@@ -440,7 +440,7 @@ def main(argv=None):
     except (DataError, OSError) as e:  # bad input, a full disk
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(("reused " if summary.get("reused") else "wrote ") + str(Path(args.out or DATA_DIR / args.dataset)))
+    print(("reused " if summary.get("reused") else "wrote ") + str(args.out or DATA_DIR / args.dataset))
     print(json.dumps({k: v for k, v in summary.items() if k != "reused"}, indent=1))
     print("pairs: " + " / ".join(f"{split} {n}" for split, n in summary["pairs"].items()))
 

@@ -35,11 +35,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python experiments/bench.py` finds the core
 import mos  # noqa: E402
 from data.batching import TokenBatcher, collate, remove_bpe  # noqa: E402
-from data.files import writable_folder, write_json  # noqa: E402
+from runs.files import writable_folder, write_json  # noqa: E402
 from data.prepare import load_data  # noqa: E402
 from mos import SPACES, SuperTransformer  # noqa: E402
-from train import (TrainConfig, check_settings, evaluate, faster_precision, get_device, load_checkpoint,  # noqa: E402
-                   model_from_checkpoint, parse_settings, token_loss, translate_ids)
+from runs.settings import check_settings, get_device, parse_settings  # noqa: E402
+from train import (TrainConfig, evaluate, faster_precision, load_checkpoint, model_from_checkpoint,  # noqa: E402
+                   token_loss, translate_ids)
 
 
 @dataclass
@@ -151,7 +152,7 @@ def peak_rss_bytes():
 
 
 def read_settings(cls, argv) -> dict:
-    """The settings of dataclass `cls` with every --key=value of argv applied (train.parse_settings, as every
+    """The settings of dataclass `cls` with every --key=value of argv applied (runs.settings.parse_settings, as every
     script), as a dict; counts must be >= 1 (warmup and seed >= 0), and the output's folder writable."""
     cfg = parse_settings(cls, argv)
     check_settings(cfg, {f.name: 1 for f in fields(cls) if f.type is int and f.name not in ("warmup", "seed")},

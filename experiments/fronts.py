@@ -58,13 +58,16 @@ import latency  # noqa: E402
 import search  # noqa: E402
 import train  # noqa: E402
 from data.batching import TokenBatcher, collate  # noqa: E402
-from data.files import (append_jsonl, atomic_open, claim_folder, lock_folder, read_json, read_jsonl,  # noqa: E402
+from runs.folders import claim_folder, record_files  # noqa: E402
+from runs.files import (append_jsonl, atomic_open, lock_folder, read_json, read_jsonl,  # noqa: E402
                         releases_locks, write_json)
 from experiments.gap import ARMS, inherited_scores, paired_bootstrap, read_lines  # noqa: E402
 from experiments.latency_checks import measure_interleaved, spread  # noqa: E402
 from experiments.reproduce import TOY_LATENCY, TOY_SEARCH, train_stage  # noqa: E402
 from data.prepare import load_data  # noqa: E402
 from mos import PAD, SPACES, ArchConfig, Transformer  # noqa: E402
+from runs.settings import check_settings, literal, parse_settings  # noqa: E402
+from runs.signals import run  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -108,7 +111,7 @@ PRESETS = {
                 finetune_steps=(4, 8), finetune_lr=1e-3, finetune_warmup=2, scratch_steps=(4, 8), test_sentences=30,
                 extra=("--preset=toy", "--bleu_sentences=-1", "--save_interval=0", "--eval_interval=1000")),
 }
-# the settings' checks (train.check_settings): numbers >= 0 but these, and the choices
+# the settings' checks (check_settings): numbers >= 0 but these, and the choices
 BOUNDS = dict(latency_n=12, latency_iters=1, threads=1, remeasure_sessions=1, remeasure_rounds=1, remeasure_iters=1,
               noise_bootstrap=1)
 CHOICES = dict(until=("latency", "supernets", "scratch", "all"))
@@ -128,6 +131,7 @@ def train_curve(folder: Path, flags, steps) -> dict:
         kept = folder / f"results_step{s}.json"
         if not kept.exists():  # (a results.json already there is this step count's, tested but not yet renamed)
             train_stage(folder, [*flags, f"--max_steps={s}"])  # resumes from the previous step count's checkpoint
+            record_files(folder, FRONTS_FILES)  # what this function keeps beside train.py's files
             if (folder / "hyps_test_model.txt").exists():  # (a stop between the two renames has moved it)
                 os.replace(folder / "hyps_test_model.txt", folder / f"hyps_test_step{s}.txt")
             os.replace(folder / "results.json", kept)
@@ -138,6 +142,22 @@ def train_curve(folder: Path, flags, steps) -> dict:
 def arch_name(arch: ArchConfig) -> str:
     """A short stable name for an arch (its scratch-training folder): 8 hex digits of its JSON's SHA-1."""
     return hashlib.sha1(search.arch_key(arch).encode()).hexdigest()[:8]
+
+
+# what fronts.py writes in train.py's run folders (arch.json: folders from before the arch files moved to archs/)
+FRONTS_FILES = ("results_step*.json", "hyps_test_step*.txt", "arch.json")
+
+
+def arch_file(out: Path, folder: Path) -> Path:
+    """The arch file a run folder trains (out/archs/<folder>.json): outside the folder, since train.py never
+    writes where its inputs are."""
+    return out / "archs" / f"{folder.name}.json"
+
+
+def write_arch(out: Path, folder: Path, arch: dict):
+    """Write the arch file of a run folder (arch_file)."""
+    arch_file(out, folder).parent.mkdir(exist_ok=True)
+    write_json(arch_file(out, folder), arch)
 
 
 def scratch_folder(out: Path, arch: dict) -> Path:
@@ -171,7 +191,7 @@ def supernet_checkpoint(gap_run: Path, out: Path) -> Path:
         for name in ("results.json", "regenerated.json"):
             (folder / name).unlink(missing_ok=True)
     stored = read_json(gap_run / "config.json", "training settings")
-    as_flag = lambda k, v: f"--{k}={v}" if train.literal(str(v)) == v else f"--{k}={v!r}"  # '1' a string
+    as_flag = lambda k, v: f"--{k}={v}" if literal(str(v)) == v else f"--{k}={v!r}"  # '1' a string
     train_stage(folder, [as_flag(k, v) for k, v in stored.items() if k not in ("out_dir", "resume")])
     if not (folder / "regenerated.json").exists():
         write_json(folder / "regenerated.json", compare_runs(gap_run, folder))
@@ -449,8 +469,8 @@ def plot(out: Path, cfg, rows, sessions, panel):
 @releases_locks
 def main(argv):
     """Run every stage that has not finished, then the report."""
-    cfg = train.parse_settings(FrontsConfig, argv, presets=PRESETS)
-    train.check_settings(cfg, BOUNDS, CHOICES)
+    cfg = parse_settings(FrontsConfig, argv, presets=PRESETS)
+    check_settings(cfg, BOUNDS, CHOICES)
     if [arm for arm in cfg.arms if arm not in ARMS] or not cfg.arms:
         raise SystemExit(f"error: --arms={list(cfg.arms)}; give one or more arms of {list(ARMS)}")
     if sorted(set(cfg.percentiles)) != list(cfg.percentiles) or not all(1 <= q <= 99 for q in cfg.percentiles):
@@ -463,7 +483,7 @@ def main(argv):
         if not steps or sorted(set(steps)) != list(steps) or steps[0] < 1:
             raise SystemExit(f"error: --{name}={list(steps)}; give increasing positive step counts, e.g. [250,500]")
     extra = [*cfg.extra, *([f"--data_source={cfg.data_source}"] if cfg.data_source else [])]
-    run = train.parse_settings(train.TrainConfig, extra, presets=train.PRESETS)  # a bad train.py flag fails now
+    run = parse_settings(train.TrainConfig, extra, presets=train.PRESETS)  # a bad train.py flag fails now
     gap, out, toy = Path(cfg.gap), Path(cfg.out), cfg.preset == "toy"
     if not (gap / "panel.json").exists():
         raise SystemExit(f"error: {gap / 'panel.json'} not found: run gap.py first, or pass --gap=FOLDER")
@@ -529,8 +549,8 @@ def main(argv):
             folder = out / f"finetune_{w['name']}"
             if not (folder / "results_step0.json").exists():
                 # train_curve's run folder (train.py's), with the step-0 scores beside its own files
-                claim_folder(folder, "train.py", {}, legacy=("config.json",))
-                write_json(folder / "arch.json", w["arch"])
+                claim_folder(folder, "train.py", {}, legacy=("config.json",), also=FRONTS_FILES)
+                write_arch(out, folder, w["arch"])
                 result = train.evaluate(supernet.subnet(ArchConfig.from_dict(w["arch"])), corpus, "test",
                                         torch.device("cpu"), run.max_tokens, cfg.test_sentences, run.beam,
                                         run.lenpen, hyps_path=folder / "hyps_test_step0.txt")
@@ -538,7 +558,7 @@ def main(argv):
         del supernet
         for w in winners[arm]:
             folder = out / f"finetune_{w['name']}"
-            train_curve(folder, [*train_flags, f"--arch={folder / 'arch.json'}", f"--init={ckpt}",
+            train_curve(folder, [*train_flags, f"--arch={arch_file(out, folder)}", f"--init={ckpt}",
                                  f"--lr={cfg.finetune_lr}", f"--warmup={cfg.finetune_warmup}"], cfg.finetune_steps)
     rows = [w for ws in winners.values() for w in ws]
     if cfg.until == "supernets":  # e.g. one arm whose supernet is here now; the rest wants every arm's winners
@@ -546,9 +566,10 @@ def main(argv):
 
     # 5b. the same archs from scratch (no supernet needed: the arms given, as soon as their winners are known)
     for w in rows if cfg.scratch else ():  # an arch that several winners share is trained from scratch once
-        folder = claim_folder(scratch_folder(out, w["arch"]), "train.py", {}, legacy=("config.json",))  # train.py's
-        write_json(folder / "arch.json", w["arch"])
-        train_curve(folder, [*train_flags, f"--arch={folder / 'arch.json'}"], cfg.scratch_steps)
+        folder = claim_folder(scratch_folder(out, w["arch"]), "train.py", {}, legacy=("config.json",),
+                              also=FRONTS_FILES)  # train.py's run folder, with train_curve's results beside
+        write_arch(out, folder, w["arch"])
+        train_curve(folder, [*train_flags, f"--arch={arch_file(out, folder)}"], cfg.scratch_steps)
     if cfg.until == "scratch":
         return rows
 
@@ -577,4 +598,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    train.run(main)
+    run(main)

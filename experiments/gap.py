@@ -43,11 +43,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python exper
 import mos  # noqa: E402
 import train  # noqa: E402
 from data.batching import TokenBatcher, remove_bpe  # noqa: E402
-from data.files import atomic_open, lock_folder, read_json, releases_locks, write_json  # noqa: E402
+from runs.folders import record_files  # noqa: E402
+from runs.files import atomic_open, lock_folder, read_json, releases_locks, write_json  # noqa: E402
 from experiments.reproduce import train_stage  # noqa: E402
 from latency import kendall_tau, machine, measure_latency  # noqa: E402
 from data.prepare import load_data  # noqa: E402
 from mos import SPACES, ArchConfig, Transformer  # noqa: E402
+from runs.checkpoints import check_vocab  # noqa: E402
+from runs.settings import check_settings, parse_settings  # noqa: E402
+from runs.signals import run  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -158,6 +162,9 @@ def arm_flags(arm: str, run: train.TrainConfig) -> list:
     return [*ARMS[arm], *steps]
 
 
+GAP_FILES = ("inherited.json", "cost.json")  # what gap.py writes in a supernet's run folder (hyps_*.txt: train.py's)
+
+
 def inherited_scores(folder: Path, panel) -> tuple:
     """The supernet in `folder`'s inherited.json ({} before its first arch is scored) and whether it holds every
     panel arch: a fully scored supernet needs its checkpoint no more (checkpoints are never committed)."""
@@ -173,8 +180,9 @@ def score_inherited(folder: Path, panel, corpus, cfg: GapConfig) -> dict:
     if complete:
         return done
     ckpt = train.load_checkpoint(folder / "ckpt.pt")
-    train.check_vocab(ckpt, corpus, folder / "ckpt.pt")
+    check_vocab(ckpt, corpus, folder / "ckpt.pt")
     supernet, run = train.model_from_checkpoint(ckpt).eval(), ckpt["config"]
+    record_files(folder, GAP_FILES)  # gap.py's files beside train.py's in the run folder (runs/folders.py)
     for entry in panel:
         if entry["name"] in done:
             continue
@@ -481,8 +489,8 @@ def plot(path: Path, panel, standalone, runs):
 @releases_locks
 def main(argv):
     """Run every stage that has not finished, up to --until, then the report (--report_only: the report alone)."""
-    cfg = train.parse_settings(GapConfig, argv, presets=PRESETS)
-    train.check_settings(cfg, dict(panel_size=2, candidates=1, latency_iters=1, threads=1),
+    cfg = parse_settings(GapConfig, argv, presets=PRESETS)
+    check_settings(cfg, dict(panel_size=2, candidates=1, latency_iters=1, threads=1),
                          dict(space=SPACES, until=(*STAGES, "all")))
     unknown = [arm for arm in cfg.arms if arm not in ARMS]
     if unknown or not cfg.arms or not cfg.seeds:
@@ -491,7 +499,7 @@ def main(argv):
     if not all(isinstance(flag, str) for flag in cfg.extra):
         raise SystemExit(f"error: --extra={list(cfg.extra)}; give train.py flags as strings, e.g. ['--max_steps=60']")
     extra = [*cfg.extra, *([f"--data_source={cfg.data_source}"] if cfg.data_source else [])]
-    run = train.parse_settings(train.TrainConfig, extra, presets=train.PRESETS)  # a bad train.py flag fails now
+    run = parse_settings(train.TrainConfig, extra, presets=train.PRESETS)  # a bad train.py flag fails now
     out = Path(cfg.out)
     lock_folder(out)  # one writer per experiment folder
     path = out / "panel.json"
@@ -528,10 +536,11 @@ def main(argv):
             train_stage(folder, [*train_flags, *arm_flags(arm, run), f"--seed={seed}"])
             score_inherited(folder, panel, corpus, cfg)
             if not (folder / "cost.json").exists():
+                record_files(folder, GAP_FILES)
                 write_json(folder / "cost.json", training_cost(train.load_checkpoint(folder / "ckpt.pt"), corpus))
             report(out, cfg, panel, corpus)  # 4. the report, over everything finished so far
     return report(out, cfg, panel, corpus)
 
 
 if __name__ == "__main__":
-    train.run(main)
+    run(main)

@@ -25,10 +25,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `python experiments/latency_checks.py` can import the core
 import latency  # noqa: E402
-from data.files import brief, releases_locks, writable_folder, write_json  # noqa: E402
-from latency import busy_warning, fit_predictor, machine_state, measure_latency, protocol, subnet_maker  # noqa: E402
+from runs.files import brief, releases_locks, writable_folder, write_json  # noqa: E402
+from latency import busy_warning, fit_predictor, machine_state, measure_latency, protocol_args, subnet_maker  # noqa: E402
 from mos import FEATURE_NAMES  # noqa: E402
-from train import check_settings, get_device, parse_settings, resolve_arch, run  # noqa: E402
+from runs.settings import check_settings, get_device, parse_settings  # noqa: E402
+from runs.signals import run  # noqa: E402
+from train import resolve_arch  # noqa: E402
 
 DRIFT = 0.10  # the reference subnet's spread over rounds above which the machine changed during a measurement
 COMMANDS = ("remeasure", "hat")
@@ -46,7 +48,7 @@ class ChecksConfig(latency.LatencyConfig):
     hat_dir: str = str(ROOT.parent / "shared" / "data" / "hat-latency")
 
 
-BOUNDS = dict(latency.BOUNDS, rounds=1)  # the settings' checks (train.check_settings): latency.py's, and rounds >= 1
+BOUNDS = dict(latency.BOUNDS, rounds=1)  # the settings' checks (runs.settings.check_settings): latency.py's, and rounds >= 1
 
 
 # -----------------------------------------------------------------------------
@@ -101,7 +103,7 @@ def cmd_remeasure(cfg: ChecksConfig) -> dict:
     space, make = subnet_maker(cfg)
     names = list(dict.fromkeys([cfg.reference, *cfg.archs]))  # the reference first, each arch once
     models = {name: make(resolve_arch(name, space)) for name in names}
-    timing = protocol(cfg)
+    timing = protocol_args(cfg)
     warmup, iters = timing.pop("warmup"), timing.pop("iters")
     r = measure_interleaved(models, cfg.reference, cfg.rounds, warmup, iters, **timing)
     for name, m in r["models"].items():

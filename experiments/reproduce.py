@@ -28,7 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python exper
 import latency  # noqa: E402
 import search  # noqa: E402
 import train  # noqa: E402
-from data.files import atomic_open, lock_folder, read_json, releases_locks, write_json  # noqa: E402
+from runs.files import atomic_open, lock_folder, read_json, releases_locks, write_json  # noqa: E402
+from runs.settings import check_settings, parse_settings  # noqa: E402
+from runs.signals import run  # noqa: E402
+from runs import signals  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -78,19 +81,19 @@ def train_stage(out_dir: Path, flags):
     print(f"[run] train.py {' '.join(flags)} --out_dir={out_dir} {' '.join(resume)}")
     train.main([*flags, f"--out_dir={out_dir}", *resume])
     if not (out_dir / "results.json").exists():  # Ctrl-C or SIGTERM: train.py saved its checkpoint and returned
-        raise train.Stopped(train.received[-1]) if train.received else SystemExit(
+        raise signals.Stopped(signals.received[-1]) if signals.received else SystemExit(
             f"stopped during {out_dir}; rerun the same command to continue")
 
 
 @releases_locks
 def main(argv):
     """Run every stage that has not finished yet, then write the summary."""
-    cfg = train.parse_settings(ReproConfig, argv, presets=PRESETS)  # --preset first, then --key=value, as train.py
-    train.check_settings(cfg, dict(latency_n=12), {})  # numbers >= 0, latency_n >= 12
+    cfg = parse_settings(ReproConfig, argv, presets=PRESETS)  # --preset first, then --key=value, as train.py
+    check_settings(cfg, dict(latency_n=12), {})  # numbers >= 0, latency_n >= 12
     search.check_budgets(cfg.budgets)
     if not all(isinstance(flag, str) for flag in cfg.extra):
         raise SystemExit(f"error: --extra={list(cfg.extra)}; give train.py flags as strings, e.g. ['--max_steps=60']")
-    train.parse_settings(train.TrainConfig, list(cfg.extra), presets=train.PRESETS)  # a bad train.py flag fails now
+    parse_settings(train.TrainConfig, list(cfg.extra), presets=train.PRESETS)  # a bad train.py flag fails now
     out, toy = Path(cfg.out), cfg.preset == "toy"
     lock_folder(out)  # one writer per reproduction folder: a second reproduce.py here stops, naming this pid
     write_json(out / "settings.json", asdict(cfg))
@@ -163,4 +166,4 @@ def write_summary(out: Path, rows, cfg):
 
 
 if __name__ == "__main__":
-    train.run(main)
+    run(main)

@@ -6,7 +6,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from train import save_checkpoint
+from runs.checkpoints import save_checkpoint
 from data.batching import make_toy_corpus
 from mos import FEATURE_NAMES, SPACES, SuperTransformer
 from train import PRESETS, TrainConfig

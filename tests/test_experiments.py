@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import latency
-from data.files import read_jsonl
+from runs.files import read_jsonl
 from experiments import latency_checks
 from mos import FEATURE_NAMES, SPACES
 

@@ -11,9 +11,10 @@ import latency
 import mos
 import train
 from data.batching import make_toy_corpus
-from data.files import read_jsonl
+from runs.files import read_jsonl
 from experiments import fronts, gap
-from train import PRESETS, TrainConfig, bleu_score, parse_settings
+from runs.settings import parse_settings
+from train import PRESETS, TrainConfig, bleu_score
 
 
 def test_train_curve_equals_straight_runs(tmp_path):

@@ -15,7 +15,8 @@ import mos
 import train
 from data.batching import make_toy_corpus
 from experiments import gap
-from train import PRESETS, TrainConfig, bleu_score, parse_settings
+from runs.settings import parse_settings
+from train import PRESETS, TrainConfig, bleu_score
 
 
 def test_stratify_spreads_over_the_latency_range():

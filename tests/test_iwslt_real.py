@@ -15,6 +15,7 @@ from data import prepare
 from data.batching import load_corpus
 from data.prepare import load_data
 import train
+from runs.settings import parse_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 IWSLT = ROOT.parent / "shared" / "data" / "iwslt14.de-en"
@@ -91,7 +92,7 @@ def test_train_py_loads_the_slice_and_scores_it_against_the_refs(real_slice, tmp
     from mos import SPACES, SuperTransformer
 
     prepare.prepare_iwslt14(source=real_slice / "dev", train_dir=real_slice / "sample", out=tmp_path / "data")
-    cfg = train.parse_settings(train.TrainConfig, ["--preset=iwslt14", f"--data_dir={tmp_path / 'data'}", "--beam=2"], presets=train.PRESETS)
+    cfg = parse_settings(train.TrainConfig, ["--preset=iwslt14", f"--data_dir={tmp_path / 'data'}", "--beam=2"], presets=train.PRESETS)
     corpus = load_data(cfg.data, cfg.data_dir)  # what train.py trains and evaluates on
     assert {k: len(v[0]) for k, v in corpus.splits.items()} == {"train": SLICE, "valid": SLICE, "test": SLICE}
     torch.manual_seed(0)

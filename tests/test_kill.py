@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.files import read_jsonl
+from runs.files import read_jsonl
 import latency
 import train
 

@@ -10,12 +10,16 @@ import tokenize
 from pathlib import Path
 
 import pytest
+from runs.settings import check_settings, parse_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CARD = {"mos.py", "train.py", "search.py", "latency.py"}  # the only top-level Python files
-# imports run one way, from a higher layer to a lower one: experiments -> search -> latency -> train -> mos -> data
-LAYERS = {"data": 0, "mos": 1, "train": 2, "latency": 3, "search": 4, "experiments": 5}
-DATA_ORDER = ["data.files", "data.batching", "data.prepare"]  # within data/: each imports only those before it
+# imports run one way, from a higher layer to a lower one:
+# experiments -> search -> latency -> train -> mos -> data -> runs (the run machinery, which imports no project code)
+LAYERS = {"runs": 0, "data": 1, "mos": 2, "train": 3, "latency": 4, "search": 5, "experiments": 6}
+# within a package: each module imports only those before it
+ORDER = ["runs.files", "runs.settings", "runs.folders", "runs.checkpoints", "runs.signals", "runs.loop",
+         "data.batching", "data.prepare"]
 TUTORIAL = ["mos.py", "train.py", "latency.py", "search.py", "data/batching.py"]
 
 
@@ -56,8 +60,8 @@ def test_imports_run_one_way_without_circles():
     modules = project_modules()
     graph = {m: imported(p, modules) for m, p in modules.items()}
     upward = [(a, b) for a, targets in graph.items() for b in targets
-              if layer(b) > layer(a) or (layer(a) == layer(b) == 0 and DATA_ORDER.index(b) >= DATA_ORDER.index(a))
-              or (layer(a) == layer(b) and layer(a) not in (0, LAYERS["experiments"]))]
+              if layer(b) > layer(a) or (a in ORDER and layer(a) == layer(b) and ORDER.index(b) >= ORDER.index(a))
+              or (layer(a) == layer(b) and a not in ORDER and layer(a) != LAYERS["experiments"])]
     assert not upward, f"imports against the one-way order: {upward}"
     state = {}
 
@@ -105,14 +109,14 @@ def check_command(line: str, monkeypatch):
     import search
     import train
     if script == "train.py":
-        train.check_settings(train.parse_settings(train.TrainConfig, args, presets=train.PRESETS))
+        check_settings(parse_settings(train.TrainConfig, args, presets=train.PRESETS), train.BOUNDS, train.CHOICES)
     elif script == "latency.py":
-        cfg = train.parse_settings(latency.LatencyConfig, args, command_field="command")
-        train.check_settings(cfg, latency.BOUNDS, latency.CHOICES)
+        cfg = parse_settings(latency.LatencyConfig, args, command_field="command")
+        check_settings(cfg, latency.BOUNDS, latency.CHOICES)
         assert cfg.command in ("measure", "depth", "dataset", "fit"), line
     elif script == "search.py":
-        cfg = train.parse_settings(search.SearchConfig, args)
-        train.check_settings(cfg, search.BOUNDS, search.CHOICES)
+        cfg = parse_settings(search.SearchConfig, args)
+        check_settings(cfg, search.BOUNDS, search.CHOICES)
         search.check_budgets(cfg.budgets)
     elif script == "data/prepare.py":
         from data import prepare

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from data import files
+from runs import files
 from experiments import reproduce
 import latency
 import search
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TOY = ["--preset=toy", "--bleu_sentences=-1", "--test_sentences=4", "--log_interval=1", "--save_interval=1"]
 # another process that takes a lock the way the commands do, says so, and holds it until it is killed
-HOLD = "import signal, sys; sys.path.insert(0, {root!r}); from data import files; files.{fn}({path!r}); print('holding'); " \
+HOLD = "import signal, sys; sys.path.insert(0, {root!r}); from runs import files; files.{fn}({path!r}); print('holding'); " \
        "sys.stdout.flush(); signal.pause()"
 # another process that tries to take a lock file (plain flock: no imports to wait for); exit status 0 if it could
 TRY = "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
@@ -84,7 +84,7 @@ def test_search_latency_and_reproduce_refuse_a_second_writer_until_the_first_is_
         # a stage that fails at once (no data), after reproduce.py has taken its lock and written its settings
         "reproduce": ("lock_folder", out / ".lock", lambda: reproduce.main(
             ["--preset=toy", f"--out={out}", f"--extra=['--data=iwslt14','--data_dir={tmp_path / 'none'}',"
-                                             f"'--data_source={tmp_path / 'none'}']"])),
+                                             f"'--data_source={tmp_path / 'nowhere'}']"])),
     }[command]
     holder = hold(fn, out)
     with pytest.raises(SystemExit, match=f"^error: {out} is being written by process {holder.pid} [^\n]*$"):

@@ -15,7 +15,10 @@ import torch
 
 import train
 from data.prepare import load_data
-from data.files import read_jsonl
+from runs.files import read_jsonl
+from runs.checkpoints import save_checkpoint
+from runs.files import write_json
+from runs.settings import parse_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 MULTI30K = ROOT.parent / "shared" / "data" / "multi30k" / "tok"
@@ -58,7 +61,7 @@ def test_the_final_test_keeps_the_translations_behind_every_bleu(tmp_path):
 
 
 def test_config_defaults_are_the_default_run_and_presets_list_only_differences():
-    assert train.parse_settings(train.TrainConfig, [], presets=train.PRESETS) == train.TrainConfig()  # bare `python train.py` runs the dataclass's defaults
+    assert parse_settings(train.TrainConfig, [], presets=train.PRESETS) == train.TrainConfig()  # bare `python train.py` runs the dataclass's defaults
     defaults = train.TrainConfig()
     for name, preset in train.PRESETS.items():
         assert all(getattr(defaults, k) != v for k, v in preset.items()), name
@@ -123,7 +126,7 @@ def test_bleu_helper_matches_sacrebleu_with_bpe_removed():
 
 def parse_config(argv):
     """train.py's settings from a command line."""
-    return train.parse_settings(train.TrainConfig, argv, presets=train.PRESETS)
+    return parse_settings(train.TrainConfig, argv, presets=train.PRESETS)
 
 
 def test_settings_overrides_presets_and_errors():
@@ -137,7 +140,7 @@ def test_settings_overrides_presets_and_errors():
         parse_config(["--preset=wmt"])
     # a list of bare words fills a tuple field: --archs=[a.json,b.json] needs no quotes
     from experiments import gap
-    cfg = train.parse_settings(gap.GapConfig, ["--arms=[hat,neuron]", "--seeds=[1, 2]", "--extra=['--lr=1']"])
+    cfg = parse_settings(gap.GapConfig, ["--arms=[hat,neuron]", "--seeds=[1, 2]", "--extra=['--lr=1']"])
     assert (cfg.arms, cfg.seeds, cfg.extra) == (("hat", "neuron"), (1, 2), ("--lr=1",))
 
 
@@ -203,21 +206,21 @@ def test_unsafe_truncated_and_missing_checkpoints_give_one_line_errors(tmp_path)
 
 def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint({"step": 1}, path)
+    save_checkpoint({"step": 1}, path)
 
     def disk_full(obj, f):
         f.write(b"half")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(train.torch, "save", disk_full)
     with pytest.raises(OSError):
-        train.save_checkpoint({"step": 2}, path)
+        save_checkpoint({"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 1} and list(tmp_path.iterdir()) == [path]
 
 
 def test_failed_results_write_keeps_the_previous_file(tmp_path, monkeypatch):
-    import data.files as files
+    import runs.files as files
     path = tmp_path / "results.json"
-    train.write_json(path, {"bleu": 1.0})
+    write_json(path, {"bleu": 1.0})
     real_open = open
 
     class FullDisk:
@@ -233,7 +236,7 @@ def test_failed_results_write_keeps_the_previous_file(tmp_path, monkeypatch):
             self.f.close()
     monkeypatch.setattr(files, "open", FullDisk, raising=False)
     with pytest.raises(OSError, match="No space left"):
-        train.write_json(path, {"bleu": 2.0})
+        write_json(path, {"bleu": 2.0})
     assert json.loads(path.read_text()) == {"bleu": 1.0} and list(tmp_path.iterdir()) == [path]
 
 

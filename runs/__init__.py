@@ -1,0 +1,11 @@
+"""
+The run machinery: everything a command needs besides the method, so that mos.py, train.py, latency.py and
+search.py read as the method and call this in a line each. Imports nothing of the project (it sits below data/).
+
+    settings.py      --key=value settings, checked before anything is read or written; devices
+    folders.py       the run-folder contract: where a command may write and what --overwrite may delete
+    files.py         atomic writes, JSON and JSON-lines files, one writer per folder (flock)
+    checkpoints.py   plain-dict checkpoints: checksummed, loaded with weights_only=True, checked whole
+    signals.py       Ctrl-C and SIGTERM end a command in one line; a command's entry point
+    loop.py          data-parallel ranks, the throughput meter and log, the guard against non-finite steps
+"""

@@ -1,0 +1,113 @@
+"""
+Settings from the command line, checked before anything is read or written: every command's parser.
+
+    cfg = parse_settings(TrainConfig, sys.argv[1:], presets=PRESETS)   # --preset first, then --key=value
+    check_settings(cfg, BOUNDS, CHOICES)   # or `error: --dropout=1.0 must be in [0, 1)`
+A setting's range is an interval written as text, "[0, 1)" or "(0, inf)"; a number alone is a minimum, "[n, inf)".
+Every number must be finite and inside its interval (NaN is inside none), every named setting one of its choices.
+"""
+
+import ast
+import math
+from dataclasses import fields, replace
+
+import torch
+
+
+def parse_settings(cls, argv, command_field=None, presets=None):
+    """The settings of dataclass `cls` from argv: a first bare word sets `command_field` (latency.py's command);
+    --preset=NAME applies presets[NAME] first (the values that differ from the defaults); then each --key=value,
+    read as a Python literal (a bare word is a string) of the field's type."""
+    cfg = cls()
+    if command_field and argv and not argv[0].startswith("--"):
+        cfg, argv = replace(cfg, **{command_field: argv[0]}), argv[1:]
+    for arg in argv:
+        if not (arg.startswith("--") and "=" in arg):
+            raise SystemExit(f"error: bad argument {arg!r}; use --key=value")
+    pairs = dict(arg[2:].split("=", 1) for arg in argv)
+    if presets is not None:
+        preset = pairs.get("preset", cfg.preset)
+        if preset not in presets:
+            raise SystemExit(f"error: unknown preset {preset!r}; choose one of {list(presets)}")
+        cfg = cls(**{**presets[preset], "preset": preset})
+    for key, text in pairs.items():
+        setattr(cfg, key, typed_value(cls, key, text))
+    return cfg
+
+
+def typed_value(cls, key, text):
+    """--key=text as the type of field `key` of `cls`: a literal (3, 1.5, [1, 2]) or else the bare word; true/false
+    for a bool, [a.json,b] for a tuple, an int where a float is asked; `bool | None` (bf16) also takes None."""
+    kinds = {f.name: f.type for f in fields(cls)}
+    if key not in kinds:
+        raise SystemExit(f"error: unknown setting --{key}; settings are {list(kinds)}")
+    kind, optional = (bool, True) if kinds[key] == (bool | None) else (kinds[key], False)
+    value = literal(text)
+    if kind is tuple and isinstance(value, str) and text.startswith("[") and text.endswith("]"):
+        value = [literal(item.strip()) for item in text[1:-1].split(",") if item.strip()]  # [a.json,b]: bare words
+    if kind is bool and text.lower() in ("true", "false"):
+        value = text.lower() == "true"
+    if (kind is float and type(value) is int) or (kind is tuple and type(value) is list):
+        value = kind(value)
+    if type(value) is not kind and not (optional and value is None):
+        raise SystemExit(f"error: --{key}={text} should be a {kind.__name__}" + (" or None" if optional else ""))
+    return value
+
+
+def literal(text: str):
+    """A Python literal (3, 1.5, 'x', [1]) if the text is one, else the text itself as a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def interval(bound) -> str:
+    """A bound as interval text: 5 -> "[5, inf)", (0, 1) -> "[0, 1]", "[0, 1)" as it is."""
+    if isinstance(bound, str):
+        return bound
+    return f"[{bound[0]}, {bound[1]}]" if isinstance(bound, tuple) else f"[{bound}, inf)"
+
+
+def inside(value, bound) -> bool:
+    """Whether a number lies in an interval ("[0, 1)": 0 in, 1 out); NaN and the infinities lie in none."""
+    text = interval(bound)
+    low, high = (float(x) for x in text[1:-1].split(","))
+    above = value >= low if text[0] == "[" else value > low
+    below = value <= high if text[-1] == "]" else value < high
+    return math.isfinite(value) and above and below
+
+
+def check_settings(cfg, bounds, choices):
+    """One line `error: ...` for the first setting of dataclass `cfg` out of range: every number finite and in its
+    interval in `bounds` ("[0, inf)" unless named there); every setting named in `choices` one of its values."""
+    for f in fields(cfg):
+        value, bound = getattr(cfg, f.name), bounds.get(f.name, 0)
+        if type(value) in (int, float) and not inside(value, bound):
+            text = interval(bound)
+            where = f"{'>=' if text[0] == '[' else '>'} {text[1:-1].split(',')[0]}" if text.endswith(" inf)") \
+                else f"in {text}"
+            raise SystemExit(f"error: --{f.name}={value} must be {where} (and finite)")
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise SystemExit(f"error: --{key}={getattr(cfg, key)}; choose one of {list(allowed)}")
+
+
+def need(condition, problem: str):
+    """Raise ValueError(problem) unless the condition holds: a check that, unlike assert, python -O keeps."""
+    if not condition:
+        raise ValueError(problem)
+
+
+def get_device(name: str, auto=False) -> torch.device:
+    """cpu | cuda | cuda:N (and auto: cuda if present): a torch.device, or one line saying why not here."""
+    if auto and name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        need(device.type in ("cpu", "cuda"), "not a cpu or cuda device")
+    except (RuntimeError, ValueError):
+        raise SystemExit(f"error: --device={name}; use cpu or cuda" + (" or auto" if auto else ""))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device={name} but torch sees no CUDA GPU here; use --device=cpu")
+    return device

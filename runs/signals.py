@@ -1,0 +1,60 @@
+"""
+Stop signals and a command's entry point: Ctrl-C and SIGTERM (what SLURM and Kubernetes send before SIGKILL) end a
+command in one line, with everything finished already on disk; train.py defers them to the end of a step.
+
+    if __name__ == "__main__":
+        run(main, resume_hint="rerun the same command to continue")
+"""
+
+import signal
+import sys
+
+from runs.files import brief
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what schedulers (SLURM, Kubernetes) send before SIGKILL
+received = []  # every stop signal this process caught, in order (experiments/reproduce.py asks after a train.main)
+
+
+class Stopped(BaseException):
+    """A stop signal arrived (a BaseException, like KeyboardInterrupt: `except Exception` does not swallow it)."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def defer_stop_signals(noted: list):
+    """From now on SIGINT and SIGTERM only append their number to `noted` (the training loop looks at it after every
+    step, saves and stops). Returns the function that puts the previous handlers back."""
+    previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum) or received.append(signum))
+                for s in STOP_SIGNALS}
+    return lambda: [signal.signal(s, handler) for s, handler in previous.items()]
+
+
+def raise_stopped(signum, frame):
+    """The handler outside the training loop: stop where we are (everything finished is already on disk)."""
+    received.append(signum)
+    raise Stopped(signum)
+
+
+def run(main, resume_hint="rerun the same command to continue"):
+    """A script's entry point: main(sys.argv[1:]) with SIGINT and SIGTERM raising Stopped wherever it is (train.py
+    defers them in its loop). Everything finished is already on disk (atomic writes, caches, whole CSV rows), so a
+    stop prints one line and exits with 128 + the signal's number (130 Ctrl-C, 143 SIGTERM), as a shell would; a
+    write that fails (a full disk, a file-size limit) ends in one line `error: ...` too."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, raise_stopped)
+    caught = len(received)
+    try:
+        main(sys.argv[1:])
+    except (Stopped, Exception) as e:
+        # a Stopped raised inside a library's cleanup can surface as that library's error (torch: "trying to pop
+        # from empty mode stack"): a signal caught during this run makes it a stop all the same, not a crash
+        signum = e.signum if isinstance(e, Stopped) else received[-1] if len(received) > caught else None
+        if signum is not None:
+            print(f"stopped by {signal.Signals(signum).name}; {resume_hint}", file=sys.stderr)
+            sys.exit(128 + signum)
+        if isinstance(e, OSError):  # a full disk (ENOSPC), a file-size limit (EFBIG), no permission: files stay whole
+            raise SystemExit(f"error: cannot write {e.filename or 'a file'} ({e.strerror or brief(e)}); free space or "
+                             f"fix the permissions, then {resume_hint}")
+        raise
