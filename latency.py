@@ -19,15 +19,14 @@ and recorded thread count, and the median with the IQR beside HAT's 10%-trimmed 
     python latency.py dataset --space=cpu --n=300         # out_latency/latency.csv; appends, so a rerun resumes
     python latency.py fit                                 # linear vs HAT's MLP predictor: JSON, scatter plot, tau
 
-Read top to bottom: the settings, the measurement (`measure_latency`), the predictor, the commands.
+Read top to bottom: the settings; the measurement (`measure_latency`); the dataset of random subnets
+(`cmd_dataset`); the predictor (`fit_predictor`, `predict`, `cmd_fit`); the command line.
 Settings are the LatencyConfig fields, changed with --key=value as in train.py; the first bare word is the command.
 experiments/latency_checks.py adds side-by-side re-measurement and the benchmark on HAT's published latencies.
 """
 import base64
 import csv
 import json
-import os
-import platform
 import random
 import time
 from dataclasses import dataclass, replace
@@ -51,7 +50,6 @@ BEAM = 5  # fairseq's default beam, which HAT's latency runs (and MoS's gold lat
 PROTOCOLS = ("beam", "hat")  # what is timed: the real beam search (deployed) | HAT's model-only decoder steps
 FILLER = mos.UNK + 1  # any ordinary token id fills the dummy sentence: latency does not depend on which one
 TRIM = 0.1  # HAT's statistic drops the fastest and the slowest 10% of the runs
-BUSY_LOAD = 0.5  # runnable processes beyond our own threads (1-minute load average) that make a figure suspect
 SPLIT = (0.7, 0.15)  # predictor data: train / valid (picks linear or MLP) / test (the rest, reported)
 MLP_WIDTH, MLP_HIDDEN_LAYERS, MLP_BATCH = 400, 3, 128  # HAT's latency_predictor.py: 10 -> 400 -> 3 x 400 -> 1
 # a dataset's columns: the subnet, its features, its latency and every setting of the protocol that timed it
@@ -61,6 +59,7 @@ HEADER = ["space", "arch", *FEATURE_NAMES, "median_ms", "trimmed_mean_ms", "iqr_
 # appended to; the oldest has no protocol column and timed HAT's protocol
 OLD_HEADERS = (HEADER[:HEADER.index("protocol") + 1], HEADER[:HEADER.index("protocol")])
 MIN_SUBNETS = 12  # distinct subnets `fit` needs: train / valid / test two each at least, and a tau on each
+
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -104,7 +103,7 @@ COMMANDS = ("measure", "depth", "dataset", "fit")
 
 
 # -----------------------------------------------------------------------------
-# The measurement
+# The measurement: one subnet, timed carefully
 
 
 @torch.inference_mode()
@@ -116,7 +115,7 @@ def measure_latency(model: Transformer, src_len=SRC_LEN, tgt_len=TGT_LEN, beam=B
     if protocol not in PROTOCOLS:
         raise SystemExit(f"error: --protocol={protocol}; choose one of {PROTOCOLS}")
     device, old_threads = torch.device(device), torch.get_num_threads()
-    torch.set_num_threads(threads)  # thread count changes CPU latency ~2x (README, Latency): fix it, record it
+    torch.set_num_threads(threads)  # the thread count changes CPU latency about 2x: fix it, record it
     model = model.to(device).eval()  # HAT leaves dropout on; we time what would be deployed
     src = torch.full((1, src_len), FILLER, device=device)  # (1, S) one sentence, no padding
     src[0, -1] = EOS
@@ -151,37 +150,6 @@ def measure_latency(model: Transformer, src_len=SRC_LEN, tgt_len=TGT_LEN, beam=B
                 iqr_ms=float(q3 - q1), std_ms=float(total.std()), min_ms=float(total.min()),
                 encoder_ms=float(np.median(encoder)), iters=iters, threads=threads, device=str(device),
                 src_len=src_len, tgt_len=tgt_len, beam=beam, protocol=protocol)
-
-
-def machine() -> str:
-    """The CPU (or GPU) every latency figure was measured on, in words."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.processor() or platform.machine())
-    simd = "AVX-512" if "avx512f" in info else "AVX2" if "avx2" in info else "no AVX2"
-    return f"{name}, {simd}, {os.cpu_count()} cores"
-
-
-def machine_state(threads: int) -> dict:
-    """The conditions of a latency measurement: the machine, the 1-minute load average, the cores, and `others`, the
-    load beyond the `threads` this measurement keeps busy itself (an estimate: the average lags by about a minute)."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return dict(machine=machine(), load_1min=round(load, 2), cores=os.cpu_count(),
-                others=round(max(0.0, load - threads), 2), time=time.strftime("%Y-%m-%d %H:%M:%S"))
-
-
-def busy_warning(before: dict, after: dict, threads: int):
-    """A warning (text) if other work loaded the cores between two machine_state()s, else None."""
-    if max(before["others"], after["others"]) > BUSY_LOAD:
-        return (f"other work loads the cores (load {before['load_1min']} before, {after['load_1min']} after, "
-                f"{threads} threads of ours): trust ratios to a reference measured alongside more than the ms")
-    return None
-
-
-# -----------------------------------------------------------------------------
-# What `measure` and `depth` time
 
 
 def subnet_maker(cfg: LatencyConfig):
@@ -232,7 +200,92 @@ def measure_repeated(cfg, make, arch, label) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Predictor: linear least squares and HAT's MLP on the 10 architecture features, in plain dicts
+# The dataset: random subnets of a space, each timed, one CSV row each
+
+
+def cmd_dataset(cfg: LatencyConfig):
+    """Measure cfg.n random subnets into a CSV, one row each as soon as it is measured, with every protocol setting,
+    so a rerun resumes: it keeps the whole rows of the same subnets and settings, drops a row a kill cut short, and
+    measures the rest. Rows measured otherwise are never mixed in: such a file is refused."""
+    space, make = subnet_maker(cfg)
+    rng = random.Random(cfg.seed)
+    archs = [space.sample(rng) for _ in range(cfg.n)]  # the same list on every run: row i is always archs[i]
+    path, settings = Path(cfg.out), [str(v) for v in protocol_args(cfg).values()]  # SETTINGS, in that order
+    try:
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        whole = text[:text.rfind("\n") + 1]  # a kill may have cut the last row short: it is measured again
+        rows = list(csv.reader(whole.splitlines()))
+        stored = [json.loads(r[1]) for r in rows[1:]]  # the arch column
+    except (OSError, ValueError, IndexError, RecursionError) as e:
+        raise SystemExit(f"error: cannot read {path} as a latency dataset ({brief(e, 100)}); give another --out")
+    if rows[:1] != [HEADER] and not (not rows and ",".join(HEADER).startswith(text)):  # (a cut header is ours)
+        raise SystemExit(f"error: {path} is not a latency dataset of this version (its first line is not "
+                         f"{','.join(HEADER)}: an older file does not record every protocol setting); give another "
+                         f"--out")
+    if stored[:cfg.n] != [a.to_dict() for a in archs[:len(stored)]]:
+        raise SystemExit(f"error: {path} holds other subnets than --space={space.name} --seed={cfg.seed} draws; "
+                         f"pass those settings or another --out")
+    if len(stored) > cfg.n:
+        raise SystemExit(f"error: {path} already holds {len(stored)} subnets, more than --n={cfg.n}; pass "
+                         f"--n={len(stored)} or more to measure more, or another --out")
+    other = next((dict(zip(SETTINGS, r[-len(SETTINGS):])) for r in rows[1:] if r[-len(SETTINGS):] != settings), None)
+    if other:
+        flags = " ".join(f"--{k}={v}" for k, v in other.items())
+        raise SystemExit(f"error: {path} was measured with other settings ({flags}); pass those, or another --out")
+    if text != whole:
+        with atomic_open(path) as f:
+            f.write(whole)
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if not rows:
+            writer.writerow(HEADER)
+        for arch in tqdm(archs[len(stored):], initial=len(stored), total=cfg.n, desc="latency dataset"):
+            r = measure_latency(make(arch), **protocol_args(cfg))
+            writer.writerow([space.name, json.dumps(arch.to_dict(), separators=(",", ":")),
+                             *[round(float(v), 6) for v in mos.arch_features(arch, space)],
+                             *[round(r[k], 3) for k in ("median_ms", "trimmed_mean_ms", "iqr_ms", "encoder_ms")],
+                             *settings])
+            f.flush()
+    print(f"{cfg.n} subnets in {path}")
+
+
+def is_dataset(path) -> bool:
+    """Whether a file is a latency dataset CSV (what --out may append to), of this or an older header, or the
+    start of one that a kill cut short."""
+    try:
+        first = Path(path).read_bytes().decode("utf-8").split("\n")[0].rstrip("\r")
+    except (OSError, ValueError):
+        return False
+    return any(first.split(",") == h or ",".join(h).startswith(first) for h in (HEADER, *OLD_HEADERS))
+
+
+def read_latency_csv(path):
+    """(features (n, 10), latency ms (n,), space name, protocol) from a dataset CSV of `latency.py dataset`, checked
+    in full: finite features, positive finite latencies, every row of one space, one protocol and the same protocol
+    settings (SETTINGS; a file from before they were all stored is checked on those it has). Else one line."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        X = np.array([[float(r[n]) for n in FEATURE_NAMES] for r in rows])  # (n, 10)
+        y = np.array([float(r["median_ms"]) for r in rows])  # (n,)
+        kinds = {(r["space"], r.get("protocol") or "hat", *(r.get(k) for k in SETTINGS if k != "protocol"))
+                 for r in rows}
+        need(rows, "no rows")
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # missing, empty, not UTF-8, other columns
+        raise SystemExit(f"error: cannot read latency CSV {path} ({brief(e, 100)}); give one that "
+                         f"`python latency.py dataset` wrote")
+    bad = [i for i in range(len(rows)) if not (np.isfinite(X[i]).all() and np.isfinite(y[i]) and y[i] > 0)]
+    if bad or len(kinds) > 1:
+        problem = (f"row {bad[0] + 2} has a non-finite feature or a latency that is not a positive number "
+                   f"({y[bad[0]]} ms)" if bad else f"rows of several spaces or protocol settings "
+                   f"{sorted(kinds, key=str)[:2]} (space, protocol, {', '.join(SETTINGS[:2] + SETTINGS[3:])})")
+        raise SystemExit(f"error: latency CSV {path}: {problem}; measure it again with `python latency.py dataset`")
+    space, protocol = kinds.pop()[:2]
+    return X, y, space, protocol
+
+
+# -----------------------------------------------------------------------------
+# The predictor: linear least squares and HAT's MLP on the 10 architecture features, in plain dicts
 
 
 def fit_linear(X, y) -> dict:
@@ -288,31 +341,6 @@ def fit_predictor(X, y, cfg: LatencyConfig):
     return fitted[chosen], report, test
 
 
-def read_latency_csv(path):
-    """(features (n, 10), latency ms (n,), space name, protocol) from a dataset CSV of `latency.py dataset`, checked
-    in full: finite features, positive finite latencies, every row of one space, one protocol and the same protocol
-    settings (SETTINGS; a file from before they were all stored is checked on those it has). Else one line."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        X = np.array([[float(r[n]) for n in FEATURE_NAMES] for r in rows])  # (n, 10)
-        y = np.array([float(r["median_ms"]) for r in rows])  # (n,)
-        kinds = {(r["space"], r.get("protocol") or "hat", *(r.get(k) for k in SETTINGS if k != "protocol"))
-                 for r in rows}
-        need(rows, "no rows")
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # missing, empty, not UTF-8, other columns
-        raise SystemExit(f"error: cannot read latency CSV {path} ({brief(e, 100)}); give one that "
-                         f"`python latency.py dataset` wrote")
-    bad = [i for i in range(len(rows)) if not (np.isfinite(X[i]).all() and np.isfinite(y[i]) and y[i] > 0)]
-    if bad or len(kinds) > 1:
-        problem = (f"row {bad[0] + 2} has a non-finite feature or a latency that is not a positive number "
-                   f"({y[bad[0]]} ms)" if bad else f"rows of several spaces or protocol settings "
-                   f"{sorted(kinds, key=str)[:2]} (space, protocol, {', '.join(SETTINGS[:2] + SETTINGS[3:])})")
-        raise SystemExit(f"error: latency CSV {path}: {problem}; measure it again with `python latency.py dataset`")
-    space, protocol = kinds.pop()[:2]
-    return X, y, space, protocol
-
-
 def predict(predictor: dict, X) -> np.ndarray:
     """Latency (ms) of feature rows X (n, 10) from a fit_linear/fit_mlp dict, with numpy alone."""
     X = np.atleast_2d(np.asarray(X, dtype=np.float64))
@@ -323,16 +351,6 @@ def predict(predictor: dict, X) -> np.ndarray:
         h = h @ np.asarray(layer["weight"]).T + np.asarray(layer["bias"])  # (n, in) -> (n, out)
         h = np.maximum(h, 0) if i < len(predictor["layers"]) - 1 else h
     return h[:, 0] * predictor["y_scale"]
-
-
-def encode_array(a: np.ndarray) -> dict:
-    """A float array as JSON: float32 bytes in base64 (HAT's MLP has 485K weights: 2.6 MB, not 9 MB of digits)."""
-    return {"shape": list(a.shape), "float32_base64": base64.b64encode(a.astype("<f4").tobytes()).decode()}
-
-
-def decode_array(d: dict) -> np.ndarray:
-    """The inverse of encode_array."""
-    return np.frombuffer(base64.b64decode(d["float32_base64"]), dtype="<f4").reshape(d["shape"]).astype(np.float64)
 
 
 def fastest_arch(space) -> ArchConfig:
@@ -353,114 +371,6 @@ def predictor_problem(predictor: dict):
     if not (np.isfinite(ms).all() and (ms > 0).all()):
         return f"it predicts {ms.round(3).tolist()} ms for the fastest and the largest subnet: not positive latencies"
     return None
-
-
-def load_predictor(path) -> dict:
-    """A predictor JSON written by `fit`, with its weights as numpy arrays so that predict() is fast; anything else
-    (predictions that are not finite and positive included) is a one-line error."""
-    predictor = read_json(path, "latency predictor")
-    try:
-        for layer in predictor.get("layers", []):
-            layer["weight"], layer["bias"] = decode_array(layer["weight"]), decode_array(layer["bias"])
-        need(isinstance(predictor["space"], str), "no space name")
-        problem = predictor_problem(predictor)
-        need(problem is None, problem)
-    except Exception as e:  # not a dict, missing or malformed entries, weights of the wrong sizes
-        raise SystemExit(f"error: latency predictor {path} is not one `python latency.py fit` wrote ({brief(e, 160)})")
-    return predictor
-
-
-def is_predictor(path) -> bool:
-    """Whether a file is a predictor JSON `fit` wrote (what --predictor may replace)."""
-    try:
-        predictor = json.loads(Path(path).read_bytes().decode("utf-8"))
-        return isinstance(predictor, dict) and predictor.get("kind") in ("linear", "mlp") and "space" in predictor
-    except (OSError, ValueError, RecursionError):
-        return False
-
-
-def is_dataset(path) -> bool:
-    """Whether a file is a latency dataset CSV (what --out may append to), of this or an older header, or the
-    start of one that a kill cut short."""
-    try:
-        first = Path(path).read_bytes().decode("utf-8").split("\n")[0].rstrip("\r")
-    except (OSError, ValueError):
-        return False
-    return any(first.split(",") == h or ",".join(h).startswith(first) for h in (HEADER, *OLD_HEADERS))
-
-
-def save_predictor(predictor: dict, path, **extra):
-    """Write a fit_linear/fit_mlp dict (plus `extra` entries) as JSON."""
-    layers = [{k: encode_array(v) for k, v in layer.items()} for layer in predictor.get("layers", [])]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_json(Path(path), {**predictor, **({"layers": layers} if layers else {}), **extra})
-
-
-def plot_predictor(y, p, test, title, path):
-    """Predicted vs measured latency, held-out subnets highlighted, with the y = x line."""
-    import matplotlib
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-    train = np.setdiff1d(np.arange(len(y)), test)
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.scatter(y[train], p[train], s=8, c="lightgrey", label="train + valid")
-    ax.scatter(y[test], p[test], s=12, c="tab:blue", label="test (held out)")
-    lo, hi = min(y.min(), p.min()), max(y.max(), p.max())
-    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
-    ax.set(xlabel="measured latency, ms", ylabel="predicted latency, ms", title=title)
-    ax.legend()
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
-
-
-# -----------------------------------------------------------------------------
-# Commands
-
-
-def cmd_dataset(cfg: LatencyConfig):
-    """Measure cfg.n random subnets into a CSV, one row each as soon as it is measured, with every protocol setting,
-    so a rerun resumes: it keeps the whole rows of the same subnets and settings, drops a row a kill cut short, and
-    measures the rest. Rows measured otherwise are never mixed in: such a file is refused."""
-    space, make = subnet_maker(cfg)
-    rng = random.Random(cfg.seed)
-    archs = [space.sample(rng) for _ in range(cfg.n)]  # the same list on every run: row i is always archs[i]
-    path, settings = Path(cfg.out), [str(v) for v in protocol_args(cfg).values()]  # SETTINGS, in that order
-    try:
-        text = path.read_text(encoding="utf-8") if path.exists() else ""
-        whole = text[:text.rfind("\n") + 1]  # a kill may have cut the last row short: it is measured again
-        rows = list(csv.reader(whole.splitlines()))
-        stored = [json.loads(r[1]) for r in rows[1:]]  # the arch column
-    except (OSError, ValueError, IndexError, RecursionError) as e:
-        raise SystemExit(f"error: cannot read {path} as a latency dataset ({brief(e, 100)}); give another --out")
-    if rows[:1] != [HEADER] and not (not rows and ",".join(HEADER).startswith(text)):  # (a cut header is ours)
-        raise SystemExit(f"error: {path} is not a latency dataset of this version (its first line is not "
-                         f"{','.join(HEADER)}: an older file does not record every protocol setting); give another "
-                         f"--out")
-    if stored[:cfg.n] != [a.to_dict() for a in archs[:len(stored)]]:
-        raise SystemExit(f"error: {path} holds other subnets than --space={space.name} --seed={cfg.seed} draws; "
-                         f"pass those settings or another --out")
-    if len(stored) > cfg.n:
-        raise SystemExit(f"error: {path} already holds {len(stored)} subnets, more than --n={cfg.n}; pass "
-                         f"--n={len(stored)} or more to measure more, or another --out")
-    other = next((dict(zip(SETTINGS, r[-len(SETTINGS):])) for r in rows[1:] if r[-len(SETTINGS):] != settings), None)
-    if other:
-        flags = " ".join(f"--{k}={v}" for k, v in other.items())
-        raise SystemExit(f"error: {path} was measured with other settings ({flags}); pass those, or another --out")
-    if text != whole:
-        with atomic_open(path) as f:
-            f.write(whole)
-    with open(path, "a", newline="") as f:
-        writer = csv.writer(f)
-        if not rows:
-            writer.writerow(HEADER)
-        for arch in tqdm(archs[len(stored):], initial=len(stored), total=cfg.n, desc="latency dataset"):
-            r = measure_latency(make(arch), **protocol_args(cfg))
-            writer.writerow([space.name, json.dumps(arch.to_dict(), separators=(",", ":")),
-                             *[round(float(v), 6) for v in mos.arch_features(arch, space)],
-                             *[round(r[k], 3) for k in ("median_ms", "trimmed_mean_ms", "iqr_ms", "encoder_ms")],
-                             *settings])
-            f.flush()
-    print(f"{cfg.n} subnets in {path}")
 
 
 def cmd_fit(cfg: LatencyConfig):
@@ -489,6 +399,68 @@ def cmd_fit(cfg: LatencyConfig):
         print(f"{name:6s} test ({s['n']} subnets): tau {s['kendall_tau']:.3f} | RMSE {s['rmse_ms']:.2f} ms | "
               f"mean rel. error {s['mean_rel_error']:.1%} | within 10% {s['within_10pct']:.0%}")
     print(f"chosen: {report['chosen']} (lower valid RMSE) -> {out}, {out.with_suffix('.png')}")
+
+
+def encode_array(a: np.ndarray) -> dict:
+    """A float array as JSON: float32 bytes in base64 (HAT's MLP has 485K weights: 2.6 MB, not 9 MB of digits)."""
+    return {"shape": list(a.shape), "float32_base64": base64.b64encode(a.astype("<f4").tobytes()).decode()}
+
+
+def decode_array(d: dict) -> np.ndarray:
+    """The inverse of encode_array."""
+    return np.frombuffer(base64.b64decode(d["float32_base64"]), dtype="<f4").reshape(d["shape"]).astype(np.float64)
+
+
+def save_predictor(predictor: dict, path, **extra):
+    """Write a fit_linear/fit_mlp dict (plus `extra` entries) as JSON."""
+    layers = [{k: encode_array(v) for k, v in layer.items()} for layer in predictor.get("layers", [])]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(Path(path), {**predictor, **({"layers": layers} if layers else {}), **extra})
+
+
+def load_predictor(path) -> dict:
+    """A predictor JSON written by `fit`, with its weights as numpy arrays so that predict() is fast; anything else
+    (predictions that are not finite and positive included) is a one-line error."""
+    predictor = read_json(path, "latency predictor")
+    try:
+        for layer in predictor.get("layers", []):
+            layer["weight"], layer["bias"] = decode_array(layer["weight"]), decode_array(layer["bias"])
+        need(isinstance(predictor["space"], str), "no space name")
+        problem = predictor_problem(predictor)
+        need(problem is None, problem)
+    except Exception as e:  # not a dict, missing or malformed entries, weights of the wrong sizes
+        raise SystemExit(f"error: latency predictor {path} is not one `python latency.py fit` wrote ({brief(e, 160)})")
+    return predictor
+
+
+def is_predictor(path) -> bool:
+    """Whether a file is a predictor JSON `fit` wrote (what --predictor may replace)."""
+    try:
+        predictor = json.loads(Path(path).read_bytes().decode("utf-8"))
+        return isinstance(predictor, dict) and predictor.get("kind") in ("linear", "mlp") and "space" in predictor
+    except (OSError, ValueError, RecursionError):
+        return False
+
+
+def plot_predictor(y, p, test, title, path):
+    """Predicted vs measured latency, held-out subnets highlighted, with the y = x line."""
+    import matplotlib
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+    train = np.setdiff1d(np.arange(len(y)), test)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(y[train], p[train], s=8, c="lightgrey", label="train + valid")
+    ax.scatter(y[test], p[test], s=12, c="tab:blue", label="test (held out)")
+    lo, hi = min(y.min(), p.min()), max(y.max(), p.max())
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
+    ax.set(xlabel="measured latency, ms", ylabel="predicted latency, ms", title=title)
+    ax.legend()
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# The command
 
 
 def claim_outputs(cfg: LatencyConfig):

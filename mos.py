@@ -101,7 +101,8 @@ class SearchSpace:
                           dec_cross_spans=per_layer(spans, n_dec))
 
     def _extreme(self, pick) -> ArchConfig:
-        """Every field at pick(choices): max gives the largest subnet, min the smallest."""
+        """Every choice at pick(choices), each decoder layer attending to the last REPRESENTATIVE_SPAN encoder
+        layers: max gives the largest subnet, min the smallest."""
         n_enc, n_dec = pick(self.enc_layers), pick(self.dec_layers)
         span = min(REPRESENTATIVE_SPAN, n_enc)
         return ArchConfig(enc_embed_dim=pick(self.enc_embed_dims), enc_layers=n_enc,
@@ -111,15 +112,18 @@ class SearchSpace:
                           dec_cross_heads=(pick(self.dec_cross_heads),) * n_dec, dec_cross_spans=(span,) * n_dec)
 
     def largest(self) -> ArchConfig:
-        """Every choice at its maximum: the supernet's own shape."""
+        """Every choice at its maximum, cross-attention spanning the last two encoder layers (HAT's representative
+        subnet; not the widest span): the supernet's own shape."""
         return self._extreme(max)
 
     def smallest(self) -> ArchConfig:
-        """Every choice at its minimum."""
+        """Every choice at its minimum, cross-attention spanning the last two encoder layers (HAT's representative
+        subnet; the all-minimum, fastest arch is latency.fastest_arch)."""
         return self._extreme(min)
 
     def middle(self) -> ArchConfig:
-        """The median choice of every field: with largest and smallest, the representative subnets."""
+        """The upper median choice of every field (of two choices, the larger: on a space of two-choice fields this
+        is `largest`): with largest and smallest, the representative subnets."""
         return self._extreme(lambda options: sorted(options)[len(options) // 2])
 
     def validate(self, arch: ArchConfig) -> ArchConfig:
@@ -153,7 +157,7 @@ SPACES = {
     "cpu": SearchSpace("cpu", enc_embed_dims=(256, 192), dec_embed_dims=(256, 192), enc_ffn_dims=(1024, 512, 256),
                        dec_ffn_dims=(1024, 512, 256), enc_heads=(4, 2), dec_heads=(4, 2), dec_cross_heads=(4, 2),
                        enc_layers=(3,), dec_layers=(1, 2, 3), cross_spans=(1, 2, 3), qkv_dim=256),
-    # The `cpu` space widened downward so that subnets differ (issue 14's gap experiment): embeddings down to 64,
+    # The `cpu` space widened downward so that subnets differ (the gap experiment): embeddings down to 64,
     # FFN down to 128, a 128-wide q/k/v and decoder depth 1-4. Calibrated (results/calibration_cpu_wide): trained
     # standalone on Multi30k, largest 35.26 test BLEU, smallest 29.45; latency 7.2-7.7x apart under HAT's protocol,
     # 3.5-4.4x under the real beam search, whose per-step cost is most of the smallest's time (AVX2 EPYC, 2 threads).
@@ -281,18 +285,19 @@ def sinusoids(max_len: int, dim: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)  # (L, dim)
 
 
-def dropout(x, p: float, training: bool):
-    """Inverted dropout: zero each entry with probability p and scale the rest by 1 / (1 - p), as F.dropout. The
-    mask is drawn as uniform >= p: on a CPU ~2x faster than F.dropout's bernoulli_ (experiments/results/bench.json)."""
+def apply_dropout(x, p: float, training: bool):
+    """Inverted dropout, F.dropout(x, p, training): zero each entry with probability p and scale the rest by
+    1 / (1 - p). The mask is drawn as uniform >= p, faster on a CPU (tests/test_speed.py checks rate and scale)."""
     if not training or p == 0:
         return x
     return x * (torch.rand(x.shape, device=x.device) >= p) / (1 - p)
 
 
 def attend(q, k, v, mask=None, causal=False):
-    """softmax(q k^T / sqrt(D)) v for queries (B, h, T, D) and keys/values (B, h, S, D); mask (B, 1, 1, S) or
-    (T, S) is True where attention is allowed; causal: the square causal mask. Torch's fused kernel on a GPU and
-    without a backward; when a CPU trains, the formula: its bf16 backward is ~2x torch's CPU kernel's (bench.py)."""
+    """Attention, softmax(q k^T / sqrt(D)) v, for queries (B, h, T, D) and keys/values (B, h, S, D); mask (B, 1, 1,
+    S) or (T, S) is True where attention is allowed; causal: the square causal mask. This is
+    F.scaled_dot_product_attention, called on a GPU and without a backward; a CPU that trains runs the formula,
+    whose bf16 backward is faster there (tests/test_speed.py checks the two agree for every mask used)."""
     if q.is_cuda or not q.requires_grad:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, h, T, D)
     scores = (q * q.size(-1) ** -0.5) @ k.transpose(-2, -1)  # (B, h, T, S)
@@ -365,8 +370,8 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x, mask):
         k, v = self.self_attn.project_kv(x)
-        x = self.norm1(x + dropout(self.self_attn(x, k, v, mask), self.dropout, self.training))
-        return self.norm2(x + dropout(self.ffn(x), self.dropout, self.training))
+        x = self.norm1(x + apply_dropout(self.self_attn(x, k, v, mask), self.dropout, self.training))
+        return self.norm2(x + apply_dropout(self.ffn(x), self.dropout, self.training))
 
 
 class DecoderLayer(nn.Module):
@@ -392,7 +397,7 @@ class DecoderLayer(nn.Module):
             y = self.self_attn(x, k, v, causal=T > 1)
         else:  # T new positions after L - T cached ones: new position i sees keys 0 .. L - T + i
             y = self.self_attn(x, k, v, torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T))  # (T, L)
-        x = self.norm1(x + dropout(y, self.dropout, self.training))
+        x = self.norm1(x + apply_dropout(y, self.dropout, self.training))
         # HAT's arbitrary encoder-decoder attention: the last `span` encoder outputs, concatenated along time
         if cache is not None and "cross" in cache:
             k, v = cache["cross"]
@@ -401,8 +406,8 @@ class DecoderLayer(nn.Module):
             if cache is not None:
                 cache["cross"] = (k.contiguous(), v.contiguous())  # copied once, not at every step
         mask = src_mask.repeat(1, 1, 1, self.cross_span)  # (B, 1, 1, span*S)
-        x = self.norm2(x + dropout(self.cross_attn(x, k, v, mask), self.dropout, self.training))
-        return self.norm3(x + dropout(self.ffn(x), self.dropout, self.training))
+        x = self.norm2(x + apply_dropout(self.cross_attn(x, k, v, mask), self.dropout, self.training))
+        return self.norm3(x + apply_dropout(self.ffn(x), self.dropout, self.training))
 
 
 class Transformer(nn.Module):
@@ -435,7 +440,7 @@ class Transformer(nn.Module):
         """src (B, S) -> (one (B, S, Ce) output per encoder layer, source mask (B, 1, 1, S))."""
         mask = (src != PAD)[:, None, None, :]  # (B, 1, 1, S) True = a real token
         x = self.src_embed(src) * math.sqrt(self.src_embed.embedding_dim) + self.enc_pos[: src.size(1)]
-        x = dropout(x, self.enc_dropout, self.training)
+        x = apply_dropout(x, self.enc_dropout, self.training)
         outs = []
         for layer in self.encoder:
             x = layer(x, mask)
@@ -447,7 +452,7 @@ class Transformer(nn.Module):
         start = cache.setdefault("pos", 0) if cache is not None else 0
         T = tgt_in.size(1)
         x = self.tgt_embed(tgt_in) * math.sqrt(self.tgt_embed.embedding_dim) + self.dec_pos[start:start + T]
-        x = dropout(x, self.dec_dropout, self.training)
+        x = apply_dropout(x, self.dec_dropout, self.training)
         for i, layer in enumerate(self.decoder):
             x = layer(x, enc_outs, src_mask, None if cache is None else cache.setdefault(i, {}))
         if cache is not None:
@@ -512,7 +517,8 @@ class SuperTransformer(nn.Module):
         """Logits (B, T, V) of subnet `arch`: the plain Transformer run on this supernet's weights for arch.
         Why functional_call: the subnet's forward is the plain Transformer's own code, run on weights computed
         here (differentiable, so gradients reach the experts and routers). Training, extraction (`subnet`),
-        latency and decoding therefore share one forward, and an extracted subnet computes exactly this."""
+        latency and decoding therefore share one forward, and in eval mode an extracted subnet computes exactly
+        this (in training the router's dropout makes every forward draw its own mixture)."""
         subnet = self.skeleton(arch).train(self.training)
         weights = self.subnet_weights(arch, skeleton=subnet)
         return torch.func.functional_call(subnet, weights, (src, tgt_in), strict=True)

@@ -9,10 +9,13 @@ The loop, as HAT's evolution.py but on ArchConfig fields (no flat gene list): a 
 budget; every iteration scores it, keeps the best `parents`, and refills it with `mutations` mutants of random
 parents and `crossovers` children of two parents. Every new subnet is accepted only if it meets the budget
 (rejection sampling: a hard constraint, never a penalty), and a budget nothing meets stops with a clear error.
-Fitness is the supernet's validation loss (nats/token, no label smoothing) of the subnet on a fixed subset of the
-valid split; the subnet is extracted once per arch (its MoS mixture computed once) and every score is cached per
-arch, in memory and in out_dir/cache.json, so a killed search reruns to the same point without rescoring.
-The chosen subnets are always re-measured carefully; results.json puts predicted and measured latency side by side.
+Fitness (`fitness`) is the supernet's validation loss (nats/token, no label smoothing) of the subnet, extracted
+with its MoS mixture computed once, on a fixed subset of the valid split; latency is the predictor's
+(`predicted_latency`) or a timing of the extracted subnet (`measured_latency`). Every score is cached per arch, in
+memory and in out_dir/cache.json, so a killed search reruns to the same point without rescoring: an arch is
+extracted once for its fitness and, with measured latency, once more to be timed. The chosen subnets are always
+re-measured carefully (extracted again for each repeat); results.json puts predicted and measured latency side by
+side.
 With --latency=predicted the search is deterministic for a seed; measured latencies carry timing noise, so a
 borderline candidate may be accepted in one run and not in another (their cache makes a resumed run agree).
 """
@@ -22,17 +25,19 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
 
 import mos
 from data.prepare import load_data
-from latency import PROTOCOLS, busy_warning, fastest_arch, load_predictor, machine_state, measure_latency, predict
+from latency import PROTOCOLS, fastest_arch, load_predictor, measure_latency, predict
 from mos import ArchConfig
 from runs.checkpoints import check_vocab
-from runs.files import atomic_open, releases_locks, write_json
+from runs.files import Cache, releases_locks, write_json
 from runs.folders import check_target, claim_folder
+from runs.machine import busy_warning, machine_state
 from runs.settings import check_settings, get_device, parse_settings
 from runs.signals import run
 from train import load_checkpoint, model_from_checkpoint, split_batches, valid_loss
@@ -50,8 +55,8 @@ class SearchConfig:
     mutation probability 0.3, 30 iterations (MoS: 10), scaled to a third for a 2-core CPU with the same ratios."""
     ckpt: str = "out/ckpt.pt"  # a supernet checkpoint from train.py
     out_dir: str = "out_search"
-    budgets: tuple = (18.0, 27.0, 36.0)  # ms, one search each: 1/4, 1/2, 3/4 of the way from the smallest subnet
-    # (9.4 ms) to the largest (45 ms) of the cpu space, measured on the 2-core CPU (experiments/results/latency)
+    budgets: tuple = (18.0, 27.0, 36.0)  # ms, one search each. Latency depends on the machine and the protocol:
+    # choose budgets between your own latency dataset's fastest and slowest subnets (latency.py dataset)
     latency: str = "predicted"  # predicted (latency.py fit's predictor) | measured (time every candidate)
     predictor: str = "out_latency/predictor.json"
     population: int = 40
@@ -184,53 +189,32 @@ def evolve(space, fitness, latency, budget, cfg: SearchConfig, rng, log=print, f
 
 
 # -----------------------------------------------------------------------------
-# Fitness, latency and the persistent cache
+# Fitness and latency: what evolve() ranks subnets by, and the constraint it holds them to
+
+
+def fitness(supernet, arch: ArchConfig, batches) -> float:
+    """HAT's fitness of a subnet: the supernet's validation loss of `arch` (nats per target token, no label
+    smoothing) on fixed valid batches; lower is better. The subnet is extracted (its MoS mixture computed once) and
+    scored as the plain Transformer it is (train.valid_loss)."""
+    return valid_loss(supernet.subnet(arch), batches)
+
+
+def predicted_latency(predictor: dict, arch: ArchConfig, space) -> float:
+    """The latency predictor's ms for `arch`, from its architecture features (latency.py fit): the default, fast
+    way to hold a candidate to the budget."""
+    return float(predict(predictor, mos.arch_features(arch, space).numpy())[0])
+
+
+def measured_latency(supernet, arch: ArchConfig, cfg: SearchConfig, warmup: int, iters: int) -> float:
+    """The median ms of `arch` extracted from the supernet and timed with latency.py's protocol: every candidate
+    with --latency=measured, and every winner, carefully, at the end."""
+    return measure_latency(supernet.subnet(arch), warmup=warmup, iters=iters, device=cfg.device, threads=cfg.threads,
+                           protocol=cfg.protocol)["median_ms"]
 
 
 def arch_key(arch: ArchConfig) -> str:
     """The arch as compact JSON text: a cache key that survives a JSON file."""
     return json.dumps(arch.to_dict(), separators=(",", ":"))
-
-
-class Cache:
-    """Per-arch numbers, kept in memory and in a JSON file (rewritten atomically after every new entry). `tag` says
-    what they depend on; a file made under another tag is ignored."""
-
-    def __init__(self, path, tag, conditions=None):
-        """Load the stored values of `path` if they were made under the same `tag`. `conditions` (the machine's
-        state when this session started) is appended to the file's list of sessions, beside the values."""
-        self.path, self.tag, self.data, self.sessions = Path(path), tag, {}, []
-        if self.path.exists():
-            try:
-                stored = json.loads(self.path.read_text())
-            except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested too deeply
-                raise SystemExit(f"error: {self.path} is not valid JSON (edited by hand?); delete it to rescore")
-            if isinstance(stored, dict) and stored.get("tag") == tag and isinstance(stored.get("values"), dict):
-                self.data, self.sessions = stored["values"], list(stored.get("sessions", []))
-                print(f"resuming from {self.path}: {sum(len(v) for v in self.data.values())} cached values")
-            else:
-                print(f"ignoring {self.path}: it was made with other settings or another checkpoint")
-        if conditions:
-            self.sessions.append(conditions)
-            self.save()
-
-    def save(self):
-        """Rewrite the file atomically: a kill mid-write leaves the previous one."""
-        with atomic_open(self.path) as f:
-            f.write(json.dumps({"tag": self.tag, "values": self.data, "sessions": self.sessions}))
-
-    def wrap(self, kind, fn):
-        """fn(arch) -> float, computed once per arch and stored under `kind`."""
-        table = self.data.setdefault(kind, {})
-
-        def cached(arch):
-            """fn(arch), computed and written to disk only the first time."""
-            key = arch_key(arch)
-            if key not in table:
-                table[key] = fn(arch)
-                self.save()
-            return table[key]
-        return cached
 
 
 # -----------------------------------------------------------------------------
@@ -318,12 +302,6 @@ def main(argv):
     check_vocab(ckpt, corpus, cfg.ckpt)
     batches = split_batches(corpus, "valid", cfg.max_tokens, device, cfg.valid_sentences)  # collated once
     predictor = check_predictor(cfg, space)
-
-    def timed(arch, warmup, iters):
-        """latency.py's measurement of the extracted subnet."""
-        return measure_latency(supernet.subnet(arch), warmup=warmup, iters=iters, device=device, threads=cfg.threads,
-                               protocol=cfg.protocol)
-
     inputs = dict(ckpt=str(Path(cfg.ckpt).resolve()), latency=cfg.latency, protocol=cfg.protocol, seed=cfg.seed,
                   predictor=str(Path(cfg.predictor).resolve()) if cfg.latency == "predicted" else None,
                   budgets=list(cfg.budgets), valid_sentences=cfg.valid_sentences)  # what the results depend on
@@ -332,11 +310,11 @@ def main(argv):
     tag = dict(ckpt=str(Path(cfg.ckpt).resolve()), ckpt_bytes=stat.st_size, ckpt_mtime=stat.st_mtime, **{
         k: getattr(cfg, k) for k in ("valid_sentences", "max_tokens", "threads", "device", "search_iters",
                                      "search_warmup", "protocol")})
-    cache = Cache(out_dir / "cache.json", tag, conditions=machine_state(cfg.threads))
-    fitness = cache.wrap("valid_loss", lambda arch: valid_loss(supernet.subnet(arch), batches))
-    predicted = None if predictor is None else (
-        lambda arch: float(predict(predictor, mos.arch_features(arch, space).numpy())[0]))
-    measured = cache.wrap("measured_ms", lambda arch: timed(arch, cfg.search_warmup, cfg.search_iters)["median_ms"])
+    cache = Cache(out_dir / "cache.json", tag, conditions=machine_state(cfg.threads))  # scores outlive a kill
+    score = cache.wrap("valid_loss", partial(fitness, supernet, batches=batches), key=arch_key)
+    predicted = None if predictor is None else partial(predicted_latency, predictor, space=space)
+    measured = cache.wrap("measured_ms", partial(measured_latency, supernet, cfg=cfg, warmup=cfg.search_warmup,
+                                                 iters=cfg.search_iters), key=arch_key)
     latency = measured if cfg.latency == "measured" else predicted
     protocol = f"{cfg.protocol} protocol, {cfg.device}, {cfg.threads} threads, batch 1, beam 5, 23+23 tokens"
     floor = lowest_latency(space, latency, cfg.floor_samples, random.Random(cfg.seed)) if latency is predicted else None
@@ -347,11 +325,12 @@ def main(argv):
     for budget in cfg.budgets:
         t0 = time.time()
         try:
-            r = evolve(space, fitness, latency, float(budget), cfg, random.Random(cfg.seed), floor=floor)
+            r = evolve(space, score, latency, float(budget), cfg, random.Random(cfg.seed), floor=floor)
         except BudgetError as e:
             raise SystemExit(f"error: {e}")
         before = machine_state(cfg.threads)  # the final figure is only as good as the machine was quiet
-        runs = [timed(r["arch"], cfg.final_warmup, cfg.final_iters)["median_ms"] for _ in range(cfg.final_repeats)]
+        runs = [measured_latency(supernet, r["arch"], cfg, cfg.final_warmup, cfg.final_iters)
+                for _ in range(cfg.final_repeats)]
         conditions = dict(before=before, after=machine_state(cfg.threads))
         if busy := busy_warning(before, conditions["after"], cfg.threads):
             print(f"warning: budget {budget:g} ms's winner: {busy}; `experiments/latency_checks.py remeasure` "
@@ -371,7 +350,7 @@ def main(argv):
         print(f"budget {budget:g} ms: loss {r['valid_loss']:.4f} | predicted {pred} ms | re-measured {final:.1f} ms "
               f"({verdict}) | {result['seconds']:.0f} s")
 
-    candidates = [(latency(a), fitness(a)) for a in scored]  # all cached by now
+    candidates = [(latency(a), score(a)) for a in scored]  # all cached by now
     if not all(math.isfinite(x) for c in candidates for x in c):  # validate, then write: never a NaN winner
         raise SystemExit(f"error: the supernet {cfg.ckpt} gives non-finite losses or latencies; {out_dir}'s results "
                          f"are left as they were")

@@ -15,13 +15,11 @@ checkpoint becomes a model. The run machinery (settings parsing, run folders, ch
 runs/, called in a line each; latency.py and search.py import the evaluation and `load_checkpoint` from here.
 """
 
-import hashlib
 import json
 import math
 import random
 import re
 import shlex
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -38,12 +36,13 @@ from data.batching import TokenBatcher, collate, remove_bpe
 from data.prepare import DATA_DIR, load_data
 from mos import PAD, SPACES, ArchConfig, SuperTransformer, Transformer
 from runs import checkpoints
-from runs.checkpoints import KINDS, check_same, check_vocab, save_checkpoint
-from runs.files import append_jsonl, atomic_open, lock_folder, releases_locks, trim_jsonl, write_json
-from runs.folders import check_target, claim_folder
-from runs.loop import Health, Meter, average_gradients, check_replicas, start_ranks, stop_now
+from runs.checkpoints import KINDS, check_same, check_vocab, save_checkpoint, save_run
+from runs.files import append_jsonl, atomic_open, lock_folder, releases_locks, write_json
+from runs.folders import check_target, open_train_folder
+from runs.loop import (Health, Meter, average_gradients, check_data, check_replicas, corpus_hash, fast_bf16,
+                       faster_precision, start_ranks, stop_now)
 from runs.settings import check_settings, parse_settings
-from runs.signals import STOP_SIGNALS, Stopped, defer_stop_signals, raise_stopped, run
+from runs.signals import StopRequests, run, stops_end_quietly
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -127,16 +126,6 @@ RUNTIME_SETTINGS = ("resume", "max_steps", "max_minutes", "out_dir", "device", "
 MODEL_SETTINGS = ("space", "router", "num_experts", "router_hidden")  # what a supernet checkpoint fixes
 
 
-def fast_bf16() -> bool:
-    """Whether bf16 autocast runs natively here: a CUDA GPU with bf16, or an x86 CPU with AVX-512 bf16 or AMX
-    instructions. Elsewhere a CPU emulates bf16 and is slower than fp32, so fp32 is kept. Read when a run starts."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_arch(spec: str, space) -> ArchConfig:
     """--arch: 'largest' | 'smallest' | 'middle' | a JSON file written by search.py or by hand."""
     if spec in ("largest", "smallest", "middle"):
@@ -186,9 +175,9 @@ def train_step(model, batch, archs, cfg: TrainConfig) -> list:
 
 class SmoothedCrossEntropy(torch.autograd.Function):
     """Summed label-smoothed cross-entropy of logits z (N, V) against targets y (N,), pad rows left out, with its
-    gradient written out: d loss / d z = softmax(z) - q, q = (1 - eps) * onehot(y) + eps / V. The numbers of
-    F.cross_entropy(label_smoothing=eps), but the backward reuses the forward's one (N, V) buffer in place; torch's
-    allocates and zero-fills several, a third of a CPU training step at a small vocabulary (experiments/bench.py)."""
+    gradient written out: d loss / d z = softmax(z) - q, q = (1 - eps) * onehot(y) + eps / V. The plain version is
+    F.cross_entropy(logits, target, ignore_index=PAD, label_smoothing=eps, reduction="sum"); this one's backward
+    reuses the forward's one (N, V) buffer in place, faster on a CPU (tests/test_speed.py checks value and gradient)."""
 
     @staticmethod
     def forward(ctx, logits, target, eps):
@@ -259,7 +248,8 @@ def main(argv):
         return evaluate_or_translate(cfg, corpus, device, passed)
     model, kind, model_args, space, fixed_arch = build_model(cfg, corpus, passed, resumed)
     data_id = dict(vocab=dict(src=corpus.src_vocab.itos, tgt=corpus.tgt_vocab.itos), data_hash=corpus_hash(corpus))
-    check_fits(corpus, cfg, model.max_len, resumed, data_id["data_hash"])  # every limit, before anything is written
+    out_dir = Path(cfg.out_dir)
+    check_data(corpus, cfg.max_tokens, model.max_len, resumed, out_dir / "ckpt.pt", data_id["data_hash"])
     model.to(device)
     optimizer = make_optimizer(model, cfg)
     step, epoch, batch_in_epoch, seconds_before = 0, 0, 0, 0.0  # where training stands; a resumed run's from ckpt
@@ -271,15 +261,16 @@ def main(argv):
     src, tgt = corpus.splits["train"]
     batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], cfg.max_tokens, seed=cfg.seed,
                            rank=rank, world_size=world)
-    out_dir = Path(cfg.out_dir)
     if cfg.bf16 is None:  # unset: the faster precision here, timed on the first batch
         first = [x.to(device) for x in collate(src, tgt, batcher.batches(epoch)[0])]
-        bf16, why = faster_precision(model, first, space.largest() if fixed_arch is None else None, cfg, ddp)
+        largest = space.largest() if fixed_arch is None else None
+        bf16, why = faster_precision(lambda bf16: train_step(model, first, [largest], replace(cfg, bf16=bf16)),
+                                     model, device, ddp)
         cfg = replace(cfg, bf16=bf16)
         if master:
             print(f"precision {why}")
     if master:
-        open_run_folder(out_dir, cfg, resumed)
+        open_train_folder(out_dir, asdict(cfg), resumed["step"] if resumed else None, inputs_of(cfg), cfg.overwrite)
         print(f"{kind} ({cfg.router} x{cfg.num_experts} experts)" if kind == "supernet" else f"standalone {fixed_arch}",
               f"| {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {cfg.data} | device {device} "
               f"x{world} | {torch.get_num_threads()} threads | "
@@ -288,9 +279,10 @@ def main(argv):
     t0 = time.time()
     train_seconds = lambda: seconds_before + time.time() - t0  # training time over all sessions of this run
 
-    def save(path=out_dir / "ckpt.pt"):
-        """The whole state of the run as it stands, to resume exactly."""
-        save_run(path, model, optimizer, kind, model_args, cfg, data_id, step, epoch, batch_in_epoch, train_seconds())
+    def save():
+        """The whole state of the run as it stands, to resume exactly (runs/checkpoints.py)."""
+        save_run(out_dir / "ckpt.pt", model, optimizer, step, kind=kind, model_args=model_args, config=asdict(cfg),
+                 data=dict(epoch=epoch, batch=batch_in_epoch), **data_id, train_seconds=train_seconds())
 
     def validate():
         """Valid loss (and BLEU) of the representative subnets, logged."""
@@ -299,65 +291,51 @@ def main(argv):
     # ---- the training loop: every step trains this step's subnets on one batch, then makes one optimizer update
     model.train()
     batches, meter, health = batcher.batches(epoch), Meter(world), Health(cfg.max_bad_steps)
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not master or None, dynamic_ncols=True)
-    interrupted = []
-    restore_signals = defer_stop_signals(interrupted)  # Ctrl-C and SIGTERM (schedulers): stop after this step
-    while step < cfg.max_steps:
-        if batch_in_epoch >= len(batches):
-            epoch, batch_in_epoch = epoch + 1, 0
-            batches = batcher.batches(epoch)
-        batch = [x.to(device) for x in collate(src, tgt, batches[batch_in_epoch])]  # src, tgt_in, tgt_out
-        batch_in_epoch += 1
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # dropout: reproducible per step and rank
-        losses = train_step(model, batch, subnets_for(step, cfg, space, fixed_arch), cfg)  # the sandwich rule
-        if ddp:
-            average_gradients(model, world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
-        if health.finite(losses, grad_norm, step):  # a non-finite step is skipped (and too many in a row stop)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if master:
-            meter.log(bar, out_dir, cfg, step, lr, losses, tokens=int((batch[2] != PAD).sum()))
-        if master and is_snapshot_step(step, cfg, avg_interval):  # weights only, for the final average
-            save_checkpoint(dict(kind="snapshot", model=model.state_dict(), step=step), out_dir / f"ckpt_step{step}.pt")
-        at_eval = step % cfg.eval_interval == 0 or step == cfg.max_steps
-        out_of_time = cfg.max_minutes > 0 and train_seconds() / 60 > cfg.max_minutes
-        if stop_now(out_of_time or (bool(interrupted) and not at_eval), ddp):  # a signal waits for a validation due
+    bar, stopped = tqdm(total=cfg.max_steps, initial=step, disable=not master or None, dynamic_ncols=True), False
+    with StopRequests() as stop:  # Ctrl-C and SIGTERM (schedulers) stop the run after a step, saved
+        while step < cfg.max_steps and not stopped:
+            if batch_in_epoch >= len(batches):
+                epoch, batch_in_epoch, batches = epoch + 1, 0, batcher.batches(epoch + 1)
+            batch = [x.to(device) for x in collate(src, tgt, batches[batch_in_epoch])]  # src, tgt_in, tgt_out
+            batch_in_epoch += 1
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # dropout: reproducible per step and rank
+            losses = train_step(model, batch, subnets_for(step, cfg, space, fixed_arch), cfg)  # the sandwich rule
+            if ddp:
+                average_gradients(model, world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
+            if health.finite(losses, grad_norm, step):  # a non-finite step is skipped (too many in a row stop)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
             if master:
-                if out_of_time and cfg.bleu_sentences >= 0:
+                meter.log(bar, out_dir, cfg, step, lr, losses, tokens=int((batch[2] != PAD).sum()))
+            if master and is_snapshot_step(step, cfg, avg_interval):  # weights only, for the final average
+                save_checkpoint(dict(kind="snapshot", model=model.state_dict(), step=step),
+                                out_dir / f"ckpt_step{step}.pt")
+            due = step % cfg.eval_interval == 0 or step == cfg.max_steps
+            out_of_time = cfg.max_minutes > 0 and train_seconds() / 60 > cfg.max_minutes
+            stopped = stop_now(out_of_time or (stop.asked is not None and not due), ddp)  # a due validation first
+            if master and (stopped or due):  # validate (on a time-out too), then save
+                if (cfg.bleu_sentences >= 0 and (due or out_of_time)) or (step == cfg.max_steps and not stopped):
                     validate()
                 save()
-                why = signal.Signals(interrupted[0]).name if interrupted else "max_minutes reached"
-                tqdm.write(f"stopped at step {step} ({why}); "
-                           f"checkpoint saved, continue with --resume=True --out_dir={shlex.quote(cfg.out_dir)}")
-            if interrupted:
-                restore_signals()
-                return
-            break
-        if master and at_eval:
-            if cfg.bleu_sentences >= 0 or step == cfg.max_steps:
-                validate()
-            save()
-        elif master and cfg.save_interval > 0 and step % cfg.save_interval == 0:
-            save()  # so that a kill costs little
+            elif master and cfg.save_interval > 0 and step % cfg.save_interval == 0:
+                save()  # so that a kill costs little
     bar.close()
-    restore_signals()
+    if stopped and master:
+        tqdm.write(f"stopped at step {step} ({stop.asked or 'max_minutes reached'}); checkpoint saved, continue "
+                   f"with --resume=True --out_dir={shlex.quote(cfg.out_dir)}")
+    if stopped and stop.asked:
+        return
     if ddp:
         check_replicas(model, [subnets_for(k, cfg, space, fixed_arch) for k in range(step)], world, master, out_dir)
     if master:
-        previous = {s: signal.signal(s, raise_stopped) for s in STOP_SIGNALS}  # a stop now ends the test at once
-        try:
+        with stops_end_quietly(f"during the final test; the checkpoint of step {step} is saved: test it with "
+                               f"--resume=True --out_dir={shlex.quote(cfg.out_dir)}"):
             final_test(cfg, model, kind, space, corpus, device, out_dir, avg_interval)
-        except Stopped as e:  # the checkpoint of the last step is saved: the test is all that is left to do
-            print(f"stopped by {signal.Signals(e.signum).name} during the final test; the checkpoint of step {step} is "
-                  f"saved: test it with --resume=True --out_dir={shlex.quote(cfg.out_dir)}", file=sys.stderr)
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
     if ddp:
         dist.destroy_process_group()
 
@@ -401,27 +379,6 @@ def inputs_of(cfg: TrainConfig) -> list:
     return files + ([cfg.data_dir or DATA_DIR / cfg.data] if cfg.data != "toy" else [])
 
 
-def faster_precision(model, batch, arch, cfg: TrainConfig, ddp: bool):
-    """--bf16 unset: (bf16?, why), timing a training step of `arch` on `batch` in fp32 and in bf16 autocast,
-    interleaved, after a warm-up of each (seconds). Emulated bf16 (~100x slower than fp32) is not timed. Weights,
-    gradients and the random state are left as they were; every data-parallel rank takes rank 0's answer."""
-    if not fast_bf16():
-        return False, "fp32: this device has no native bf16 (no AVX-512 BF16/AMX, or a GPU without bf16)"
-    seconds = {False: [], True: []}
-    with torch.random.fork_rng(devices=[batch[0].device] if batch[0].is_cuda else []):
-        for bf16 in (False, True) * 3:  # the first round warms up
-            t = time.perf_counter()
-            train_step(model, batch, [arch], replace(cfg, bf16=bf16))  # .item() inside waits for a GPU
-            seconds[bf16].append(time.perf_counter() - t)
-            model.zero_grad(set_to_none=True)
-    fp32, bf16 = min(seconds[False][1:]), min(seconds[True][1:])
-    answer = [bf16 < fp32]
-    if ddp:
-        dist.broadcast_object_list(answer, src=0)
-    return answer[0], (f"{'bf16 autocast' if answer[0] else 'fp32'}, the faster here: a step of the largest subnet "
-                       f"took {fp32:.2f} s in fp32, {bf16:.2f} s in bf16 (--bf16=True/False forces one)")
-
-
 def build_model(cfg: TrainConfig, corpus, passed, resumed=None):
     """(model, kind, model_args, space, fixed arch): a supernet (no --arch), a standalone subnet from scratch, or
     the subnet --arch extracted from the supernet --init (finetuning); a resumed run's from its own checkpoint alone
@@ -456,62 +413,6 @@ def build_model(cfg: TrainConfig, corpus, passed, resumed=None):
     model = build("standalone", model_args)  # a standalone model of this arch: --dropout, width-scaled
     model.load_state_dict(subnet.state_dict())
     return model, "standalone", model_args, space, fixed_arch
-
-
-def open_run_folder(out_dir: Path, cfg: TrainConfig, resumed):
-    """Claim the folder (runs/folders.py: one writer, nothing foreign in it, and a folder holding another run or a
-    finished or interrupted one is refused unless --resume or --overwrite says what to do with it), start fresh logs
-    (a resumed run drops the steps a killed run logged after its checkpoint: they are redone), write config.json."""
-    claim_folder(out_dir, "train.py", {}, reads=inputs_of(cfg), overwrite=cfg.overwrite, legacy=("config.json",),
-                 refuse_if=() if resumed else ("ckpt.pt", "results.json"))
-    for name in ("train_log.jsonl", "log.jsonl"):
-        if resumed:
-            trim_jsonl(out_dir / name, resumed["step"])
-        else:
-            (out_dir / name).unlink(missing_ok=True)
-    if not resumed:  # averaging snapshots of an earlier run in this folder must not be averaged into this one
-        for old in out_dir.glob("ckpt_step*.pt"):
-            old.unlink()
-    write_json(out_dir / "config.json", asdict(cfg))
-
-
-def check_fits(corpus, cfg: TrainConfig, max_len: int, resumed, data_hash: str):
-    """The limits a run meets, checked before it writes anything: a resumed run continues on the corpus it trained
-    on (its vocabularies and sentences), every sentence fits the model's position table, every training sentence a
-    batch of --max_tokens."""
-    path = Path(cfg.out_dir) / "ckpt.pt"
-    if resumed:
-        check_vocab(resumed, corpus, path)
-        if resumed.get("data_hash", data_hash) != data_hash:  # checkpoints from before the hash have none
-            raise SystemExit(f"error: checkpoint {path} was trained on other sentences than data {corpus.name!r} "
-                             f"holds now (prepared again?); pass the --data_dir it was trained on, or --overwrite=True")
-    for split, sides in corpus.splits.items():
-        for side, seqs in zip(("source", "target"), sides):
-            n, i = max((len(x), i) for i, x in enumerate(seqs)) if seqs else (0, 0)
-            if n + 1 > max_len:  # + 1: the target's BOS
-                raise SystemExit(f"error: {split} {side} sentence {i} has {n} tokens; the model has {max_len} "
-                                 f"positions: filter it out of the corpus (data/prepare.py) or shorten it")
-            if split == "train" and n > cfg.max_tokens:
-                raise SystemExit(f"error: --max_tokens={cfg.max_tokens} is below the longest training sentence "
-                                 f"({n} tokens, {side} sentence {i}); raise --max_tokens")
-
-
-def corpus_hash(corpus) -> str:
-    """sha256 of the training sentences (their lengths and ids, both sides): a resumed run must see the same data."""
-    digest = hashlib.sha256()
-    for side in corpus.splits["train"]:
-        digest.update(np.array([len(x) for x in side]).tobytes() + np.concatenate(side).astype(np.int64).tobytes())
-    return digest.hexdigest()
-
-
-def save_run(path, model, optimizer, kind, model_args, cfg, data_id, step, epoch, batch_in_epoch, train_seconds):
-    """ckpt.pt: a plain dict of the model, optimizer, settings, data position and the data it trains on (data_id:
-    the vocabularies and the hash of the training sentences, computed once per run); never non-finite weights."""
-    if not all(torch.isfinite(p).all() for p in model.parameters()):  # never overwrite a good checkpoint
-        raise SystemExit(f"error: the weights are not finite at step {step}; kept the last checkpoint {path}")
-    save_checkpoint(dict(kind=kind, model=model.state_dict(), model_args=model_args, config=asdict(cfg),
-                         optimizer=optimizer.state_dict(), step=step, data=dict(epoch=epoch, batch=batch_in_epoch),
-                         **data_id, train_seconds=train_seconds, torch_version=str(torch.__version__)), path)
 
 
 # -----------------------------------------------------------------------------

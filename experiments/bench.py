@@ -39,8 +39,9 @@ from runs.files import writable_folder, write_json  # noqa: E402
 from data.prepare import load_data  # noqa: E402
 from mos import SPACES, SuperTransformer  # noqa: E402
 from runs.settings import check_settings, get_device, parse_settings  # noqa: E402
-from train import (TrainConfig, evaluate, faster_precision, load_checkpoint, model_from_checkpoint,  # noqa: E402
-                   token_loss, translate_ids)
+from runs.loop import faster_precision  # noqa: E402
+from train import (TrainConfig, evaluate, load_checkpoint, model_from_checkpoint, token_loss,  # noqa: E402
+                   train_step, translate_ids)
 
 
 @dataclass
@@ -230,7 +231,8 @@ def main(argv):
         print(f"largest subnet's step, {p}: nn.Transformer peer {t['peer_' + p] * 1e3:.0f} ms | mos extracted subnet "
               f"{t['subnet_' + p] * 1e3:.0f} ms (x{report['vs_peer']['subnet_' + p]:.2f}, target <= 1) | supernet path "
               f"{t['supernet_' + p] * 1e3:.0f} ms (x{report['vs_peer']['supernet_' + p]:.2f})")
-    bf16, why = faster_precision(models["neuron"], batch, largest, TrainConfig(), ddp=False)
+    one_step = lambda bf16: train_step(models["neuron"], batch, [largest], TrainConfig(bf16=bf16))
+    bf16, why = faster_precision(one_step, models["neuron"], batch[0].device, ddp=False)
     report["default_precision"] = dict(bf16=bf16, reason=why)
     print(f"train.py's default here: {why}")
 

@@ -59,6 +59,7 @@ import search  # noqa: E402
 import train  # noqa: E402
 from data.batching import TokenBatcher, collate  # noqa: E402
 from runs.folders import claim_folder, record_files  # noqa: E402
+from runs.machine import machine  # noqa: E402
 from runs.files import (append_jsonl, atomic_open, lock_folder, read_json, read_jsonl,  # noqa: E402
                         releases_locks, write_json)
 from experiments.gap import ARMS, inherited_scores, paired_bootstrap, read_lines  # noqa: E402
@@ -280,7 +281,7 @@ def report(out: Path, cfg: FrontsConfig, rows, noise, sessions, corpus, panel):
     checks = [budget_check(cfg, arm, [r for r in rows if r["arm"] == arm], noise.get(arm), sessions, refs, out)
               for arm in cfg.arms if sum(r["arm"] == arm for r in rows) > 1]
     retraining = retraining_check(cfg, rows, refs, out)
-    write_json(out / "fronts.json", dict(settings=asdict(cfg), machine=latency.machine(), winners=rows, noise=noise,
+    write_json(out / "fronts.json", dict(settings=asdict(cfg), machine=machine(), winners=rows, noise=noise,
                                          remeasure_sessions=sessions, latency_across_sessions=across,
                                          budget_checks=checks, retraining=retraining))
     write_markdown(out / "fronts.md", cfg, rows, noise, sessions, checks, across, retraining)
@@ -583,7 +584,7 @@ def main(argv):
                                     SPACES[space].qkv_dim).eval() for name, a in archs.items()}
         r = measure_interleaved(models, panel[0]["name"], cfg.remeasure_rounds, cfg.latency_warmup,
                                 cfg.remeasure_iters, threads=cfg.threads)
-        append_jsonl(path, dict(r, machine=latency.machine(), time=r["before"]["time"]))
+        append_jsonl(path, dict(r, machine=machine(), time=r["before"]["time"]))
         sessions = read_jsonl(path)
         torch.set_num_threads(threads)
 

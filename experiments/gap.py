@@ -46,7 +46,8 @@ from data.batching import TokenBatcher, remove_bpe  # noqa: E402
 from runs.folders import record_files  # noqa: E402
 from runs.files import atomic_open, lock_folder, read_json, releases_locks, write_json  # noqa: E402
 from experiments.reproduce import train_stage  # noqa: E402
-from latency import kendall_tau, machine, measure_latency  # noqa: E402
+from latency import kendall_tau, measure_latency  # noqa: E402
+from runs.machine import machine  # noqa: E402
 from data.prepare import load_data  # noqa: E402
 from mos import SPACES, ArchConfig, Transformer  # noqa: E402
 from runs.checkpoints import check_vocab  # noqa: E402

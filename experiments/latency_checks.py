@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `python experiments/latency_checks.py` can import the core
 import latency  # noqa: E402
 from runs.files import brief, releases_locks, writable_folder, write_json  # noqa: E402
-from latency import busy_warning, fit_predictor, machine_state, measure_latency, protocol_args, subnet_maker  # noqa: E402
+from latency import fit_predictor, measure_latency, protocol_args, subnet_maker  # noqa: E402
+from runs.machine import busy_warning, machine_state  # noqa: E402
 from mos import FEATURE_NAMES  # noqa: E402
 from runs.settings import check_settings, get_device, parse_settings  # noqa: E402
 from runs.signals import run  # noqa: E402

@@ -7,5 +7,6 @@ search.py read as the method and call this in a line each. Imports nothing of th
     files.py         atomic writes, JSON and JSON-lines files, one writer per folder (flock)
     checkpoints.py   plain-dict checkpoints: checksummed, loaded with weights_only=True, checked whole
     signals.py       Ctrl-C and SIGTERM end a command in one line; a command's entry point
+    machine.py       the machine a figure was measured on and its load; whether bf16 is native here
     loop.py          data-parallel ranks, the throughput meter and log, the guard against non-finite steps
 """

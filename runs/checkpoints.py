@@ -147,3 +147,12 @@ def check_same(stored: dict, cfg, keys, path):
     if clashes:
         raise SystemExit(f"error: checkpoint {path} was made with other settings than {', '.join(clashes)}; "
                          f"drop these flags (the checkpoint's own are used) or use another checkpoint/--out_dir")
+
+
+def save_run(path, model, optimizer, step: int, **entries):
+    """A training run's ckpt.pt: the model, the optimizer and `entries` (kind, model_args, config, data position,
+    vocabularies, data hash, training seconds) as a plain dict; never non-finite weights over a good checkpoint."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise SystemExit(f"error: the weights are not finite at step {step}; kept the last checkpoint {path}")
+    save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, **entries,
+                         torch_version=str(torch.__version__)), path)

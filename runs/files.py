@@ -156,3 +156,48 @@ def releases_locks(main):
                 if _held[key][1] == 0:
                     _held.pop(key)[0].close()  # closing the file releases the flock
     return wrapper
+
+
+# -----------------------------------------------------------------------------
+# A persistent cache: what a killed command computed is never computed again
+
+
+class Cache:
+    """Numbers per key (search.py: per arch), kept in memory and in a JSON file, rewritten atomically after every
+    new entry, so a killed command reruns to the same point without computing anything twice. `tag` says what the
+    numbers depend on; a file made under another tag is ignored."""
+
+    def __init__(self, path, tag, conditions=None):
+        """Load the stored values of `path` if they were made under the same `tag`. `conditions` (the machine's
+        state when this session started) is appended to the file's list of sessions, beside the values."""
+        self.path, self.tag, self.data, self.sessions = Path(path), tag, {}, []
+        if self.path.exists():
+            try:
+                stored = json.loads(self.path.read_text())
+            except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested too deeply
+                raise SystemExit(f"error: {self.path} is not valid JSON (edited by hand?); delete it to rescore")
+            if isinstance(stored, dict) and stored.get("tag") == tag and isinstance(stored.get("values"), dict):
+                self.data, self.sessions = stored["values"], list(stored.get("sessions", []))
+                print(f"resuming from {self.path}: {sum(len(v) for v in self.data.values())} cached values")
+            else:
+                print(f"ignoring {self.path}: it was made with other settings or another checkpoint")
+        if conditions:
+            self.sessions.append(conditions)
+            self.save()
+
+    def save(self):
+        """Rewrite the file atomically: a kill mid-write leaves the previous one."""
+        with atomic_open(self.path) as f:
+            f.write(json.dumps({"tag": self.tag, "values": self.data, "sessions": self.sessions}))
+
+    def wrap(self, kind, fn, key):
+        """fn(x) -> float, computed once per key(x) (a string) and stored under `kind`."""
+        table = self.data.setdefault(kind, {})
+
+        def cached(x):
+            """fn(x), computed and written to disk only the first time."""
+            if key(x) not in table:
+                table[key(x)] = fn(x)
+                self.save()
+            return table[key(x)]
+        return cached

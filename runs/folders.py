@@ -22,7 +22,7 @@ import shutil
 from fnmatch import fnmatch
 from pathlib import Path
 
-from runs.files import brief, lock_file, lock_folder, write_json
+from runs.files import brief, lock_file, lock_folder, trim_jsonl, write_json
 
 OWNER = "owner.json"  # {"command": ..., "inputs": {...}, "files": [patterns of files written beyond WRITES]}
 # the entries each command writes in its folder (fnmatch patterns; a trailing "/" is a folder it made) ...
@@ -175,3 +175,20 @@ def record_files(folder, patterns):
         raise SystemExit(f"error: {folder} has no {OWNER}: it is not a run folder of a mos command")
     if not set(patterns) <= set(owner["files"]):
         write_json(folder / OWNER, {**owner, "files": sorted(set(owner["files"]) | set(patterns))})
+
+
+def open_train_folder(out_dir, config: dict, resumed_step, reads, overwrite: bool) -> Path:
+    """train.py's run folder: claimed (refused if it holds a finished or interrupted run that --resume=True does not
+    continue), with fresh logs (a resumed run drops the steps a killed run logged after its checkpoint: they are
+    redone, so the logs read as one run), no averaging snapshots of an earlier run, and config.json written."""
+    out_dir = claim_folder(out_dir, "train.py", {}, reads=reads, overwrite=overwrite, legacy=("config.json",),
+                           refuse_if=() if resumed_step is not None else ("ckpt.pt", "results.json"))
+    for name in ("train_log.jsonl", "log.jsonl"):
+        if resumed_step is not None:
+            trim_jsonl(out_dir / name, resumed_step)
+        else:
+            (out_dir / name).unlink(missing_ok=True)
+    for old in out_dir.glob("ckpt_step*.pt") if resumed_step is None else ():
+        old.unlink()
+    write_json(out_dir / "config.json", config)
+    return out_dir

@@ -13,7 +13,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from runs.checkpoints import check_vocab
 from runs.files import append_jsonl, write_json
+from runs.machine import fast_bf16
 from runs.settings import get_device
 
 
@@ -27,6 +29,27 @@ def start_ranks(cfg):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def faster_precision(step, model, device, ddp: bool):
+    """--bf16 unset: (bf16?, why), timing step(bf16), one training step of the largest subnet, in fp32 and in bf16
+    autocast, interleaved, after a warm-up of each (seconds). Emulated bf16 (~100x slower than fp32) is not timed.
+    Weights, gradients and the random state are left as they were; every data-parallel rank takes rank 0's answer."""
+    if not fast_bf16():
+        return False, "fp32: this device has no native bf16 (no AVX-512 BF16/AMX, or a GPU without bf16)"
+    seconds = {False: [], True: []}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for bf16 in (False, True) * 3:  # the first round warms up
+            t = time.perf_counter()
+            step(bf16)  # (its loss's .item() waits for a GPU)
+            seconds[bf16].append(time.perf_counter() - t)
+            model.zero_grad(set_to_none=True)
+    fp32, bf16 = min(seconds[False][1:]), min(seconds[True][1:])
+    answer = [bf16 < fp32]
+    if ddp:
+        dist.broadcast_object_list(answer, src=0)
+    return answer[0], (f"{'bf16 autocast' if answer[0] else 'fp32'}, the faster here: a step of the largest subnet "
+                       f"took {fp32:.2f} s in fp32, {bf16:.2f} s in bf16 (--bf16=True/False forces one)")
 
 
 class Meter:
@@ -96,3 +119,31 @@ def check_replicas(model, subnets, world, master, out_dir):
         write_json(out_dir / "ddp_check.json", {"rank_digests": digests, "in_sync": digests.count(digest) == world})
         if digests.count(digest) != world:
             raise SystemExit(f"error: data-parallel replicas diverged: {digests}")
+
+
+def corpus_hash(corpus) -> str:
+    """sha256 of the training sentences (their lengths and ids, both sides): a resumed run must see the same data."""
+    digest = hashlib.sha256()
+    for side in corpus.splits["train"]:
+        digest.update(np.array([len(x) for x in side]).tobytes() + np.concatenate(side).astype(np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def check_data(corpus, max_tokens: int, max_len: int, resumed, path, data_hash: str):
+    """The limits a run meets, checked before it writes anything: a resumed run (its checkpoint at `path`)
+    continues on the corpus it trained on (vocabularies, and sentences: `data_hash` is corpus_hash's), every sentence
+    fits the model's position table, every training sentence a batch of max_tokens."""
+    if resumed:
+        check_vocab(resumed, corpus, path)
+        if resumed.get("data_hash", data_hash) != data_hash:  # (checkpoints from before the hash have none)
+            raise SystemExit(f"error: checkpoint {path} was trained on other sentences than data {corpus.name!r} "
+                             f"holds now (prepared again?); pass the --data_dir it was trained on, or --overwrite=True")
+    for split, sides in corpus.splits.items():
+        for side, seqs in zip(("source", "target"), sides):
+            n, i = max((len(x), i) for i, x in enumerate(seqs)) if seqs else (0, 0)
+            if n + 1 > max_len:  # + 1: the target's BOS
+                raise SystemExit(f"error: {split} {side} sentence {i} has {n} tokens; the model has {max_len} "
+                                 f"positions: filter it out of the corpus (data/prepare.py) or shorten it")
+            if split == "train" and n > max_tokens:
+                raise SystemExit(f"error: --max_tokens={max_tokens} is below the longest training sentence "
+                                 f"({n} tokens, {side} sentence {i}); raise --max_tokens")

@@ -8,6 +8,7 @@ command in one line, with everything finished already on disk; train.py defers t
 
 import signal
 import sys
+from contextlib import contextmanager
 
 from runs.files import brief
 
@@ -29,6 +30,38 @@ def defer_stop_signals(noted: list):
     previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum) or received.append(signum))
                 for s in STOP_SIGNALS}
     return lambda: [signal.signal(s, handler) for s, handler in previous.items()]
+
+
+class StopRequests:
+    """A `with` block in which SIGINT and SIGTERM only ask for a stop (train.py's loop stops after the step and
+    saves); `asked` is the first such signal's name, or None."""
+
+    def __enter__(self):
+        self.noted = []
+        self.restore = defer_stop_signals(self.noted)
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
+
+    @property
+    def asked(self):
+        """The name of the first stop signal caught in the block, or None."""
+        return signal.Signals(self.noted[0]).name if self.noted else None
+
+
+@contextmanager
+def stops_end_quietly(hint: str):
+    """A `with` block that a stop signal ends at once with one line on stderr, "stopped by SIGTERM " + hint, after
+    which the command goes on (train.py's final test: its checkpoint is saved, a resume runs the test)."""
+    previous = {s: signal.signal(s, raise_stopped) for s in STOP_SIGNALS}
+    try:
+        yield
+    except Stopped as e:
+        print(f"stopped by {signal.Signals(e.signum).name} {hint}", file=sys.stderr)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def raise_stopped(signum, frame):

@@ -206,8 +206,9 @@ def test_a_finetune_honours_dropout_and_resumes_without_its_supernet(scratch, tm
     train.main([*ft, "--max_steps=4", "--out_dir=pieces", "--resume=True"])
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("straight", "pieces"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((tmp_path / "straight" / "results.json").read_text()) == \
-        json.loads((tmp_path / "pieces" / "results.json").read_text())
+    straight, pieces = ({k: v for k, v in json.loads((tmp_path / d / "results.json").read_text())["model"].items()
+                         if k != "decode_seconds"} for d in ("straight", "pieces"))  # (a clock reading aside)
+    assert straight == pieces
 
 
 def test_a_latency_dataset_is_one_protocol_and_fit_keeps_a_good_predictor(scratch, tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import latency
+from runs import machine
 from runs.files import read_jsonl
 from experiments import latency_checks
 from mos import FEATURE_NAMES, SPACES
@@ -132,7 +133,7 @@ def test_interleaved_measurement_with_a_fake_timer(monkeypatch):
         calls.append((model, iters))
         return {"median_ms": base[model] * (load_of_round[timed_rounds] if iters > 1 else 1.0)}
 
-    monkeypatch.setattr(latency.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    monkeypatch.setattr(machine.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
     warned = []
     r = latency_checks.measure_interleaved({"a": "A", "ref": "R", "b": "B"}, "ref", rounds=3, warmup=4, iters=7,
                                            measure=fake_measure, log=warned.append, threads=1)
@@ -144,7 +145,7 @@ def test_interleaved_measurement_with_a_fake_timer(monkeypatch):
     assert r["models"]["b"]["ratio_to_reference"] == pytest.approx(4.0)
     assert len(warned) == 1 and "varied by 200%" in warned[0] and r["warnings"] == [w[9:] for w in warned]
 
-    monkeypatch.setattr(latency.os, "getloadavg", lambda: (3.5, 3.0, 3.0))  # 2.5 runnable beyond our one thread
+    monkeypatch.setattr(machine.os, "getloadavg", lambda: (3.5, 3.0, 3.0))  # 2.5 runnable beyond our one thread
     quiet = latency_checks.measure_interleaved({"ref": "R", "a": "A"}, "ref", rounds=2, warmup=0, iters=3, threads=1,
                                                measure=lambda m, warmup, iters, **p: {"median_ms": base[m]},
                                                log=warned.append)

@@ -3,6 +3,7 @@ dropout, the written-out label-smoothed loss equals F.cross_entropy in value and
 equivalences hold under CPU bf16 autocast within a stated tolerance, and the run-start precision choice leaves
 the run as it was. No timing here (experiments/bench.py measures speed). Run: python -m pytest -q tests/test_speed.py"""
 
+import dataclasses
 import json
 import random
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 import mos
 import train
+from runs import loop
 from mos import PAD, SPACES, SuperTransformer
 from test_mos import SRC_V, TGT_V, batch, reversal_batch, trained_reverser
 
@@ -55,16 +57,16 @@ def test_cpu_attention_equals_torch_sdpa_for_every_mask_the_model_uses():
 
 def test_dropout_drops_at_rate_p_scales_the_rest_and_is_off_in_eval():
     x = torch.ones(200_000, requires_grad=True)
-    assert mos.dropout(x, 0.3, training=False) is x and mos.dropout(x, 0.0, training=True) is x
+    assert mos.apply_dropout(x, 0.3, training=False) is x and mos.apply_dropout(x, 0.0, training=True) is x
     torch.manual_seed(0)
-    y = mos.dropout(x, 0.3, training=True)
+    y = mos.apply_dropout(x, 0.3, training=True)
     kept = y != 0
     assert abs(1 - kept.float().mean().item() - 0.3) < 0.005  # zeroed with probability p
     assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.7))  # the rest scaled by 1 / (1 - p)
     y.sum().backward()
     assert torch.equal(x.grad, kept.float() / 0.7)  # the gradient flows through the kept entries only
     torch.manual_seed(0)
-    assert torch.equal(mos.dropout(x, 0.3, training=True), y)  # seeded: the same mask again
+    assert torch.equal(mos.apply_dropout(x, 0.3, training=True), y)  # seeded: the same mask again
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
@@ -113,11 +115,12 @@ def test_precision_choice_leaves_weights_gradients_and_random_state_as_they_were
     src, tgt_in = batch()
     step = [src, tgt_in, torch.cat([tgt_in[:, 1:], torch.full((3, 1), mos.EOS)], 1)]  # src, tgt_in, tgt_out
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(train, "fast_bf16", lambda: False)  # emulated bf16: fp32 without timing anything
-    assert train.faster_precision(model, step, space.largest(), cfg, ddp=False)[0] is False
-    monkeypatch.setattr(train, "fast_bf16", lambda: True)
+    one_step = lambda bf16: train.train_step(model, step, [space.largest()], dataclasses.replace(cfg, bf16=bf16))
+    monkeypatch.setattr(loop, "fast_bf16", lambda: False)  # emulated bf16: fp32 without timing anything
+    assert loop.faster_precision(one_step, model, torch.device("cpu"), ddp=False)[0] is False
+    monkeypatch.setattr(loop, "fast_bf16", lambda: True)
     state = torch.get_rng_state()
-    bf16, why = train.faster_precision(model, step, space.largest(), cfg, ddp=False)
+    bf16, why = loop.faster_precision(one_step, model, torch.device("cpu"), ddp=False)
     assert isinstance(bf16, bool) and "fp32" in why and "bf16" in why
     assert torch.equal(torch.get_rng_state(), state)  # the run's dropout masks are the ones it would have drawn
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -125,7 +128,7 @@ def test_precision_choice_leaves_weights_gradients_and_random_state_as_they_were
 
 
 def test_unset_precision_is_decided_at_the_start_said_and_stored(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "fast_bf16", lambda: False)  # the CI machine's answer, whatever it runs on
+    monkeypatch.setattr(loop, "fast_bf16", lambda: False)  # the CI machine's answer, whatever it runs on
     out = tmp_path / "run"
     train.main(["--preset=toy", "--bf16=None", "--max_steps=2", "--bleu_sentences=-1", "--test_sentences=4",
                 f"--out_dir={out}"])

@@ -1,0 +1,50 @@
+"""
+The machine a figure was measured on, and its state: every latency and timing figure is recorded with them, and
+bf16 is used only where the hardware runs it natively.
+"""
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+BUSY_LOAD = 0.5  # runnable processes beyond our own threads (1-minute load average) that make a figure suspect
+
+
+def machine() -> str:
+    """The CPU (or GPU) every latency figure was measured on, in words."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.processor() or platform.machine())
+    simd = "AVX-512" if "avx512f" in info else "AVX2" if "avx2" in info else "no AVX2"
+    return f"{name}, {simd}, {os.cpu_count()} cores"
+
+
+def machine_state(threads: int) -> dict:
+    """The conditions of a latency measurement: the machine, the 1-minute load average, the cores, and `others`, the
+    load beyond the `threads` this measurement keeps busy itself (an estimate: the average lags by about a minute)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return dict(machine=machine(), load_1min=round(load, 2), cores=os.cpu_count(),
+                others=round(max(0.0, load - threads), 2), time=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def busy_warning(before: dict, after: dict, threads: int):
+    """A warning (text) if other work loaded the cores between two machine_state()s, else None."""
+    if max(before["others"], after["others"]) > BUSY_LOAD:
+        return (f"other work loads the cores (load {before['load_1min']} before, {after['load_1min']} after, "
+                f"{threads} threads of ours): trust ratios to a reference measured alongside more than the ms")
+    return None
+
+
+def fast_bf16() -> bool:
+    """Whether bf16 autocast runs natively here: a CUDA GPU with bf16, or an x86 CPU with AVX-512 bf16 or AMX
+    instructions. Elsewhere a CPU emulates bf16 and is slower than fp32, so fp32 is kept. Read when a run starts."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
