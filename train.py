@@ -61,13 +61,13 @@ class TrainConfig:
     space: str = "cpu"  # search space in mos.SPACES: cpu | cpu_wide | iwslt14 | tiny
     router: str = "neuron"  # none (HAT weight sharing) | layer | neuron (MoS)
     num_experts: int = 2  # m in the paper; 1 with router=none
-    router_hidden: int = 128
+    router_hidden: int = 128  # the router MLP's hidden width
     dropout: float = 0.3  # scaled with width per subnet (HAT)
     # what to train: a supernet (arch empty), or one subnet (arch = JSON file | largest | smallest | middle)
-    arch: str = ""
+    arch: str = ""  # empty: a supernet; else the one subnet to train, a JSON file | largest | smallest | middle
     init: str = ""  # supernet checkpoint to extract `arch` from (finetune); with eval_only/translate: the model
     sampling: str = "sandwich"  # sandwich: largest + smallest + n_random random per step (MoS) | random: one (HAT)
-    n_random: int = 1
+    n_random: int = 1  # random subnets per sandwich step, besides the largest and the smallest
     distill: bool = False  # in-place distillation: the largest subnet's distribution teaches the others
     # optimisation
     max_steps: int = 1500

@@ -8,7 +8,9 @@ Every number must be finite and inside its interval (NaN is inside none), every 
 """
 
 import ast
+import inspect
 import math
+import re
 from dataclasses import fields, replace
 
 import torch
@@ -17,7 +19,10 @@ import torch
 def parse_settings(cls, argv, command_field=None, presets=None):
     """The settings of dataclass `cls` from argv: a first bare word sets `command_field` (latency.py's command);
     --preset=NAME applies presets[NAME] first (the values that differ from the defaults); then each --key=value,
-    read as a Python literal (a bare word is a string) of the field's type."""
+    read as a Python literal (a bare word is a string) of the field's type. --help (or -h) prints help_text."""
+    if any(arg in ("--help", "-h") for arg in argv):
+        print(help_text(cls, presets, command_field))
+        raise SystemExit(0)
     cfg = cls()
     if command_field and argv and not argv[0].startswith("--"):
         cfg, argv = replace(cfg, **{command_field: argv[0]}), argv[1:]
@@ -60,6 +65,48 @@ def literal(text: str):
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
         return text
+
+
+WRAPPED = 100  # a source line this long or longer was wrapped: a comment line below it continues its comment
+
+
+def field_comments(cls) -> dict:
+    """Each field of dataclass `cls` -> the comment written beside it in the source (continued on a comment line
+    right below it when the line above was wrapped at the width), "" where there is none."""
+    comments, field, previous, names = {}, None, "", {f.name for f in fields(cls)}
+    for line in inspect.getsource(cls).splitlines():
+        start = re.match(r"\s+(\w+)\s*:[^=]*=", line)
+        if start and start.group(1) in names:
+            field = start.group(1)
+            comments[field] = line.split("  # ", 1)[1].strip() if "  # " in line else ""
+        elif field and line.strip().startswith("#") and comments[field] and len(previous) >= WRAPPED:
+            comments[field] += " " + line.strip().lstrip("#").strip()
+        else:
+            field = None
+        previous = line
+    return comments
+
+
+def help_text(cls, presets=None, command_field=None) -> str:
+    """--help: every setting of dataclass `cls` with its default, type and the comment beside it, in the order of
+    the code, then the presets (what each changes)."""
+    comments, defaults = field_comments(cls), cls()
+    usage = f"usage: {'COMMAND ' if command_field else ''}--key=value ... (a value is a Python literal or a bare word"
+    usage += "; --preset=NAME first applies a preset)" if presets else ")"
+    text = [(cls.__doc__ or cls.__name__).strip().split("\n")[0], usage, "", "settings, with their defaults:"]
+    for f in fields(cls):
+        kind = "bool or None" if f.type == (bool | None) else getattr(f.type, "__name__", str(f.type))
+        text.append(f"  --{f.name}={as_typed(getattr(defaults, f.name))} ({kind})  {comments.get(f.name, '')}".rstrip())
+    if presets:
+        text += ["", "presets (what each changes):"]
+        text += [f"  --preset={name}: {' '.join(f'--{k}={as_typed(v)}' for k, v in values.items()) or 'the defaults'}"
+                 for name, values in presets.items()]
+    return "\n".join(text)
+
+
+def as_typed(value) -> str:
+    """A setting's value as it is typed after --key=: a plain word bare, anything else as a Python literal."""
+    return value if isinstance(value, str) and re.fullmatch(r"[\w./<>-]+", value) else repr(value)
 
 
 def interval(bound) -> str:
