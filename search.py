@@ -1,8 +1,8 @@
 """
 HAT's evolutionary search for the best subnet of a trained supernet under a latency budget (HAT, section 3.3).
 
-    python search.py --ckpt=out/ckpt.pt --budgets=[18,27,36]                     # predictor latency (fast)
-    python search.py --ckpt=out/ckpt.pt --budgets=[27] --latency=measured        # time every candidate
+    python search.py --ckpt=out/ckpt.pt --budgets=[p25,p50,p75]   # percentiles of your latency dataset, predicted
+    python search.py --ckpt=out/ckpt.pt --budgets=[27] --latency=measured        # 27 ms; time every candidate
     python train.py --arch=out_search/arch_27ms.json --init=out/ckpt.pt --out_dir=out_ft   # then finetune a winner
 
 The loop, as HAT's evolution.py but on ArchConfig fields (no flat gene list): a random population that meets the
@@ -23,16 +23,18 @@ borderline candidate may be accepted in one run and not in another (their cache 
 import json
 import math
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import mos
 from data.prepare import load_data
-from latency import PROTOCOLS, fastest_arch, load_predictor, measure_latency, predict
+from latency import PROTOCOLS, fastest_arch, load_predictor, measure_latency, predict, read_latency_csv
 from mos import ArchConfig
 from runs.checkpoints import check_vocab
 from runs.files import Cache, releases_locks, write_json
@@ -55,8 +57,9 @@ class SearchConfig:
     mutation probability 0.3, 30 iterations (MoS: 10), scaled to a third for a 2-core CPU with the same ratios."""
     ckpt: str = "out/ckpt.pt"  # a supernet checkpoint from train.py
     out_dir: str = "out_search"
-    budgets: tuple = (18.0, 27.0, 36.0)  # ms, one search each. Latency depends on the machine and the protocol:
-    # choose budgets between your own latency dataset's fastest and slowest subnets (latency.py dataset)
+    budgets: tuple = ("p25", "p50", "p75")  # one search each: ms, or pNN: that percentile of the latencies in
+    # latency_csv (latency depends on the machine and the protocol, so percentiles of your own data fit any machine)
+    latency_csv: str = "out_latency/latency.csv"  # the latency dataset (latency.py dataset) that pNN budgets read
     latency: str = "predicted"  # predicted (latency.py fit's predictor) | measured (time every candidate)
     predictor: str = "out_latency/predictor.json"
     population: int = 40
@@ -89,10 +92,25 @@ CHOICES = dict(latency=("predicted", "measured"), protocol=PROTOCOLS)
 
 
 def check_budgets(budgets):
-    """Latency budgets are a non-empty list of finite, positive numbers of ms."""
-    if not budgets or not all(type(b) in (int, float) and math.isfinite(b) and b > 0 for b in budgets):
-        raise SystemExit(f"error: --budgets={list(budgets)}; give a list of finite, positive numbers (ms), e.g. "
-                         f"[18,27]")
+    """Latency budgets are a non-empty list of finite, positive numbers of ms, or of percentiles pNN (0 < NN < 100)."""
+    percentile = lambda b: isinstance(b, str) and re.fullmatch(r"p\d+(\.\d+)?", b) and 0 < float(b[1:]) < 100
+    if not budgets or not all(percentile(b) or type(b) in (int, float) and math.isfinite(b) and b > 0 for b in budgets):
+        raise SystemExit(f"error: --budgets={list(budgets)}; give a list of finite, positive numbers (ms) or of "
+                         f"percentiles of --latency_csv, e.g. [18,27] or [p25,p50]")
+
+
+def budgets_in_ms(cfg: SearchConfig, space, protocol: str) -> list:
+    """The budgets in ms: a number as it is, pNN as that percentile (rounded to 0.01 ms) of the measured latencies
+    in cfg.latency_csv, which must be of the supernet's space and of the protocol searched."""
+    if all(type(b) in (int, float) for b in cfg.budgets):
+        return [float(b) for b in cfg.budgets]
+    _, ms, data_space, data_protocol = read_latency_csv(cfg.latency_csv)
+    if (data_space, data_protocol) != (space.name, protocol):
+        raise SystemExit(f"error: --latency_csv={cfg.latency_csv} holds latencies of space {data_space!r} under the "
+                         f"{data_protocol!r} protocol; the budgets {list(cfg.budgets)} need {space.name!r} under "
+                         f"{protocol!r}: measure them with latency.py dataset, or give budgets in ms")
+    return [float(b) if type(b) in (int, float) else round(float(np.percentile(ms, float(b[1:]))), 2)
+            for b in cfg.budgets]
 
 
 class BudgetError(ValueError):
@@ -289,7 +307,9 @@ def main(argv):
     check_budgets(cfg.budgets)
     if cfg.population != cfg.parents + cfg.mutations + cfg.crossovers:  # HAT asserts the same
         raise SystemExit(f"error: population {cfg.population} != parents + mutations + crossovers")
-    reads = [cfg.ckpt, cfg.predictor if cfg.latency == "predicted" else ""]  # the inputs, never outputs
+    percentiles = any(isinstance(b, str) for b in cfg.budgets)
+    reads = [cfg.ckpt, cfg.predictor if cfg.latency == "predicted" else "",  # the inputs, never outputs
+             cfg.latency_csv if percentiles else ""]
     out_dir = check_target(cfg.out_dir, "--out_dir", reads)
     torch.set_num_threads(cfg.threads)
     t_start, device = time.time(), get_device(cfg.device)
@@ -302,9 +322,11 @@ def main(argv):
     check_vocab(ckpt, corpus, cfg.ckpt)
     batches = split_batches(corpus, "valid", cfg.max_tokens, device, cfg.valid_sentences)  # collated once
     predictor = check_predictor(cfg, space)
+    budgets = budgets_in_ms(cfg, space, cfg.protocol)
     inputs = dict(ckpt=str(Path(cfg.ckpt).resolve()), latency=cfg.latency, protocol=cfg.protocol, seed=cfg.seed,
                   predictor=str(Path(cfg.predictor).resolve()) if cfg.latency == "predicted" else None,
-                  budgets=list(cfg.budgets), valid_sentences=cfg.valid_sentences)  # what the results depend on
+                  budgets=[b if type(b) in (int, float) else ms for b, ms in zip(cfg.budgets, budgets)],
+                  valid_sentences=cfg.valid_sentences)  # what the results depend on (pNN: its ms)
     claim_folder(out_dir, "search.py", inputs, reads, cfg.overwrite, legacy=("cache.json",))  # runs/folders.py
     stat = Path(cfg.ckpt).stat()  # the cached numbers belong to this checkpoint, subset and protocol
     tag = dict(ckpt=str(Path(cfg.ckpt).resolve()), ckpt_bytes=stat.st_size, ckpt_mtime=stat.st_mtime, **{
@@ -319,10 +341,11 @@ def main(argv):
     protocol = f"{cfg.protocol} protocol, {cfg.device}, {cfg.threads} threads, batch 1, beam 5, 23+23 tokens"
     floor = lowest_latency(space, latency, cfg.floor_samples, random.Random(cfg.seed)) if latency is predicted else None
     print(f"searching {space.name} space of {cfg.ckpt} | {len(batches)} valid batches ({cfg.valid_sentences} "
-          f"sentences) | {cfg.latency} latency | budgets {list(cfg.budgets)} ms")
+          f"sentences) | {cfg.latency} latency | budgets {budgets} ms" + (f" (percentiles {list(cfg.budgets)} of "
+                                                                          f"{cfg.latency_csv})" if percentiles else ""))
 
     results, scored = [], {}  # scored: every subnet this run scored, under any budget (in order)
-    for budget in cfg.budgets:
+    for budget, given in zip(budgets, cfg.budgets):
         t0 = time.time()
         try:
             r = evolve(space, score, latency, float(budget), cfg, random.Random(cfg.seed), floor=floor)
@@ -336,7 +359,8 @@ def main(argv):
             print(f"warning: budget {budget:g} ms's winner: {busy}; `experiments/latency_checks.py remeasure` "
                   f"repeats it side by side")
         final = sorted(runs)[len(runs) // 2]  # the median of the repeats
-        result = dict(budget_ms=float(budget), arch=r["arch"].to_dict(), valid_loss=r["valid_loss"],
+        name = given if isinstance(given, str) else f"{budget:g}ms"  # its arch file: arch_p25.json, arch_18ms.json
+        result = dict(budget_ms=float(budget), budget=name, arch=r["arch"].to_dict(), valid_loss=r["valid_loss"],
                       search_latency_ms=r["latency_ms"], measured_ms=final, measured_runs_ms=runs,
                       measured_spread=(max(runs) - min(runs)) / final, conditions=conditions,
                       predicted_ms=predicted(r["arch"]) if predicted else None,
@@ -355,7 +379,7 @@ def main(argv):
         raise SystemExit(f"error: the supernet {cfg.ckpt} gives non-finite losses or latencies; {out_dir}'s results "
                          f"are left as they were")
     for result in results:  # ready for train.py --arch=FILE
-        write_json(out_dir / f"arch_{result['budget_ms']:g}ms.json", result["arch"])
+        write_json(out_dir / f"arch_{result['budget']}.json", result["arch"])
     plot(results, candidates, cfg, protocol, out_dir)
     write_json(out_dir / "results.json", dict(settings=asdict(cfg), protocol=protocol, space=space.name,
                                               seconds=round(time.time() - t_start, 1), results=results,

@@ -531,7 +531,9 @@ def final_test(cfg, model, kind, space, corpus, device, out_dir, avg_interval=1)
         results[name] = run_evaluate(net, corpus, cfg.split, cfg, device, n_bleu=cfg.test_sentences,
                                      hyps_path=out_dir / f"hyps_{cfg.split}_{name}.txt")
         results[name]["decode_seconds"] = round(time.time() - t, 1)
-        print(f"{cfg.split} {name}: {score_line(results[name])}")
+        same = name == "middle" and space.middle() == space.largest()  # (a space of two-choice fields)
+        print(f"{cfg.split} {name}: {score_line(results[name])}" + (" (the largest subnet: in this space every "
+                                                                     "choice of middle is the largest)" if same else ""))
     write_json(out_dir / "results.json", results)
     append_jsonl(out_dir / "log.jsonl", {"final": results})
 

@@ -379,6 +379,7 @@ def report(out: Path, cfg: GapConfig, panel, corpus):
                                       paired_method=method, paired_bootstrap={str(s): p for s, p in paired.items()}))
     write_markdown(out / "gap.md", panel, standalone, runs, rows, summary, paired, method, differences, verdicts)
     plot(out / "gap.png", panel, standalone, runs)
+    print(f"report: {out / 'gap.md'} (the reading), {out / 'gap.json'} (every figure), {out / 'gap.png'}")
     return summary
 
 

@@ -17,6 +17,7 @@ resumes from its checkpoint, the latency dataset and the search cache continue w
 Settings are the ReproConfig fields, changed with --key=value as in train.py.
 """
 
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -78,7 +79,8 @@ def train_stage(out_dir: Path, flags):
         print(f"[done] {out_dir}")
         return
     resume = ["--resume=True"] if (out_dir / "ckpt.pt").exists() else []
-    print(f"[run] train.py {' '.join(flags)} --out_dir={out_dir} {' '.join(resume)}")
+    flags = list({flag.split("=", 1)[0]: flag for flag in flags}.values())  # a flag given twice: its last value
+    print(f"[run] train.py {' '.join(flags)} --out_dir={shlex.quote(str(out_dir))} {' '.join(resume)}")
     train.main([*flags, f"--out_dir={out_dir}", *resume])
     if not (out_dir / "results.json").exists():  # Ctrl-C or SIGTERM: train.py saved its checkpoint and returned
         raise signals.Stopped(signals.received[-1]) if signals.received else SystemExit(

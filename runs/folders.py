@@ -29,7 +29,7 @@ OWNER = "owner.json"  # {"command": ..., "inputs": {...}, "files": [patterns of 
 WRITES = {
     "train.py": ("config.json", "ckpt.pt", "ckpt_step*.pt", "log.jsonl", "train_log.jsonl", "results.json",
                  "hyps_*.txt", "ddp_check.json"),
-    "search.py": ("cache.json", "arch_*ms.json", "results.json", "candidates.png", "convergence.png"),
+    "search.py": ("cache.json", "arch_*ms.json", "arch_p*.json", "results.json", "candidates.png", "convergence.png"),
     "data/prepare.py": ("summary.json", "corpus.npz", "bpe.codes", "vocab.*.txt", "*.bpe.de", "*.bpe.en",
                         "*.tok.en", "fairseq/"),
 }
@@ -46,6 +46,8 @@ def check_target(path, what: str, reads=(), file=False) -> Path:
     problem = None
     if file and real.is_dir():
         problem = "is a folder; give a file path"
+    elif not file and real.exists() and not real.is_dir():
+        problem = "is a file, not a folder"
     elif not file and (real == here or real in here.parents):
         problem = "is the current folder or a folder above it"
     elif not file and real == Path.home().resolve():

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import random
 
+import numpy as np
 import pytest
 
 import latency
@@ -133,3 +134,21 @@ def test_search_resumes_from_cache(tiny, tmp_path, monkeypatch):
 def test_search_rejects_unreachable_budget(tiny, tmp_path):
     with pytest.raises(SystemExit, match="fastest one found"):
         run_search(tiny, tmp_path, "--budgets=[5]")
+
+
+def test_budgets_as_percentiles_of_the_latency_dataset(tiny, tmp_path):
+    """--budgets=[p50]: the median of the dataset's measured latencies, in ms, its arch file arch_p50.json; a
+    dataset of another space is refused, and so is a percentile outside (0, 100)."""
+    csv_path = tmp_path / "latency.csv"
+    latency.main(["dataset", "--space=tiny", "--n=12", f"--out={csv_path}", "--iters=1", "--warmup=0", "--threads=1"])
+    measured = latency.read_latency_csv(csv_path)[1]
+    found = run_search(tiny, tmp_path / "s", "--budgets=[p50,100000]", f"--latency_csv={csv_path}")
+    assert found[0]["budget_ms"] == round(float(np.percentile(measured, 50)), 2) and found[1]["budget_ms"] == 100000
+    assert (tmp_path / "s" / "arch_p50.json").exists() and (tmp_path / "s" / "arch_100000ms.json").exists()
+    other = tmp_path / "cpu.csv"
+    other.write_text(csv_path.read_text().replace("\ntiny,", "\ncpu,"))
+    with pytest.raises(SystemExit, match="holds latencies of space 'cpu'"):
+        run_search(tiny, tmp_path / "t", "--budgets=[p50]", f"--latency_csv={other}")
+    for bad in ("[p100]", "[p0]", "[q5]", "[p-3]"):
+        with pytest.raises(SystemExit, match="or of percentiles of --latency_csv"):
+            search.check_budgets(search.parse_settings(search.SearchConfig, [f"--budgets={bad}"]).budgets)
