@@ -250,18 +250,27 @@ def pareto(points):
 
 
 def plot(results, candidates, cfg, protocol, out_dir):
-    """candidates.png: every scored subnet, the Pareto front, the budgets and the chosen subnets.
+    """candidates.png: every scored subnet, the Pareto front, the budgets and the chosen subnets (a winner whose
+    re-measured latency is over its budget marked so; winners that coincide drawn smaller, one inside the other).
     convergence.png: the best validation loss per iteration, per budget."""
     import matplotlib
     matplotlib.use("Agg")  # headless
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=(7, 5))
     ax.scatter(*zip(*candidates), s=6, c="lightgrey", label="scored subnets")
     ax.plot(*zip(*pareto(candidates)), drawstyle="steps-post", c="k", lw=1, label="Pareto front")
-    for r, color in zip(results, plt.cm.tab10.colors):
-        ax.axvline(r["budget_ms"], ls="--", c=color, lw=1)
-        ax.scatter(r["search_latency_ms"], r["valid_loss"], marker="*", s=150, color=color, zorder=3,
-                   label=f"best for {r['budget_ms']:g} ms (re-measured {r['measured_ms']:.1f} ms)")
+    lats = [lat for lat, _ in candidates]
+    span = (max(lats) - min(lats)) or max(lats) * 0.05  # a budget far right of every subnet is not drawn at scale
+    for i, (r, color) in enumerate(zip(results, plt.cm.tab10.colors)):
+        if r["budget_ms"] <= max(lats) + span:
+            ax.axvline(r["budget_ms"], ls="--", c=color, lw=1)
+        same = sum(q["arch"] == r["arch"] for q in results[:i])  # winners already drawn at this point
+        over = "" if r["within_budget"] else f", {r['over_budget_pct']:.1f}% OVER budget"
+        ax.scatter(r["search_latency_ms"], r["valid_loss"], marker="*", s=150 / (1 + same), color=color, zorder=3 + i,
+                   label=f"best for {r['budget_ms']:g} ms (re-measured {r['measured_ms']:.1f} ms{over})")
+    ax.set_xlim(min(lats) - 0.05 * span, max(lats) + 0.05 * span if all(r["budget_ms"] > max(lats) + span
+                                                                          for r in results) else None)
     ax.set(xlabel=f"{cfg.latency} latency, ms ({protocol})", ylabel="valid loss, nats/token (supernet subnet)")
     ax.legend(fontsize=8)
     fig.savefig(out_dir / "candidates.png", dpi=150, bbox_inches="tight")
@@ -270,6 +279,7 @@ def plot(results, candidates, cfg, protocol, out_dir):
     for r in results:
         ax.plot(range(1, len(r["history"]) + 1), r["history"], marker="o", label=f"{r['budget_ms']:g} ms")
     ax.set(xlabel="iteration", ylabel="best valid loss, nats/token", title="evolutionary search convergence")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # iterations are whole
     ax.legend()
     fig.savefig(out_dir / "convergence.png", dpi=150, bbox_inches="tight")
     plt.close(fig)
