@@ -532,8 +532,8 @@ def final_test(cfg, model, kind, space, corpus, device, out_dir, avg_interval=1)
                                      hyps_path=out_dir / f"hyps_{cfg.split}_{name}.txt")
         results[name]["decode_seconds"] = round(time.time() - t, 1)
         same = name == "middle" and space.middle() == space.largest()  # (a space of two-choice fields)
-        print(f"{cfg.split} {name}: {score_line(results[name])}" + (" (the largest subnet: in this space every "
-                                                                     "choice of middle is the largest)" if same else ""))
+        note = " (the largest subnet: in this space every choice of middle is the largest)" if same else ""
+        print(f"{cfg.split} {name}: {score_line(results[name])}{note}")
     write_json(out_dir / "results.json", results)
     append_jsonl(out_dir / "log.jsonl", {"final": results})
 

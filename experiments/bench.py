@@ -40,6 +40,7 @@ from data.prepare import load_data  # noqa: E402
 from mos import SPACES, SuperTransformer  # noqa: E402
 from runs.settings import check_settings, get_device, parse_settings  # noqa: E402
 from runs.loop import faster_precision  # noqa: E402
+from runs.machine import fast_bf16  # noqa: E402
 from train import (TrainConfig, evaluate, load_checkpoint, model_from_checkpoint, token_loss,  # noqa: E402
                    train_step, translate_ids)
 
@@ -91,6 +92,11 @@ def interleaved(fns: dict, device, repeats, warmup):
         for k, fn in fns.items():
             times[k].append(timed(fn, device))
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def progress(what: str, repeats: int):
+    """One line as a measurement starts, so a long benchmark is never silent."""
+    print(f"timing {what} ({repeats} rounds) ...", flush=True)
 
 
 def matmul_peak(device, dtype, n=2048, repeats=10):
@@ -179,6 +185,10 @@ def main(argv):
     print(f"{report['cpu']['model']} {' '.join(report['cpu']['flags'])} | device {device} | "
           f"{torch.get_num_threads()} threads | torch {torch.__version__} | "
           f"batch {len(batch_idx)} sentences, {n_tgt} target tokens")
+    precisions = ("fp32", "bf16") if fast_bf16() else ("fp32",)  # emulated bf16 (~100x slower) is never timed
+    report["precisions_timed"] = list(precisions)
+    if len(precisions) == 1:
+        print("bf16 is emulated here (no AVX-512 BF16/AMX, or a GPU without bf16): timing fp32 only")
 
     models = {r: SuperTransformer(space, V_src, V_tgt, num_experts=1 if r == "none" else 2, router=r).to(device)
               for r in ("none", "layer", "neuron")}
@@ -221,13 +231,16 @@ def main(argv):
             opt.step()
             opt.zero_grad(set_to_none=True)
         return run
-    t = interleaved({f"{name}_{p}": peer_step(name, p == "bf16") for name in peers for p in ("fp32", "bf16")},
+    progress("0. the largest subnet's training step: torch's nn.Transformer, mos's extracted subnet, the supernet",
+             s["repeats"])
+    t = interleaved({f"{name}_{p}": peer_step(name, p == "bf16") for name in peers for p in precisions},
                     device, s["repeats"], s["warmup"])
     report["largest_step_seconds"] = t
     report["vs_peer"] = {f"{name}_{p}": t[f"{name}_{p}"] / t[f"peer_{p}"] for name in ("subnet", "supernet")
-                         for p in ("fp32", "bf16")}
-    report["bf16_speedup"] = {name: t[f"{name}_fp32"] / t[f"{name}_bf16"] for name in peers}
-    for p in ("fp32", "bf16"):
+                         for p in precisions}
+    if "bf16" in precisions:
+        report["bf16_speedup"] = {name: t[f"{name}_fp32"] / t[f"{name}_bf16"] for name in peers}
+    for p in precisions:
         print(f"largest subnet's step, {p}: nn.Transformer peer {t['peer_' + p] * 1e3:.0f} ms | mos extracted subnet "
               f"{t['subnet_' + p] * 1e3:.0f} ms (x{report['vs_peer']['subnet_' + p]:.2f}, target <= 1) | supernet path "
               f"{t['supernet_' + p] * 1e3:.0f} ms (x{report['vs_peer']['supernet_' + p]:.2f})")
@@ -237,6 +250,7 @@ def main(argv):
     print(f"train.py's default here: {why}")
 
     # ---- 2. MoS overhead: the same arch and batch, plain sharing vs layer-wise vs neuron-wise
+    progress("2. MoS overhead: plain sharing, layer-wise and neuron-wise, largest and smallest subnet", s["repeats"])
     for name, arch in (("largest", space.largest()), ("smallest", space.smallest())):
         t = interleaved({r: step_fn(r, [arch]) for r in models}, device, s["repeats"], s["warmup"])
         report[f"step_seconds_{name}"] = t
@@ -248,7 +262,8 @@ def main(argv):
     # ---- 1. throughput and MFU of the CPU preset's sandwich step (neuron-wise MoS), fp32 and bf16, interleaved
     sandwich = [space.largest(), space.smallest(), space.sample(random.Random(s["seed"]))]
     flops = sum(train_flops(a, space, V_tgt, n_src, n_tgt) for a in sandwich)
-    t = interleaved({p: step_fn("neuron", sandwich, p == "bf16") for p in ("fp32", "bf16")}, device, s["repeats"],
+    progress("1. the sandwich step's throughput and MFU", s["repeats"])
+    t = interleaved({p: step_fn("neuron", sandwich, p == "bf16") for p in precisions}, device, s["repeats"],
                     s["warmup"])
     for dtype, secs in t.items():
         peak = matmul_peak(device, torch.float32 if dtype == "fp32" else torch.bfloat16)
@@ -257,9 +272,11 @@ def main(argv):
                                            mfu=flops / secs / peak)
         print(f"sandwich step {dtype}: {secs * 1e3:.0f} ms | {n_tgt / secs:.0f} target tok/s | "
               f"{flops / secs / 1e12:.3f} TFLOP/s of a {peak / 1e12:.3f} TFLOP/s matmul peak = MFU {flops / secs / peak:.1%}")
-    report["sandwich_bf16_speedup"] = t["fp32"] / t["bf16"]
-    report["default_precision"]["faster_in_sandwich"] = report["default_precision"]["bf16"] == (t["bf16"] < t["fp32"])
-    print(f"sandwich step: bf16 x{t['fp32'] / t['bf16']:.2f} faster than fp32 (target >= 1.6)")
+    if "bf16" in precisions:
+        report["sandwich_bf16_speedup"] = t["fp32"] / t["bf16"]
+        report["default_precision"]["faster_in_sandwich"] = report["default_precision"]["bf16"] == (t["bf16"] <
+                                                                                                  t["fp32"])
+        print(f"sandwich step: bf16 x{t['fp32'] / t['bf16']:.2f} faster than fp32 (target >= 1.6)")
 
     # ---- 5. data waiting: building the batches (packing + collate) against the step itself
     t_data = statistics.median(timed(lambda: collate(src, tgt, batch_idx), device) for _ in range(20))
@@ -297,15 +314,18 @@ def main(argv):
             with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                 return [mos.beam_search(subnet, c, use_cache=cache, **fixed) for c in chunks]
         return run
-    t = interleaved({"cached": decode_all(True), "uncached": decode_all(False), "cached_bf16": decode_all(True, True)},
-                    device, 1, 0)
+    progress(f"3. decoding {len(test_src)} test sentences: cached and uncached beam search", 1)
+    t = interleaved({"cached": decode_all(True), "uncached": decode_all(False),
+                     **({"cached_bf16": decode_all(True, True)} if "bf16" in precisions else {})}, device, 1, 0)
     n = len(test_src)
     report["beam_search"] = dict(sentences=n, batch=s["decode_batch"], beam=s["beam"], output_tokens=30,
                                  cached_sentences_per_s=n / t["cached"], uncached_sentences_per_s=n / t["uncached"],
-                                 cached_bf16_sentences_per_s=n / t["cached_bf16"], speedup=t["uncached"] / t["cached"])
+                                 speedup=t["uncached"] / t["cached"])
+    if "cached_bf16" in t:
+        report["beam_search"]["cached_bf16_sentences_per_s"] = n / t["cached_bf16"]
     print(f"beam {s['beam']}, 30 tokens, {n} sentences: cached {n / t['cached']:.1f} sent/s | uncached "
-          f"{n / t['uncached']:.1f} sent/s | x{t['uncached'] / t['cached']:.2f} (target >= 3) | cached in bf16 "
-          f"{n / t['cached_bf16']:.1f} sent/s")
+          f"{n / t['uncached']:.1f} sent/s | x{t['uncached'] / t['cached']:.2f} (target >= 3)"
+          + (f" | cached in bf16 {n / t['cached_bf16']:.1f} sent/s" if "cached_bf16" in t else ""))
     one_src = torch.randint(4, V_src, (1, 23), device=device)
     one_tgt = torch.randint(4, V_tgt, (1, 23), device=device)
     with torch.inference_mode():

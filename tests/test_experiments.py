@@ -234,3 +234,20 @@ def test_hat_csv_recomputes_the_committed_linear_benchmark(tmp_path):
     assert results[name]["test"]["linear"] == pytest.approx(committed["test"]["linear"])
     assert results[name]["valid_rmse_ms"]["linear"] == pytest.approx(committed["valid_rmse_ms"]["linear"])
     assert (results[name]["n_train"], results[name]["n_valid"]) == (committed["n_train"], committed["n_valid"])
+
+
+def test_bench_never_times_emulated_bf16_and_says_what_it_is_timing(tmp_path, monkeypatch, capsys):
+    """On a CPU that emulates bf16 (~100x slower) the benchmark times fp32 only and says so; every section announces
+    itself before it starts, so a long run is never silent."""
+    from experiments import bench
+    from runs import loop
+    monkeypatch.setattr(bench, "fast_bf16", lambda: False)
+    monkeypatch.setattr(loop, "fast_bf16", lambda: False)  # (the precision train.py would choose: fp32, untimed)
+    out = tmp_path / "bench.json"
+    bench.main(["--data=toy", "--space=tiny", "--repeats=1", "--warmup=0", "--decode_sentences=8", f"--out={out}"])
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["precisions_timed"] == ["fp32"] and "timing fp32 only" in printed
+    assert "sandwich_bf16" not in report and "bf16_speedup" not in report and "bf16" not in str(report["vs_peer"])
+    assert "cached_bf16_sentences_per_s" not in report["beam_search"] and report["default_precision"]["bf16"] is False
+    assert printed.count("timing ") >= 4 and printed.index("timing 0.") < printed.index("largest subnet's step")
