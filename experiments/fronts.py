@@ -433,8 +433,9 @@ def plot(out: Path, cfg, rows, sessions, panel):
         result = Path(cfg.gap) / "standalone" / e["name"] / "results.json"
         if result.exists():  # at the latency measured beside the winners
             ms = sessions[0]["models"][e["name"]]["median_ms"] if sessions else e["latency_ms"]
+            steps = read_json(result.with_name("config.json"), "settings")["max_steps"]  # the runs' own count
             ax.scatter(ms, read_json(result, "results")["model"]["bleu"], color="grey", marker="x",
-                       label="gap panel, standalone 1,500 steps" if e["name"] == "arch0" else None)
+                       label=f"gap panel, standalone {steps:,} steps" if e["name"] == "arch0" else None)
     for arm in cfg.arms:
         mine = [r for r in rows if r["arm"] == arm and r["interleaved_ms"] is not None]
         for step, style in ((0, "--"), (last, "-")):
@@ -458,7 +459,8 @@ def plot(out: Path, cfg, rows, sessions, panel):
         ax.set(title=arm, xlabel="training steps (0 = inherited)")
         ax.legend(fontsize=6)
     axes[0][0].set(ylabel="test BLEU")
-    fig.suptitle("retraining: finetuned from the supernet (solid) against from scratch (dotted)")
+    fig.suptitle("retraining: finetuned from the supernet (solid) against from scratch (dotted)", y=1.03)  # above
+    # the panels' own titles
     fig.savefig(out / "steps.png", dpi=150, bbox_inches="tight")
     plt.close(fig)
 

@@ -162,6 +162,10 @@ def write_summary(out: Path, rows, cfg):
         if points:
             ax.plot(*zip(*points), marker="o", label=name.upper())
     ax.set(xlabel="measured latency, ms", ylabel="test BLEU after finetuning", title="latency against BLEU")
+    ms = [r["measured_ms"] for r in rows] or [0.0]
+    pad = max(0.05 * (max(ms) - min(ms)), 0.02 * max(ms), 0.1)  # winners a few microseconds apart stay readable
+    ax.set_xlim(min(ms) - pad, max(ms) + pad)
+    ax.ticklabel_format(axis="x", useOffset=False)  # plain ms on the axis, no "+2.5e1" offset
     ax.legend()
     fig.savefig(out / "summary.png", dpi=150, bbox_inches="tight")
     plt.close(fig)
