@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 BUSY_LOAD = 0.5  # runnable processes beyond our own threads (1-minute load average) that make a figure suspect
+BUSY_CORES = 0.5  # CPU time other processes took per second of a measurement (in cores) that makes a figure suspect
+MIN_WINDOW = 1.0  # seconds: over a shorter measurement /proc/stat's 10 ms ticks say little; the load average decides
 
 
 def machine() -> str:
@@ -24,16 +26,40 @@ def machine() -> str:
     return f"{name}, {simd}, {os.cpu_count()} cores"
 
 
+def cpu_clock() -> tuple:
+    """(busy CPU seconds of the whole machine since boot, or None without /proc/stat; CPU seconds of this process,
+    every thread; a monotonic clock in seconds): two readings tell how much CPU other processes took in between."""
+    stat = Path("/proc/stat")
+    busy = None
+    if stat.exists():
+        ticks = [int(x) for x in stat.read_text().split("\n")[0].split()[1:]]  # user nice system idle iowait ...
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    own = os.times()
+    return busy, own.user + own.system, time.monotonic()
+
+
 def machine_state(threads: int) -> dict:
-    """The conditions of a latency measurement: the machine, the 1-minute load average, the cores, and `others`, the
-    load beyond the `threads` this measurement keeps busy itself (an estimate: the average lags by about a minute)."""
+    """The conditions of a latency measurement: the machine, the 1-minute load average, the cores, `others` (the
+    load beyond the `threads` this measurement keeps busy itself: the average lags by about a minute), and the CPU
+    readings (cpu_clock) from which busy_warning tells what other processes took while it ran."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    busy, own, clock = cpu_clock()
     return dict(machine=machine(), load_1min=round(load, 2), cores=os.cpu_count(),
-                others=round(max(0.0, load - threads), 2), time=time.strftime("%Y-%m-%d %H:%M:%S"))
+                others=round(max(0.0, load - threads), 2), time=time.strftime("%Y-%m-%d %H:%M:%S"),
+                busy_cpu_s=busy, own_cpu_s=own, clock_s=clock)
 
 
 def busy_warning(before: dict, after: dict, threads: int):
-    """A warning (text) if other work loaded the cores between two machine_state()s, else None."""
+    """A warning (text) if other work loaded the cores between two machine_state()s, else None: the CPU time other
+    processes took in between, per second, where /proc/stat has it and the window is long enough; else the load
+    average beyond our own threads (which still counts work that ended up to a minute before)."""
+    window = after.get("clock_s", 0) - before.get("clock_s", 0)
+    if before.get("busy_cpu_s") is not None and after.get("busy_cpu_s") is not None and window >= MIN_WINDOW:
+        others = (after["busy_cpu_s"] - before["busy_cpu_s"] - (after["own_cpu_s"] - before["own_cpu_s"])) / window
+        if others > BUSY_CORES:
+            return (f"other processes took {others:.1f} cores while it ran ({window:.0f} s, {threads} threads of "
+                    f"ours): trust ratios to a reference measured alongside more than the ms")
+        return None
     if max(before["others"], after["others"]) > BUSY_LOAD:
         return (f"other work loads the cores (load {before['load_1min']} before, {after['load_1min']} after, "
                 f"{threads} threads of ours): trust ratios to a reference measured alongside more than the ms")

@@ -148,10 +148,20 @@ def test_interleaved_measurement_with_a_fake_timer(monkeypatch):
     monkeypatch.setattr(machine.os, "getloadavg", lambda: (3.5, 3.0, 3.0))  # 2.5 runnable beyond our one thread
     quiet = latency_checks.measure_interleaved({"ref": "R", "a": "A"}, "ref", rounds=2, warmup=0, iters=3, threads=1,
                                                measure=lambda m, warmup, iters, **p: {"median_ms": base[m]},
-                                               log=warned.append)
+                                               log=warned.append)  # (too short a window for the CPU readings)
     assert quiet["before"]["others"] == 2.5 and "other work loads the cores" in quiet["warnings"][0]
     with pytest.raises(SystemExit, match="reference"):
         latency_checks.measure_interleaved({"a": "A"}, "ref", measure=fake_measure)
+    # over a long enough window the CPU other processes took decides, not a load average that lags a minute
+    readings = iter([(100.0, 10.0, 0.0), (106.0, 11.0, 2.0)])  # machine busy s, own s, clock: others took 2.5 cores
+    monkeypatch.setattr(machine, "cpu_clock", lambda: next(readings))
+    busy = latency_checks.measure_interleaved({"ref": "R", "a": "A"}, "ref", rounds=2, warmup=0, iters=3, threads=1,
+                                              measure=lambda m, warmup, iters, **p: {"median_ms": base[m]})
+    assert "other processes took 2.5 cores while it ran" in busy["warnings"][0]
+    readings = iter([(100.0, 10.0, 0.0), (102.2, 12.0, 2.0)])  # the load average says busy, the CPU says quiet
+    calm = latency_checks.measure_interleaved({"ref": "R", "a": "A"}, "ref", rounds=2, warmup=0, iters=3, threads=1,
+                                              measure=lambda m, warmup, iters, **p: {"median_ms": base[m]})
+    assert calm["warnings"] == []
 
 
 @pytest.mark.usefixtures("one_thread")  # tests/conftest.py
