@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-import latency
 from runs import machine
 from runs.files import read_jsonl
 from experiments import latency_checks
