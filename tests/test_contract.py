@@ -19,6 +19,7 @@ import search
 import train
 from data import prepare
 from runs import files, folders
+from test_reliability import one_line  # call() stops with one line `error: ...` matching a pattern
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ["--preset=toy", "--bleu_sentences=-1", "--test_sentences=4", "--save_interval=0"]
@@ -26,15 +27,6 @@ QUICK_SEARCH = ["--valid_sentences=10", "--threads=1", "--final_iters=1", "--fin
                 "--search_iters=1", "--search_warmup=0", "--population=4", "--parents=2", "--mutations=1",
                 "--crossovers=1", "--iterations=1", "--floor_samples=10"]
 QUICK_LATENCY = ["--iters=1", "--warmup=0", "--threads=1"]
-
-
-def one_line(call, pattern):
-    """call() must stop with one line `error: ...` matching pattern; returns the message."""
-    with pytest.raises(SystemExit) as e:
-        call()
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "\n" not in message and re.search(pattern, message), message
-    return message
 
 
 def hashes(root: Path) -> dict:
