@@ -83,9 +83,12 @@ def read_owner(folder: Path):
     return owner
 
 
-def ours(name: str, patterns) -> bool:
-    """Whether a folder entry is one of `patterns` (or the temporary file of an atomic write of one)."""
-    return any(fnmatch(name, p.rstrip("/")) or fnmatch(name, p.rstrip("/") + ".tmp") for p in (*ALWAYS, *patterns))
+def ours(entry: Path, patterns) -> bool:
+    """Whether a folder entry is one of `patterns` (or the temporary file of an atomic write of one): a folder only
+    where its pattern ends in "/", a file (or link) only where it does not."""
+    folder = entry.is_dir() and not entry.is_symlink()
+    return any(p.endswith("/") == folder and (fnmatch(entry.name, p.rstrip("/")) or fnmatch(entry.name, p + ".tmp"))
+               for p in (*ALWAYS, *patterns))
 
 
 def claim_folder(folder, command: str, inputs: dict, reads=(), overwrite=False, refuse_if=(), legacy=(), also=(),
@@ -97,19 +100,17 @@ def claim_folder(folder, command: str, inputs: dict, reads=(), overwrite=False, 
     folder without owner record this command's (a run from before owner records), if all it holds is this
     command's; `also`: patterns of files written there besides WRITES[command] (the experiments' extra files)."""
     folder = check_target(folder, what, reads)
-    if folder.exists() and not folder.is_dir():
-        raise SystemExit(f"error: {what}={shlex.quote(str(folder))} is a file, not a folder; give a folder")
     if (folder.resolve().parent / OWNER).exists():
         raise SystemExit(f"error: {what}={shlex.quote(str(folder))} lies inside {folder.resolve().parent}, another "
                          f"run's folder; give a folder outside it")
-    entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
     owner = read_owner(folder)
     own = WRITES[command] + tuple(also)
-    if owner is None and entries and all(ours(n, own) for n in entries) and any(n in legacy for n in entries):
+    if owner is None and entries and all(ours(e, own) for e in entries) and any(e.name in legacy for e in entries):
         owner = {"command": command, "inputs": inputs, "files": list(also)}  # an older run of this command, adopted
     patterns = WRITES[owner["command"]] + tuple(owner["files"]) if owner else ()
     patterns += tuple(also) if owner and owner["command"] == command else ()
-    foreign = [n for n in entries if not ours(n, patterns)]
+    foreign = [e.name for e in entries if not ours(e, patterns)]
     if foreign:
         raise SystemExit(f"error: {folder} holds entries no mos command wrote there ({', '.join(foreign[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}); mos never writes or deletes there: give another "
@@ -118,9 +119,8 @@ def claim_folder(folder, command: str, inputs: dict, reads=(), overwrite=False, 
     again = "give another folder" + (", or pass --overwrite=True to delete that run's files first"
                                      if what == "--out_dir" else "")  # (data/prepare.py --out has no --overwrite)
     if owner and overwrite:
-        for name in sorted(p.name for p in folder.iterdir()):
-            if name != ".lock" and ours(name, patterns):  # the owner's files only (checked above: nothing else)
-                path = folder / name
+        for path in sorted(folder.iterdir()):
+            if path.name != ".lock" and ours(path, patterns):  # the owner's files only (checked above: nothing else)
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         owner = None
     if owner and owner["command"] != command:

@@ -176,6 +176,9 @@ def test_overwrite_deletes_only_the_owners_files(tmp_path, monkeypatch):
              r"entries no mos command wrote there \(mine.txt\)")
     assert (tmp_path / "run" / "ckpt.pt").exists() and (tmp_path / "run" / "mine.txt").read_text() == "keep me"
     (tmp_path / "run" / "mine.txt").unlink()
+    (tmp_path / "run" / "hyps_mine.txt").mkdir()  # a folder under a file's name is not train.py's file
+    one_line(lambda: train.main([*TOY, "--max_steps=1", "--out_dir=run", "--overwrite=True"]), r"\(hyps_mine.txt\)")
+    (tmp_path / "run" / "hyps_mine.txt").rmdir()
     folders.record_files(tmp_path / "run", ["scores_*.json"])  # an experiment's files beside the run
     (tmp_path / "run" / "scores_1.json").write_text("{}")
     train.main([*TOY, "--max_steps=1", "--out_dir=run", "--overwrite=True"])
