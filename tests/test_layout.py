@@ -177,8 +177,8 @@ def test_tutorial_path_size_and_comment_density():
     assert len((ROOT / "data" / "prepare.py").read_text().splitlines()) <= 450
 
 
-# The figure reached when the layout and run safety landed (2,620; issue 30's target: 2,000), plus issue 32's 72
-# lines of speed work that issue asked for (mos.attend and mos.apply_dropout for the CPU, train.SmoothedCrossEntropy, the
-# run-start precision choice train.faster_precision). Anything beyond must be paid for by compaction.
-TUTORIAL_LINES = 2692
-TUTORIAL_DENSITY = 0.24  # comment or docstring lines per code line, at least (reached 0.247; target: 0.3)
+# The figure reached once the run machinery moved into runs/ (issue 40) and the method files were reordered (issue
+# 41, whose target is 2,000 lines at 0.3): the bound, so the tutorial cannot grow back. Anything beyond must be paid
+# for by compaction.
+TUTORIAL_LINES = 2402
+TUTORIAL_DENSITY = 0.26  # comment or docstring lines per code line, at least (reached 0.264; target: 0.3)
