@@ -41,6 +41,7 @@ import mos
 from mos import EOS, FEATURE_NAMES, SPACES, ArchConfig, Transformer
 from runs.files import append_jsonl, atomic_open, brief, read_json, releases_locks, write_json
 from runs.folders import claim_file, is_jsonl_of, is_png
+from runs.machine import synchronizer
 from runs.settings import check_settings, get_device, need, parse_settings
 from runs.signals import run
 from train import load_checkpoint, model_from_checkpoint, resolve_arch
@@ -120,7 +121,7 @@ def measure_latency(model: Transformer, src_len=SRC_LEN, tgt_len=TGT_LEN, beam=B
     src = torch.full((1, src_len), FILLER, device=device)  # (1, S) one sentence, no padding
     src[0, -1] = EOS
     token = torch.full((beam, 1), FILLER, device=device)  # (K, 1) the newest token of every hypothesis
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # GPU kernels run asynchronously
+    sync = synchronizer(device)  # a GPU runs kernels asynchronously: wait for them before reading the clock
 
     def run_once():
         """One timed unit; returns (encoder ms, total ms)."""

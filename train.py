@@ -17,6 +17,7 @@ runs/, called in a line each; latency.py and search.py import the evaluation and
 
 import json
 import math
+import os
 import random
 import re
 import shlex
@@ -95,6 +96,8 @@ class TrainConfig:
     # system
     device: str = "auto"  # auto (cuda if present) | cpu | cuda
     seed: int = 1337
+    deterministic: bool = False  # deterministic kernels only (torch.use_deterministic_algorithms), slower: on a GPU
+    # a resumed run then repeats the uninterrupted one bitwise, as every CPU run does without it
     resume: bool = False  # continue out_dir/ckpt.pt exactly where it stopped
     overwrite: bool = False  # start over in an out_dir that holds a run, deleting that run's files first
     max_minutes: float = 55.0  # stop (and save) after this much training time, so the default run ends within the
@@ -242,10 +245,13 @@ def main(argv):
     passed = dict(arg[2:].split("=", 1) for arg in argv)  # the settings given on the command line
     ddp, rank, world, device = start_ranks(cfg)
     master = rank == 0
-    cfg, resumed = settings_of_run(cfg, passed, master)
+    cfg, resumed = settings_of_run(cfg, passed, master, device)
     corpus = load_data(cfg.data, cfg.data_dir, cfg.data_source, cfg.seed)
     if cfg.eval_only or cfg.translate:
         return evaluate_or_translate(cfg, corpus, device, passed)
+    torch.use_deterministic_algorithms(cfg.deterministic)  # this run's choice (an earlier in-process run's is reset)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs for deterministic matmuls
     model, kind, model_args, space, fixed_arch = build_model(cfg, corpus, passed, resumed)
     data_id = dict(vocab=dict(src=corpus.src_vocab.itos, tgt=corpus.tgt_vocab.itos), data_hash=corpus_hash(corpus))
     out_dir = Path(cfg.out_dir)
@@ -317,7 +323,7 @@ def main(argv):
                                 out_dir / f"ckpt_step{step}.pt")
             due = step % cfg.eval_interval == 0 or step == cfg.max_steps
             out_of_time = cfg.max_minutes > 0 and train_seconds() / 60 > cfg.max_minutes
-            stopped = stop_now(out_of_time or (stop.asked is not None and not due), ddp)  # a due validation first
+            stopped = stop_now(out_of_time or (stop.asked is not None and not due), ddp, device)  # a validation first
             if master and (stopped or due):  # validate (on a time-out too), then save
                 if (cfg.bleu_sentences >= 0 and (due or out_of_time)) or (step == cfg.max_steps and not stopped):
                     validate()
@@ -344,7 +350,7 @@ def main(argv):
 # What the loop calls: the run's settings, model and folder
 
 
-def settings_of_run(cfg: TrainConfig, passed: dict, master: bool):
+def settings_of_run(cfg: TrainConfig, passed: dict, master: bool, device):
     """(settings, checkpoint to resume or None): with --resume the stored settings win and the command line may only
     change how long and how often (RUNTIME_SETTINGS). Checked, and the output folder with them (runs/folders.py),
     before anything is written; bf16=None is decided later (faster_precision)."""
@@ -365,7 +371,7 @@ def settings_of_run(cfg: TrainConfig, passed: dict, master: bool):
         if cfg.max_steps < resumed["step"]:
             raise SystemExit(f"error: --max_steps={cfg.max_steps} is below the step of checkpoint {ckpt_path} "
                              f"({resumed['step']}); give --max_steps={resumed['step']} or more")
-    if cfg.bf16 and not fast_bf16():
+    if cfg.bf16 and not fast_bf16(device):
         print("warning: --bf16=True where bf16 is not native (a CPU without AVX-512 BF16/AMX, or such a GPU): emulated "
               "bf16 can be ~100x slower than fp32 here; --bf16=False is faster", file=sys.stderr)
     return cfg, resumed
@@ -550,7 +556,7 @@ def evaluate_or_translate(cfg, corpus, device, passed=()):
     --translate: translate lines of tokenised, BPE'd (for the real corpora) source text to stdout."""
     if not cfg.init:
         raise SystemExit("error: --eval_only/--translate need --init=CHECKPOINT")
-    cfg = replace(cfg, bf16=fast_bf16() if cfg.bf16 is None else cfg.bf16)  # decoding: bf16 where native
+    cfg = replace(cfg, bf16=fast_bf16(device) if cfg.bf16 is None else cfg.bf16)  # decoding: bf16 where native
     ckpt = load_checkpoint(cfg.init, device)
     check_vocab(ckpt, corpus, cfg.init)
     check_same(ckpt["config"], cfg, [k for k in passed if k in MODEL_SETTINGS], cfg.init)

@@ -40,7 +40,7 @@ from data.prepare import load_data  # noqa: E402
 from mos import SPACES, SuperTransformer  # noqa: E402
 from runs.settings import check_settings, get_device, parse_settings  # noqa: E402
 from runs.loop import faster_precision  # noqa: E402
-from runs.machine import fast_bf16  # noqa: E402
+from runs.machine import fast_bf16, synchronizer  # noqa: E402
 from train import (TrainConfig, evaluate, load_checkpoint, model_from_checkpoint, token_loss,  # noqa: E402
                    train_step, translate_ids)
 
@@ -71,13 +71,12 @@ class PrecisionConfig:
 
 
 def timed(fn, device):
-    """Seconds one call of fn takes (CUDA synchronised)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    """Seconds one call of fn takes (the device synchronised before and after)."""
+    sync = synchronizer(device)
+    sync()
     t = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - t
 
 
@@ -185,7 +184,7 @@ def main(argv):
     print(f"{report['cpu']['model']} {' '.join(report['cpu']['flags'])} | device {device} | "
           f"{torch.get_num_threads()} threads | torch {torch.__version__} | "
           f"batch {len(batch_idx)} sentences, {n_tgt} target tokens")
-    precisions = ("fp32", "bf16") if fast_bf16() else ("fp32",)  # emulated bf16 (~100x slower) is never timed
+    precisions = ("fp32", "bf16") if fast_bf16(device) else ("fp32",)  # emulated bf16 (~100x slower) is never timed
     report["precisions_timed"] = list(precisions)
     if len(precisions) == 1:
         print("bf16 is emulated here (no AVX-512 BF16/AMX, or a GPU without bf16): timing fp32 only")

@@ -35,7 +35,7 @@ def faster_precision(step, model, device, ddp: bool):
     """--bf16 unset: (bf16?, why), timing step(bf16), one training step of the largest subnet, in fp32 and in bf16
     autocast, interleaved, after a warm-up of each (seconds). Emulated bf16 (~100x slower than fp32) is not timed.
     Weights, gradients and the random state are left as they were; every data-parallel rank takes rank 0's answer."""
-    if not fast_bf16():
+    if not fast_bf16(device):
         return False, "fp32: this device has no native bf16 (no AVX-512 BF16/AMX, or a GPU without bf16)"
     seconds = {False: [], True: []}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -93,9 +93,10 @@ class Health:
         return False
 
 
-def stop_now(stop: bool, ddp: bool) -> bool:
-    """Whether to stop after this step; under data parallel, every rank stops at the same step."""
-    flag = torch.tensor(int(stop))
+def stop_now(stop: bool, ddp: bool, device) -> bool:
+    """Whether to stop after this step; under data parallel, every rank stops at the same step. The flag lives on
+    the run's device: NCCL serves CUDA tensors only."""
+    flag = torch.tensor(int(stop), device=device)
     if ddp:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag)

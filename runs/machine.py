@@ -66,11 +66,19 @@ def busy_warning(before: dict, after: dict, threads: int):
     return None
 
 
-def fast_bf16() -> bool:
-    """Whether bf16 autocast runs natively here: a CUDA GPU with bf16, or an x86 CPU with AVX-512 bf16 or AMX
-    instructions. Elsewhere a CPU emulates bf16 and is slower than fp32, so fp32 is kept. Read when a run starts."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+def synchronizer(device):
+    """A function that waits for every kernel queued on `device` (a CUDA GPU runs them asynchronously: a clock read
+    before that measures the launches only); on a CPU, nothing to wait for."""
+    device = torch.device(device)
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def fast_bf16(device) -> bool:
+    """Whether bf16 autocast runs natively on `device`: a CUDA GPU with bf16 in hardware (emulation, as on a V100 or
+    T4, does not count), or an x86 CPU with AVX-512 bf16 or AMX instructions. Elsewhere bf16 is emulated and slower
+    than fp32, so fp32 is kept. Read when a run starts."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     cpuinfo = Path("/proc/cpuinfo")
     flags = cpuinfo.read_text() if cpuinfo.exists() else ""
     return "avx512_bf16" in flags or "amx_bf16" in flags

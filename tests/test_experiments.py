@@ -250,8 +250,8 @@ def test_bench_never_times_emulated_bf16_and_says_what_it_is_timing(tmp_path, mo
     itself before it starts, so a long run is never silent."""
     from experiments import bench
     from runs import loop
-    monkeypatch.setattr(bench, "fast_bf16", lambda: False)
-    monkeypatch.setattr(loop, "fast_bf16", lambda: False)  # (the precision train.py would choose: fp32, untimed)
+    monkeypatch.setattr(bench, "fast_bf16", lambda device: False)
+    monkeypatch.setattr(loop, "fast_bf16", lambda device: False)  # (the precision train.py would choose: fp32, untimed)
     out = tmp_path / "bench.json"
     bench.main(["--data=toy", "--space=tiny", "--repeats=1", "--warmup=0", "--decode_sentences=8", f"--out={out}"])
     printed = capsys.readouterr().out

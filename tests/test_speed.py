@@ -116,9 +116,9 @@ def test_precision_choice_leaves_weights_gradients_and_random_state_as_they_were
     step = [src, tgt_in, torch.cat([tgt_in[:, 1:], torch.full((3, 1), mos.EOS)], 1)]  # src, tgt_in, tgt_out
     before = {k: v.clone() for k, v in model.state_dict().items()}
     one_step = lambda bf16: train.train_step(model, step, [space.largest()], dataclasses.replace(cfg, bf16=bf16))
-    monkeypatch.setattr(loop, "fast_bf16", lambda: False)  # emulated bf16: fp32 without timing anything
+    monkeypatch.setattr(loop, "fast_bf16", lambda device: False)  # emulated bf16: fp32 without timing anything
     assert loop.faster_precision(one_step, model, torch.device("cpu"), ddp=False)[0] is False
-    monkeypatch.setattr(loop, "fast_bf16", lambda: True)
+    monkeypatch.setattr(loop, "fast_bf16", lambda device: True)
     state = torch.get_rng_state()
     bf16, why = loop.faster_precision(one_step, model, torch.device("cpu"), ddp=False)
     assert isinstance(bf16, bool) and "fp32" in why and "bf16" in why
@@ -128,7 +128,7 @@ def test_precision_choice_leaves_weights_gradients_and_random_state_as_they_were
 
 
 def test_unset_precision_is_decided_at_the_start_said_and_stored(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(loop, "fast_bf16", lambda: False)  # the CI machine's answer, whatever it runs on
+    monkeypatch.setattr(loop, "fast_bf16", lambda device: False)  # the CI machine's answer, whatever it runs on
     out = tmp_path / "run"
     train.main(["--preset=toy", "--bf16=None", "--max_steps=2", "--bleu_sentences=-1", "--test_sentences=4",
                 f"--out_dir={out}"])
