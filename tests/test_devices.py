@@ -2,6 +2,8 @@
 device a figure is timed on, the bf16 decision on the chosen device with emulation not counted, and deterministic
 kernels on request. Run: python -m pytest -q tests/test_devices.py (seconds)"""
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,17 @@ def test_deterministic_kernels_on_request_and_off_again(tmp_path):
         assert not torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_the_gpu_check_parses_uses_every_gpu_and_times_both_protocols(tmp_path):
+    """tests/gpu_check.sh is the one script a lent GPU runs: it must parse, start torchrun with one rank per GPU,
+    label the latency of each protocol, and stop at once in one line where there is no GPU."""
+    script = Path(__file__).resolve().parent / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert "torch.cuda.device_count()" in text and '--nproc_per_node="$(( GPUS > 0 ? GPUS : 1 ))"' in text
+    assert "for protocol in hat beam" in text and "--protocol=$protocol" in text
+    if not torch.cuda.is_available():
+        r = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "OUT": str(tmp_path / "gpu")})
+        assert r.returncode == 2 and "error: no CUDA device visible to torch" in r.stdout + r.stderr
