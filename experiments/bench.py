@@ -70,6 +70,16 @@ class PrecisionConfig:
     samples: int = 1000  # paired-bootstrap resamples
 
 
+@dataclass
+class SaveConfig:
+    """`python experiments/bench.py save`: what one ckpt.pt of a space's supernet costs to write, at its real size."""
+    space: str = "iwslt14"
+    src_vocab: int = 8848  # the full IWSLT14 vocabularies (fairseq's dictionaries plus 4 specials)
+    tgt_vocab: int = 6632
+    repeats: int = 3
+    out: str = "experiments/results/save_cost.json"
+
+
 def timed(fn, device):
     """Seconds one call of fn takes (the device synchronised before and after)."""
     sync = synchronizer(device)
@@ -162,7 +172,8 @@ def read_settings(cls, argv) -> dict:
     script), as a dict; counts must be >= 1 (warmup and seed >= 0), and the output's folder writable."""
     cfg = parse_settings(cls, argv)
     check_settings(cfg, {f.name: 1 for f in fields(cls) if f.type is int and f.name not in ("warmup", "seed")},
-                   dict(data=("multi30k", "iwslt14", "toy"), space=SPACES) if hasattr(cfg, "space") else {})
+                   {**(dict(data=("multi30k", "iwslt14", "toy")) if hasattr(cfg, "data") else {}),
+                    **(dict(space=SPACES) if hasattr(cfg, "space") else {})})
     writable_folder(Path(cfg.out).parent)
     return asdict(cfg)
 
@@ -380,8 +391,33 @@ def precision(argv):
     print(f"wrote {s['out']}")
 
 
+def save_cost(argv):
+    """`save`: seconds to checksum and write one checkpoint of the space's neuron-wise supernet with its AdamW state
+    (what train.py saves every save_interval steps), in a temporary folder; the median of `repeats`."""
+    import tempfile
+    from runs.checkpoints import checksum, save_checkpoint
+    s = read_settings(SaveConfig, argv)
+    model = SuperTransformer(SPACES[s["space"]], s["src_vocab"], s["tgt_vocab"])
+    optimizer = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # the moment buffers exist, as in any saved run
+    ckpt = dict(kind="supernet", model=model.state_dict(), optimizer=optimizer.state_dict(), step=1)
+    hashing, saving, size = [], [], 0
+    with tempfile.TemporaryDirectory() as folder:
+        for _ in range(s["repeats"]):
+            hashing.append(timed(lambda: checksum(ckpt), torch.device("cpu")))
+            saving.append(timed(lambda: save_checkpoint(ckpt, Path(folder) / "ckpt.pt"), torch.device("cpu")))
+            size = (Path(folder) / "ckpt.pt").stat().st_size
+    report = dict(cpu=cpu(), space=s["space"], parameters=sum(p.numel() for p in model.parameters()), bytes=size,
+                  checksum_seconds=statistics.median(hashing), save_seconds=statistics.median(saving))
+    print(f"{s['space']} supernet, {report['parameters'] / 1e6:.1f}M parameters + AdamW state: {size / 1e9:.2f} GB, "
+          f"checksum {report['checksum_seconds']:.2f} s, save with checksum {report['save_seconds']:.2f} s")
+    write_json(Path(s["out"]), report)
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["precision"]:
-        precision(sys.argv[2:])
+    if sys.argv[1:2] in (["precision"], ["save"]):
+        {"precision": precision, "save": save_cost}[sys.argv[1]](sys.argv[2:])
     else:
         main(sys.argv[1:])
