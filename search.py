@@ -102,13 +102,12 @@ def check_budgets(budgets):
 def budgets_in_ms(cfg: SearchConfig, space, protocol: str) -> list:
     """The budgets in ms: a number as it is, pNN as that percentile (rounded to 0.01 ms) of the measured latencies
     in cfg.latency_csv, which must be of the supernet's space and of the protocol searched."""
-    if all(type(b) in (int, float) for b in cfg.budgets):
+    if all(type(b) in (int, float) for b in cfg.budgets):  # (then latency_csv is not read: it need not exist)
         return [float(b) for b in cfg.budgets]
     _, ms, data_space, data_protocol = read_latency_csv(cfg.latency_csv)
     if (data_space, data_protocol) != (space.name, protocol):
-        raise SystemExit(f"error: --latency_csv={cfg.latency_csv} holds latencies of space {data_space!r} under the "
-                         f"{data_protocol!r} protocol; the budgets {list(cfg.budgets)} need {space.name!r} under "
-                         f"{protocol!r}: measure them with latency.py dataset, or give budgets in ms")
+        raise SystemExit(f"error: --latency_csv={cfg.latency_csv} holds latencies of space {data_space!r}, protocol "
+                         f"{data_protocol!r}; the budgets need {space.name!r}, {protocol!r}: give ms, or measure them")
     return [float(b) if type(b) in (int, float) else round(float(np.percentile(ms, float(b[1:]))), 2)
             for b in cfg.budgets]
 
@@ -261,16 +260,14 @@ def plot(results, candidates, cfg, protocol, out_dir):
     ax.scatter(*zip(*candidates), s=6, c="lightgrey", label="scored subnets")
     ax.plot(*zip(*pareto(candidates)), drawstyle="steps-post", c="k", lw=1, label="Pareto front")
     lats = [lat for lat, _ in candidates]
-    span = (max(lats) - min(lats)) or max(lats) * 0.05  # a budget far right of every subnet is not drawn at scale
+    span = (max(lats) - min(lats)) or max(lats) * 0.05
     for i, (r, color) in enumerate(zip(results, plt.cm.tab10.colors)):
-        if r["budget_ms"] <= max(lats) + span:
+        if r["budget_ms"] <= max(lats) + span:  # a budget far right of every subnet would squeeze them: not drawn
             ax.axvline(r["budget_ms"], ls="--", c=color, lw=1)
         same = sum(q["arch"] == r["arch"] for q in results[:i])  # winners already drawn at this point
         over = "" if r["within_budget"] else f", {r['over_budget_pct']:.1f}% OVER budget"
         ax.scatter(r["search_latency_ms"], r["valid_loss"], marker="*", s=150 / (1 + same), color=color, zorder=3 + i,
                    label=f"best for {r['budget_ms']:g} ms (re-measured {r['measured_ms']:.1f} ms{over})")
-    ax.set_xlim(min(lats) - 0.05 * span, max(lats) + 0.05 * span if all(r["budget_ms"] > max(lats) + span
-                                                                          for r in results) else None)
     ax.set(xlabel=f"{cfg.latency} latency, ms ({protocol})", ylabel="valid loss, nats/token (supernet subnet)")
     ax.legend(fontsize=8)
     fig.savefig(out_dir / "candidates.png", dpi=150, bbox_inches="tight")
@@ -317,9 +314,8 @@ def main(argv):
     check_budgets(cfg.budgets)
     if cfg.population != cfg.parents + cfg.mutations + cfg.crossovers:  # HAT asserts the same
         raise SystemExit(f"error: population {cfg.population} != parents + mutations + crossovers")
-    percentiles = any(isinstance(b, str) for b in cfg.budgets)
-    reads = [cfg.ckpt, cfg.predictor if cfg.latency == "predicted" else "",  # the inputs, never outputs
-             cfg.latency_csv if percentiles else ""]
+    percentiles = any(isinstance(b, str) for b in cfg.budgets)  # then the latency dataset is read: an input too
+    reads = [cfg.ckpt, cfg.predictor if cfg.latency == "predicted" else "", cfg.latency_csv if percentiles else ""]
     out_dir = check_target(cfg.out_dir, "--out_dir", reads)
     torch.set_num_threads(cfg.threads)
     t_start, device = time.time(), get_device(cfg.device)

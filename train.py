@@ -17,7 +17,6 @@ runs/, called in a line each; latency.py and search.py import the evaluation and
 
 import json
 import math
-import os
 import random
 import re
 import shlex
@@ -42,6 +41,7 @@ from runs.files import append_jsonl, atomic_open, lock_folder, releases_locks, w
 from runs.folders import check_target, open_train_folder
 from runs.loop import (Health, Meter, average_gradients, check_data, check_replicas, corpus_hash, fast_bf16,
                        faster_precision, start_ranks, stop_now)
+from runs.machine import deterministic_kernels
 from runs.settings import check_settings, parse_settings
 from runs.signals import StopRequests, run, stops_end_quietly
 
@@ -96,8 +96,7 @@ class TrainConfig:
     # system
     device: str = "auto"  # auto (cuda if present) | cpu | cuda
     seed: int = 1337
-    deterministic: bool = False  # deterministic kernels only (torch.use_deterministic_algorithms), slower: on a GPU
-    # a resumed run then repeats the uninterrupted one bitwise, as every CPU run does without it
+    deterministic: bool = False  # deterministic kernels (slower): a GPU run resumes bitwise, as a CPU run always does
     resume: bool = False  # continue out_dir/ckpt.pt exactly where it stopped
     overwrite: bool = False  # start over in an out_dir that holds a run, deleting that run's files first
     max_minutes: float = 55.0  # stop (and save) after this much training time, so the default run ends within the
@@ -109,10 +108,8 @@ PRESETS = {  # each lists only what differs from TrainConfig's defaults
     # 2-core CPU, about 50 minutes (README): the scaled-down space on Multi30k; TrainConfig's defaults
     "multi30k": dict(),
     # HAT's IWSLT14 De-En recipe (HAT, section 4): one GPU, 4096 tokens, 40K updates (MoS), lr 5e-4, 10K warm-up
-    # a checkpoint is 1.3 GB (2.6 s to write: experiments/results/save_cost.json), so one every 2,000 steps
-    "iwslt14": dict(data="iwslt14", space="iwslt14", lr=5e-4, warmup=10000, max_steps=40000, dropout=0.375,
-                    eval_interval=4000, save_interval=2000, bleu_sentences=1000, avg_last=10, max_minutes=0.0,
-                    bf16=False),
+    "iwslt14": dict(data="iwslt14", space="iwslt14", lr=5e-4, warmup=10000, max_steps=40000, dropout=0.375, bf16=False,
+                    eval_interval=4000, save_interval=2000, bleu_sentences=1000, avg_last=10, max_minutes=0.0),
     # the synthetic reversal task: no files, seconds on a CPU (tests, demos)
     "toy": dict(data="toy", space="tiny", max_tokens=1024, lr=2e-3, warmup=100, max_steps=300, dropout=0.1,
                 eval_interval=100, log_interval=20, bleu_sentences=100, router_hidden=32, max_minutes=0.0, bf16=False),
@@ -251,9 +248,7 @@ def main(argv):
     corpus = load_data(cfg.data, cfg.data_dir, cfg.data_source, cfg.seed)
     if cfg.eval_only or cfg.translate:
         return evaluate_or_translate(cfg, corpus, device, passed)
-    torch.use_deterministic_algorithms(cfg.deterministic)  # this run's choice (an earlier in-process run's is reset)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs for deterministic matmuls
+    deterministic_kernels(cfg.deterministic)  # this run's choice (an earlier in-process run's is reset)
     model, kind, model_args, space, fixed_arch = build_model(cfg, corpus, passed, resumed)
     data_id = dict(vocab=dict(src=corpus.src_vocab.itos, tgt=corpus.tgt_vocab.itos), data_hash=corpus_hash(corpus))
     out_dir = Path(cfg.out_dir)

@@ -73,6 +73,14 @@ def synchronizer(device):
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
+def deterministic_kernels(on: bool):
+    """Deterministic kernels only (torch.use_deterministic_algorithms), or not: on a GPU a resumed run then repeats
+    the uninterrupted one bitwise (cuBLAS needs its workspace setting for that), at some speed."""
+    torch.use_deterministic_algorithms(on)
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
 def fast_bf16(device) -> bool:
     """Whether bf16 autocast runs natively on `device`: a CUDA GPU with bf16 in hardware (emulation, as on a V100 or
     T4, does not count), or an x86 CPU with AVX-512 bf16 or AMX instructions. Elsewhere bf16 is emulated and slower
