@@ -24,6 +24,7 @@ D head width (= qkv_dim / h), E experts, V vocabulary, K beam size, N router inp
 
 import math
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 from functools import partial
 
@@ -35,6 +36,7 @@ from data.batching import BOS, EOS, PAD, UNK  # special-token ids, as every voca
 
 ROUTER_DROPOUT = 0.1  # the MoS code's router "neuronrouting_jack_drop_2L": dropout 0.1 between its two layers
 REPRESENTATIVE_SPAN = 2  # HAT/MoS's largest and smallest subnets attend to the last two encoder layers
+PLANS_KEPT = 16  # the supernet keeps what a forward of each of the most recent archs needs (SuperTransformer.plan)
 
 # -----------------------------------------------------------------------------
 # Architectures and search spaces
@@ -480,8 +482,9 @@ class SuperTransformer(nn.Module):
         self.num_experts, self.router_mode, self.router_hidden = num_experts, router, router_hidden
         self.dropout, self.max_len = dropout, max_len
         mixture = partial(MixtureFFN, num_experts=num_experts, router=router, router_hidden=router_hidden)
-        # every shared weight, stored as the largest subnet's Transformer whose FFNs are expert mixtures
+        # every shared weight: the largest subnet's Transformer, expert mixtures as FFNs (a container, never called)
         self.shared = Transformer(space.largest(), src_vocab, tgt_vocab, space.qkv_dim, max_len=max_len, ffn=mixture)
+        self.plans = OrderedDict()  # arch -> plan(arch), the most recent PLANS_KEPT: derived data, never state
 
     def init_args(self):
         """The constructor arguments as a plain dict, for checkpoints (the space as a dict too)."""
@@ -495,15 +498,22 @@ class SuperTransformer(nn.Module):
             return Transformer(arch, self.src_vocab, self.tgt_vocab, self.space.qkv_dim,
                                scaled_dropout(self.dropout, arch, self.space), self.max_len, self.space.position_widths())
 
-    def subnet_weights(self, arch: ArchConfig, deterministic=False, skeleton=None) -> dict:
+    def plan(self, arch: ArchConfig) -> tuple:
+        """(skeleton, shapes of its non-FFN tensors by name): what a forward of `arch` needs besides weights, kept for
+        the PLANS_KEPT most recent archs (frozen, so hashable): the sandwich's largest and smallest recur every step."""
+        if self.space.validate(arch) not in self.plans:
+            skeleton = self.skeleton(arch)
+            self.plans[arch] = skeleton, {n: t.shape for n, t in skeleton.state_dict().items() if ".ffn." not in n}
+            if len(self.plans) > PLANS_KEPT:  # (one arch comes in at a time)
+                self.plans.popitem(last=False)
+        self.plans.move_to_end(arch)
+        return self.plans[arch]
+
+    def subnet_weights(self, arch: ArchConfig, deterministic=False) -> dict:
         """Every weight of the subnet `arch`, by name: front slices of the shared weights (HAT), and for the
-        FFNs the routed mixture of expert slices (MoS). Differentiable w.r.t. the supernet's parameters.
-        `skeleton` (names and shapes) is built from arch unless the caller already has it."""
-        self.space.validate(arch)
+        FFNs the routed mixture of expert slices (MoS). Differentiable w.r.t. the supernet's parameters."""
         stored = dict(self.shared.named_parameters()) | dict(self.shared.named_buffers())
-        skeleton = skeleton if skeleton is not None else self.skeleton(arch)
-        weights = {name: front_slice(stored[name], t.shape)
-                   for name, t in skeleton.state_dict().items() if ".ffn." not in name}
+        weights = {name: front_slice(stored[name], shape) for name, shape in self.plan(arch)[1].items()}
         features = arch_features(arch, self.space).to(self.shared.enc_pos.device)  # (N,), one Enc(a) for all layers
         training = self.training and not deterministic  # router dropout, as in the MoS code
         for side, dim, ffn_dims in (("encoder", arch.enc_embed_dim, arch.enc_ffn_dims),
@@ -519,15 +529,14 @@ class SuperTransformer(nn.Module):
         here (differentiable, so gradients reach the experts and routers). Training, extraction (`subnet`),
         latency and decoding therefore share one forward, and in eval mode an extracted subnet computes exactly
         this (in training the router's dropout makes every forward draw its own mixture)."""
-        subnet = self.skeleton(arch).train(self.training)
-        weights = self.subnet_weights(arch, skeleton=subnet)
-        return torch.func.functional_call(subnet, weights, (src, tgt_in), strict=True)
+        subnet = self.plan(arch)[0].train(self.training)  # the arch's skeleton: names and shapes, no weights
+        return torch.func.functional_call(subnet, self.subnet_weights(arch), (src, tgt_in), strict=True)
 
     @torch.no_grad()
     def subnet(self, arch: ArchConfig) -> Transformer:
         """Extract `arch` as a standalone Transformer (its own copies of the mixed, sliced weights)."""
         model = self.skeleton(arch)
-        weights = self.subnet_weights(arch, deterministic=True, skeleton=model)
+        weights = self.subnet_weights(arch, deterministic=True)
         model.load_state_dict({k: w.detach().clone() for k, w in weights.items()}, assign=True)
         return model.train(self.training)
 

@@ -71,6 +71,18 @@ class PrecisionConfig:
 
 
 @dataclass
+class PrepConfig:
+    """`python experiments/bench.py prep`: the Python a supernet forward spends preparing a subnet (its skeleton,
+    names and shapes, and the weights cut by name), rebuilt every forward against kept per arch (SuperTransformer.plan);
+    HAT's plain sharing, so that no mixture arithmetic is counted."""
+    space: str = "iwslt14"
+    src_vocab: int = 8848
+    tgt_vocab: int = 6632
+    repeats: int = 21
+    out: str = "experiments/results/forward_prep.json"
+
+
+@dataclass
 class SaveConfig:
     """`python experiments/bench.py save`: what one ckpt.pt of a space's supernet costs to write, at its real size."""
     space: str = "iwslt14"
@@ -391,6 +403,24 @@ def precision(argv):
     print(f"wrote {s['out']}")
 
 
+def forward_prep(argv):
+    """`prep`: milliseconds of a forward's preparation of the largest and the smallest subnet, the plan rebuilt
+    every call (as before plans were kept) and kept; the median of `repeats`, on the CPU."""
+    s = read_settings(PrepConfig, argv)
+    model = SuperTransformer(SPACES[s["space"]], s["src_vocab"], s["tgt_vocab"], num_experts=1, router="none")
+    report = dict(cpu=cpu(), space=s["space"])
+    for name in ("largest", "smallest"):
+        arch = getattr(model.space, name)()
+        with torch.no_grad():
+            rebuilt = interleaved({"rebuilt": lambda: (model.plans.clear(), model.subnet_weights(arch)),
+                                   "kept": lambda: model.subnet_weights(arch)}, torch.device("cpu"), s["repeats"], 2)
+        report[name] = dict(rebuilt_ms=rebuilt["rebuilt"] * 1e3, kept_ms=rebuilt["kept"] * 1e3,
+                            ratio=rebuilt["rebuilt"] / rebuilt["kept"])
+        print(f"{s['space']} {name} subnet, a forward's preparation: rebuilt {report[name]['rebuilt_ms']:.2f} ms | "
+              f"kept {report[name]['kept_ms']:.2f} ms | x{report[name]['ratio']:.1f} lower (target >= 5)")
+    write_json(Path(s["out"]), report)
+
+
 def save_cost(argv):
     """`save`: seconds to checksum and write one checkpoint of the space's neuron-wise supernet with its AdamW state
     (what train.py saves every save_interval steps), in a temporary folder; the median of `repeats`."""
@@ -417,7 +447,7 @@ def save_cost(argv):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] in (["precision"], ["save"]):
-        {"precision": precision, "save": save_cost}[sys.argv[1]](sys.argv[2:])
+    if sys.argv[1:2] in (["precision"], ["save"], ["prep"]):
+        {"precision": precision, "save": save_cost, "prep": forward_prep}[sys.argv[1]](sys.argv[2:])
     else:
         main(sys.argv[1:])

@@ -21,6 +21,8 @@ COMMANDS = [  # (name, main, argv before the flag, settings class, presets)
     ("search.py", search.main, [], search.SearchConfig, None),
     ("experiments/bench.py", bench.main, [], bench.BenchConfig, None),
     ("experiments/bench.py precision", bench.precision, [], bench.PrecisionConfig, None),
+    ("experiments/bench.py save", bench.save_cost, [], bench.SaveConfig, None),
+    ("experiments/bench.py prep", bench.forward_prep, [], bench.PrepConfig, None),
     ("experiments/gap.py", gap.main, [], gap.GapConfig, gap.PRESETS),
     ("experiments/fronts.py", fronts.main, [], fronts.FrontsConfig, fronts.PRESETS),
     ("experiments/reproduce.py", reproduce.main, [], reproduce.ReproConfig, reproduce.PRESETS),

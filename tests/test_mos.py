@@ -233,3 +233,25 @@ def test_attention_init_is_one_xavier_draw_over_the_stacked_in_proj():
     assert stacked.abs().max() <= bound and stacked.abs().max() > 0.99 * bound
     for w in (attn.q.weight, attn.kv.weight):  # each part spans the shared bound
         assert w.abs().max() > 0.99 * bound
+
+
+def test_a_forward_keeps_its_plan_per_arch_and_computes_the_same():
+    """SuperTransformer.plan keeps what a forward of an arch needs (its skeleton, the shapes by name) for the
+    PLANS_KEPT most recent archs: the logits are the same as with the plan rebuilt, at most PLANS_KEPT are kept, and
+    extracting a subnet never touches a kept skeleton (it stays on the meta device)."""
+    torch.manual_seed(0)
+    space = SPACES["tiny"]
+    model = SuperTransformer(space, SRC_V, TGT_V).eval()
+    src, tgt_in = batch()
+    rng = random.Random(0)
+    archs = [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(mos.PLANS_KEPT + 3)]
+    for arch in archs:
+        kept = model(src, tgt_in, arch)
+        model.plans.clear()
+        assert torch.equal(kept, model(src, tgt_in, arch))
+    model.plans.clear()
+    for arch in archs:
+        model(src, tgt_in, arch)
+        model.subnet(arch)
+    assert len(model.plans) == mos.PLANS_KEPT and archs[-1] in model.plans and archs[0] not in model.plans
+    assert all(p.is_meta for skeleton, _ in model.plans.values() for p in skeleton.parameters())
