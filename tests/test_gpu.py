@@ -46,6 +46,7 @@ def test_cuda_subnet_equals_supernet_and_cpu(precision, space_name, router):
     model, src, tgt_in = model.to(DEVICE), src.to(DEVICE), tgt_in.to(DEVICE)
     for arch, reference in zip(archs, cpu_logits):
         extracted = model.subnet(arch)  # in fp32, as every real run extracts (autocast would give bf16 FFN weights)
+        assert all(p.dtype == torch.float32 for p in extracted.parameters())
         with torch.inference_mode(), autocast(precision):
             supernet, subnet = model(src, tgt_in, arch), extracted(src, tgt_in)
         assert rel_err(subnet, supernet) <= TOL[precision], f"{arch}: extracted subnet vs supernet path"

@@ -94,9 +94,10 @@ def test_extracted_subnet_equals_supernet_under_cpu_bf16_autocast(router):
     space, (src, tgt_in) = SPACES["cpu"], batch()
     model = SuperTransformer(space, SRC_V, TGT_V, num_experts=1 if router == "none" else 2, router=router).eval()
     for arch in (space.largest(), space.smallest(), space.sample(random.Random(1))):
-        fp32 = model(src, tgt_in, arch)
+        fp32, extracted = model(src, tgt_in, arch), model.subnet(arch)  # extracted in fp32, as every real run does
+        assert all(p.dtype == torch.float32 for p in extracted.parameters())
         with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
-            supernet, subnet = model(src, tgt_in, arch), model.subnet(arch)(src, tgt_in)
+            supernet, subnet = model(src, tgt_in, arch), extracted(src, tgt_in)
         assert rel_err(subnet, supernet) <= BF16_TOL and rel_err(supernet, fp32) <= BF16_TOL, arch
 
 
