@@ -99,15 +99,15 @@ def check_budgets(budgets):
                          f"percentiles of --latency_csv, e.g. [18,27] or [p25,p50]")
 
 
-def budgets_in_ms(cfg: SearchConfig, space, protocol: str) -> list:
+def budgets_in_ms(cfg: SearchConfig, space) -> list:
     """The budgets in ms: a number as it is, pNN as that percentile (rounded to 0.01 ms) of the measured latencies
     in cfg.latency_csv, which must be of the supernet's space and of the protocol searched."""
     if all(type(b) in (int, float) for b in cfg.budgets):  # (then latency_csv is not read: it need not exist)
         return [float(b) for b in cfg.budgets]
     _, ms, data_space, data_protocol = read_latency_csv(cfg.latency_csv)
-    if (data_space, data_protocol) != (space.name, protocol):
+    if (data_space, data_protocol) != (space.name, cfg.protocol):
         raise SystemExit(f"error: --latency_csv={cfg.latency_csv} holds latencies of space {data_space!r}, protocol "
-                         f"{data_protocol!r}; the budgets need {space.name!r}, {protocol!r}: give ms, or measure them")
+                         f"{data_protocol!r}; the budgets need {space.name!r}, {cfg.protocol!r}: give ms, or remeasure")
     return [float(b) if type(b) in (int, float) else round(float(np.percentile(ms, float(b[1:]))), 2)
             for b in cfg.budgets]
 
@@ -328,7 +328,7 @@ def main(argv):
     check_vocab(ckpt, corpus, cfg.ckpt)
     batches = split_batches(corpus, "valid", cfg.max_tokens, device, cfg.valid_sentences)  # collated once
     predictor = check_predictor(cfg, space)
-    budgets = budgets_in_ms(cfg, space, cfg.protocol)
+    budgets = budgets_in_ms(cfg, space)
     inputs = dict(ckpt=str(Path(cfg.ckpt).resolve()), latency=cfg.latency, protocol=cfg.protocol, seed=cfg.seed,
                   predictor=str(Path(cfg.predictor).resolve()) if cfg.latency == "predicted" else None,
                   budgets=[b if type(b) in (int, float) else ms for b, ms in zip(cfg.budgets, budgets)],

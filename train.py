@@ -39,9 +39,9 @@ from runs import checkpoints
 from runs.checkpoints import KINDS, check_same, check_vocab, save_checkpoint, save_run
 from runs.files import append_jsonl, atomic_open, lock_folder, releases_locks, write_json
 from runs.folders import check_target, open_train_folder
-from runs.loop import (Health, Meter, average_gradients, check_data, check_replicas, corpus_hash, fast_bf16,
-                       faster_precision, start_ranks, stop_now)
-from runs.machine import deterministic_kernels
+from runs.loop import (Health, Meter, average_gradients, check_data, check_replicas, corpus_hash, faster_precision,
+                       start_ranks, stop_now)
+from runs.machine import deterministic_kernels, fast_bf16
 from runs.settings import check_settings, parse_settings
 from runs.signals import StopRequests, run, stops_end_quietly
 

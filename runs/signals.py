@@ -24,25 +24,19 @@ class Stopped(BaseException):
         self.signum = signum
 
 
-def defer_stop_signals(noted: list):
-    """From now on SIGINT and SIGTERM only append their number to `noted` (the training loop looks at it after every
-    step, saves and stops). Returns the function that puts the previous handlers back."""
-    previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum) or received.append(signum))
-                for s in STOP_SIGNALS}
-    return lambda: [signal.signal(s, handler) for s, handler in previous.items()]
-
-
 class StopRequests:
     """A `with` block in which SIGINT and SIGTERM only ask for a stop (train.py's loop stops after the step and
     saves); `asked` is the first such signal's name, or None."""
 
     def __enter__(self):
         self.noted = []
-        self.restore = defer_stop_signals(self.noted)
+        note = lambda signum, frame: self.noted.append(signum) or received.append(signum)
+        self.previous = {s: signal.signal(s, note) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        self.restore()
+        for s, handler in self.previous.items():  # the handlers from before the block
+            signal.signal(s, handler)
 
     @property
     def asked(self):
