@@ -41,7 +41,7 @@ from runs.files import append_jsonl, atomic_open, lock_folder, releases_locks, w
 from runs.folders import check_target, open_train_folder
 from runs.loop import (Health, Meter, average_gradients, check_data, check_replicas, corpus_hash, faster_precision,
                        start_ranks, stop_now)
-from runs.machine import deterministic_kernels, fast_bf16
+from runs.machine import deterministic_kernels, fast_bf16, machine
 from runs.settings import check_settings, parse_settings
 from runs.signals import StopRequests, run, stops_end_quietly
 
@@ -505,7 +505,7 @@ def representatives(model, kind, space) -> dict:
 
 def validate_and_log(model, kind, space, corpus, cfg, device, out_dir, step, epoch, train_seconds):
     """Loss (and BLEU) on valid for the representative subnets (or the one model), logged to log.jsonl."""
-    record = {"step": step, "epoch": epoch, "train_seconds": train_seconds}
+    record = {"step": step, "epoch": epoch, "train_seconds": train_seconds, "machine": machine()}  # a resume may move
     for name, net in representatives(model, kind, space).items():
         n_bleu = cfg.bleu_sentences if name in ("model", "largest", "smallest") else -1
         record[name] = run_evaluate(net, corpus, "valid", cfg, device, n_bleu=n_bleu)
@@ -517,8 +517,8 @@ def validate_and_log(model, kind, space, corpus, cfg, device, out_dir, step, epo
 
 
 def final_test(cfg, model, kind, space, corpus, device, out_dir, avg_interval=1):
-    """Test BLEU of the final (optionally snapshot-averaged) model, written to results.json and log.jsonl, with the
-    translations behind each score in hyps_<split>_<name>.txt."""
+    """Test BLEU of the final (optionally snapshot-averaged) model, written to results.json and log.jsonl with the
+    decoding's precision (the run's) and machine, the translations behind each score in hyps_<split>_<name>.txt."""
     if cfg.avg_last > 0:
         steps = [s for s in range(cfg.max_steps + 1) if is_snapshot_step(s, cfg, avg_interval)]
         snapshots = [out_dir / f"ckpt_step{s}.pt" for s in steps if (out_dir / f"ckpt_step{s}.pt").exists()]
@@ -528,7 +528,7 @@ def final_test(cfg, model, kind, space, corpus, device, out_dir, avg_interval=1)
         print(f"averaged {len(snapshots)} of {len(steps)} snapshots (steps {steps[0]}..{steps[-1]}, every "
               f"{avg_interval})" if snapshots else f"no averaging snapshot was written (the run stopped before step "
               f"{steps[0]}): testing the last weights")
-    results = {"split": cfg.split}
+    results = {"split": cfg.split, "precision": "bf16" if cfg.bf16 else "fp32", "machine": machine()}  # of the decode
     for name, net in representatives(model, kind, space).items():
         t = time.time()
         results[name] = run_evaluate(net, corpus, cfg.split, cfg, device, n_bleu=cfg.test_sentences,

@@ -27,7 +27,9 @@ Settings are the GapConfig fields, changed with --key=value as in train.py. The 
 evidence, experiments/results/gap (give a toy run an out*/ folder); checkpoints (*.pt) stay out of git.
 """
 
+import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -43,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python exper
 import mos  # noqa: E402
 import train  # noqa: E402
 from data.batching import TokenBatcher, remove_bpe  # noqa: E402
-from runs.folders import record_files  # noqa: E402
+from runs.folders import OWNER, record_files  # noqa: E402
 from runs.files import atomic_open, lock_folder, read_json, releases_locks, write_json  # noqa: E402
 from experiments.reproduce import train_stage  # noqa: E402
 from latency import kendall_tau, measure_latency  # noqa: E402
@@ -94,6 +96,9 @@ class GapConfig:
     threads: int = 2
     data_source: str = ""  # where train.py prepares the corpus from if it is not prepared (folder, URL, tarball)
     extra: tuple = ("--max_minutes=0", "--bleu_sentences=-1")  # train.py flags for every run (standalone, supernet)
+    stops: tuple = ()  # update counts to score every run at, one folder each (out/stepS/): each run trains on
+    # through them (resumed, exactly); () = once, at train.py's --max_steps, in out/ itself
+    panel_from: str = ""  # a panel.json to score (copied to out/, with its arch files) instead of choosing a new one
 
 
 PRESETS = {
@@ -152,15 +157,49 @@ def choose_panel(cfg: GapConfig, corpus, path: Path) -> list:
     return panel
 
 
+def copy_panel(source: Path, path: Path):
+    """Score another experiment's panel: its panel.json copied to `path` as it is, with its archs' files."""
+    if not source.is_file():
+        raise SystemExit(f"error: --panel_from={source} is not a file; give another gap experiment's panel.json")
+    panel = read_json(source, "panel")["panel"]
+    (path.parent / "panel").mkdir(parents=True, exist_ok=True)
+    for entry in panel:
+        write_json(path.parent / "panel" / f"{entry['name']}.json", entry["arch"])
+    shutil.copyfile(source, path)  # last, as the stage's mark
+
+
 # -----------------------------------------------------------------------------
 # Stages 2 and 3: training, and scoring the panel with inherited weights
 
 
-def arm_flags(arm: str, run: train.TrainConfig) -> list:
-    """train.py flags of an arm, for runs of `run`'s settings. A PASS_MATCHED arm (one random subnet per update) gets
-    as many updates as a sandwich arm makes subnet passes: max_steps x (largest + smallest + n_random)."""
-    steps = [f"--max_steps={run.max_steps * (2 + run.n_random)}"] if arm in PASS_MATCHED else []
-    return [*ARMS[arm], *steps]
+def arm_flags(arm: str, run: train.TrainConfig, updates: int) -> list:
+    """train.py flags of an arm, for runs of `run`'s settings trained for `updates`. A PASS_MATCHED arm (one random
+    subnet per update) gets as many updates as a sandwich arm makes subnet passes: updates x (largest + smallest +
+    n_random)."""
+    return [*ARMS[arm], f"--max_steps={updates * (2 + run.n_random) if arm in PASS_MATCHED else updates}"]
+
+
+def continue_run(earlier: Path, folder: Path):
+    """Start the run folder `folder` as the run in `earlier` stands, its checkpoint and logs, so that training it to
+    more updates continues that run (train.py resumes exactly, and the learning rate does not depend on --max_steps):
+    the next stop of one run. Nothing to do once `folder` has its checkpoint; the checkpoint comes last (a hard link:
+    train.py saves by replacing the file, so `earlier`'s stays as it is)."""
+    if (folder / "ckpt.pt").exists() or (folder / "results.json").exists():
+        return
+    if not (earlier / "ckpt.pt").exists():  # checkpoints are never committed: a fresh clone has none
+        raise SystemExit(f"error: {earlier} has no ckpt.pt to continue into {folder}; train that stop again (move "
+                         f"{earlier} aside) or run on the machine that has it")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (OWNER, "train_log.jsonl", "log.jsonl"):  # the owner record: the same train.py run (runs/folders.py)
+        if (earlier / name).exists():  # (train.py drops the earlier stop's final test from log.jsonl)
+            shutil.copyfile(earlier / name, folder / name)
+    partial = folder / "ckpt.pt.partial"  # (left by a stop between the next two lines: this function's own)
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(earlier / "ckpt.pt", partial)
+    except OSError:  # a file system without hard links: a copy
+        shutil.copyfile(earlier / "ckpt.pt", partial)
+    os.replace(partial, folder / "ckpt.pt")
 
 
 GAP_FILES = ("inherited.json", "cost.json")  # what gap.py writes in a supernet's run folder (hyps_*.txt: train.py's)
@@ -176,7 +215,8 @@ def inherited_scores(folder: Path, panel) -> tuple:
 
 def score_inherited(folder: Path, panel, corpus, cfg: GapConfig) -> dict:
     """Test loss and BLEU of every panel arch cut from the supernet in `folder` (no retraining), the translations in
-    hyps_test_archI.txt. Written to inherited.json after each arch, so a stopped scoring continues."""
+    hyps_test_archI.txt, decoded in the precision the supernet trained in (as train.py's own final test), recorded
+    with the machine. Written to inherited.json after each arch, so a stopped scoring continues."""
     done, complete = inherited_scores(folder, panel)
     if complete:
         return done
@@ -190,9 +230,10 @@ def score_inherited(folder: Path, panel, corpus, cfg: GapConfig) -> dict:
         t = time.time()
         subnet = supernet.subnet(ArchConfig.from_dict(entry["arch"]))
         done[entry["name"]] = train.evaluate(subnet, corpus, "test", torch.device("cpu"), run["max_tokens"],
-                                             cfg.test_sentences, run["beam"], run["lenpen"],
+                                             cfg.test_sentences, run["beam"], run["lenpen"], bool(run["bf16"]),
                                              hyps_path=folder / f"hyps_test_{entry['name']}.txt")
-        done[entry["name"]]["decode_seconds"] = round(time.time() - t, 1)
+        done[entry["name"]].update(decode_seconds=round(time.time() - t, 1), machine=machine(),
+                                   precision="bf16" if run["bf16"] else "fp32")
         write_json(folder / "inherited.json", done)
         print(f"{folder.name} {entry['name']}: inherited test loss {done[entry['name']]['loss']:.3f}, "
               f"BLEU {done[entry['name']]['bleu']:.2f}")
@@ -485,6 +526,109 @@ def plot(path: Path, panel, standalone, runs):
 
 
 # -----------------------------------------------------------------------------
+# Stage 5 (with --stops): the same runs at each stop, side by side
+
+# The claims of the three-seed reading (experiments/results/gap/README.md) as read at each stop, with the criteria
+# fixed before the stops were scored (experiments/results/gap_convergence/README.md): (claim, A, B, quantity, the
+# three-seed spread it is held against, and whether gap/ found it "beyond" that spread or "within" it). A - B is the
+# mean over the panel of A's minus B's inherited test BLEU or loss, or the difference of a gap statistic.
+CLAIMS = (
+    ("1", "hat_sandwich", "hat", "bleu", 2.00, "beyond"), ("1", "hat_sandwich", "hat", "loss", 0.039, "beyond"),
+    ("2", "hat_flops", "hat_sandwich", "bleu", 0.40, "beyond"), ("2", "hat_flops", "hat_sandwich", "loss", 0.012,
+                                                                 "beyond"),
+    ("2", "layer", "hat_flops", "bleu", 0.79, "beyond"), ("2", "neuron", "hat_flops", "bleu", 0.79, "beyond"),
+    ("3", "layer", "hat_sandwich", "loss", 0.012, "beyond"), ("3", "neuron", "hat_sandwich", "loss", 0.012, "beyond"),
+    ("4", "layer", "hat_sandwich", "bleu", 0.40, "within"), ("4", "neuron", "hat_sandwich", "bleu", 0.40, "within"),
+    ("5", "layer", "neuron", "bleu", 0.40, "within"), ("5", "layer", "neuron", "loss", 0.012, "within"),
+    ("6", "layer", "hat_sandwich", "mean_abs_gap_loss", 0.008, "beyond"),
+    ("6", "neuron", "hat_sandwich", "mean_abs_gap_loss", 0.008, "beyond"),
+    ("6", "layer", "hat_sandwich", "mean_abs_gap_bleu", 0.46, "within"),
+    ("6", "neuron", "hat_sandwich", "mean_abs_gap_bleu", 0.46, "within"),
+    ("7", "hat_sandwich", "hat_flops", "kendall_loss", 1 / 14, "within"),  # one tau step of eight archs: 1/14
+    ("7", "layer", "hat_flops", "kendall_loss", 1 / 14, "within"), ("7", "neuron", "hat_flops", "kendall_loss", 1 / 14,
+                                                                     "within"),
+)
+CONVERGED = dict(bleu=0.40, loss=0.012)  # the standalone panel's mean test gain over the last two stops below these
+
+
+def compare_stops(out: Path, stops: dict, panel):
+    """convergence.json and convergence.md in `out`: the reports of every stop (updates -> its folder) side by side,
+    once every stop has one. Per panel arch the standalone test BLEU and loss and their gains; per arm and seed the
+    gap statistics; per claim of CLAIMS A - B at each stop, whether its sign at the last stop is its sign at the
+    first (survives), and against its spread: above it (firmly, for a claim gap/ found beyond the seed range) or
+    at most it (level with the spread)."""
+    paths = {n: where / "gap.json" for n, where in stops.items()}
+    if len(stops) < 2 or not all(p.exists() for p in paths.values()):
+        return None
+    reports = {n: read_json(p, "gap report") for n, p in paths.items()}
+    names, (first, *_, last) = [e["name"] for e in panel], list(stops)
+    before = list(stops)[-2]
+    standalone = {e: {n: reports[n]["standalone"][e] for n in stops} for e in names}
+    gain = {k: float(np.mean([standalone[e][last][k] - standalone[e][before][k] for e in names])) for k in CONVERGED}
+    converged = gain["bleu"] < CONVERGED["bleu"] and -gain["loss"] < CONVERGED["loss"]
+    runs = {(r["arm"], r["seed"]): r for r in reports[last]["runs"]}  # the runs scored at the last stop
+    stats = {f"{a}_s{s}": {n: next((r for r in reports[n]["runs"] if (r["arm"], r["seed"]) == (a, s)), None)
+                           for n in stops} for a, s in runs}
+
+    def difference(n, a, b, seed, key):  # A - B at stop n: of the inherited scores' mean over the panel, or a statistic
+        rows = {(r["arm"], r["seed"]): r for r in reports[n]["runs"]}
+        if (a, seed) not in rows or (b, seed) not in rows:
+            return None
+        if key in ("bleu", "loss"):
+            got = reports[n]["inherited"]
+            return float(np.mean([got[f"{a}_s{seed}"][e][key] - got[f"{b}_s{seed}"][e][key] for e in names]))
+        return float(rows[(a, seed)][key] - rows[(b, seed)][key])
+
+    claims = []
+    for claim, a, b, key, spread, found in CLAIMS:
+        for seed in sorted({s for _, s in runs}):
+            d = {n: difference(n, a, b, seed, key) for n in stops}
+            if None in d.values():
+                claims.append(dict(claim=claim, a=a, b=b, key=key, seed=seed, judged=False))
+                continue
+            survives = bool(np.sign(d[last]) == np.sign(d[first]) != 0)
+            claims.append(dict(claim=claim, a=a, b=b, key=key, seed=seed, judged=True, by_stop=d, spread=spread,
+                               gap_found=found, survives=survives, firmly=survives and abs(d[last]) > spread,
+                               level=abs(d[last]) <= spread))
+    write_json(out / "convergence.json", dict(stops=list(stops), standalone=standalone, standalone_gain=gain,
+                                              converged=converged, gap_statistics=stats, claims=claims))
+    write_convergence_markdown(out / "convergence.md", list(stops), names, standalone, gain, converged, stats, claims)
+    return claims
+
+
+def write_convergence_markdown(path, stops, names, standalone, gain, converged, stats, claims):
+    """The tables of convergence.md."""
+    at = lambda n: f"{n:,} updates"
+    lines = ["Standalone test BLEU / loss of each panel arch at each stop", "",
+             "| arch | " + " | ".join(at(n) for n in stops) + " |", "|---" * (1 + len(stops)) + "|"]
+    lines += [f"| {e} | " + " | ".join(f"{standalone[e][n]['bleu']:.2f} / {standalone[e][n]['loss']:.3f}"
+                                        for n in stops) + " |" for e in names]
+    lines += ["", f"Mean gain from {at(stops[-2])} to {at(stops[-1])}: {gain['bleu']:+.2f} BLEU, {gain['loss']:+.3f} "
+                  f"nats; converged by the criterion (below {CONVERGED['bleu']} BLEU and {CONVERGED['loss']} nats): "
+                  f"{'yes' if converged else 'no, still climbing'}", "",
+              "Each supernet's gap statistics at each stop (mean |gap| BLEU / loss, mean gap BLEU, Kendall tau on "
+              "loss / BLEU)", "", "| run | " + " | ".join(at(n) for n in stops) + " |", "|---" * (1 + len(stops)) + "|"]
+    cell = lambda r: "not scored" if r is None else (f"{r['mean_abs_gap_bleu']:.2f} / {r['mean_abs_gap_loss']:.3f}, "
+                                                     f"{r['mean_gap_bleu']:+.2f}, {r['kendall_loss']:.2f} / "
+                                                     f"{r['kendall_bleu']:.2f}")
+    lines += [f"| {run} | " + " | ".join(cell(by_stop[n]) for n in stops) + " |" for run, by_stop in stats.items()]
+    lines += ["", "Each claim, A - B at each stop, read by the criteria fixed before scoring", "",
+              "| claim | A - B | quantity | seed | " + " | ".join(at(n) for n in stops) +
+              " | survives (same sign) | against the spread |", "|---" * (6 + len(stops)) + "|"]
+    for c in claims:
+        head = f"| {c['claim']} | {c['a']} - {c['b']} | {c['key']} | {c['seed']} | "
+        if not c["judged"]:
+            lines.append(head + " | ".join("" for _ in stops) + " | not judged (an arm did not run) | |")
+            continue
+        verdict = (("firmly above" if c["firmly"] else "not above") if c["gap_found"] == "beyond" else
+                   ("level with" if c["level"] else "above")) + f" {c['spread']:.3g}"
+        lines.append(head + " | ".join(f"{c['by_stop'][n]:+.3f}" for n in stops) +
+                     f" | {'yes' if c['survives'] else 'no'} | {verdict} |")
+    with atomic_open(path) as f:
+        f.write("\n".join(lines) + "\n")
+
+
+# -----------------------------------------------------------------------------
 # The stages in order
 
 
@@ -500,6 +644,8 @@ def main(argv):
                          f"{list(ARMS)} and one or more integer seeds")
     if not all(isinstance(flag, str) for flag in cfg.extra):
         raise SystemExit(f"error: --extra={list(cfg.extra)}; give train.py flags as strings, e.g. ['--max_steps=60']")
+    if not all(type(s) is int and s > 0 for s in cfg.stops) or list(cfg.stops) != sorted(set(cfg.stops)):
+        raise SystemExit(f"error: --stops={list(cfg.stops)}; give increasing update counts, e.g. [1500,3000]")
     extra = [*cfg.extra, *([f"--data_source={cfg.data_source}"] if cfg.data_source else [])]
     run = parse_settings(train.TrainConfig, extra, presets=train.PRESETS)  # a bad train.py flag fails now
     out = Path(cfg.out)
@@ -512,36 +658,58 @@ def main(argv):
     corpus = load_data(run.data, run.data_dir, run.data_source, run.seed)  # every model is scored on it
     threads = torch.get_num_threads()  # measure_latency pins its own count and restores it
 
-    # 1. the panel, fixed before anything is trained
+    # 1. the panel, fixed before anything is trained (or another experiment's, to score the same archs)
+    if not path.exists() and cfg.panel_from:
+        copy_panel(Path(cfg.panel_from), path)
     panel = read_json(path, "panel")["panel"] if path.exists() else choose_panel(cfg, corpus, path)
     print("panel: " + ", ".join(f"{e['name']} {e['latency_ms']:.1f} ms" for e in panel))
+    stops = {s: out / f"step{s}" for s in cfg.stops} if cfg.stops else {run.max_steps: out}  # updates -> folder
     if cfg.report_only:
-        return report(out, cfg, panel, corpus)  # 4. alone
+        summary = [report(where, cfg, panel, corpus) for where in stops.values()][-1]  # 4. alone
+        compare_stops(out, stops, panel)
+        return summary
     if cfg.until == "panel":
         return panel
     torch.set_num_threads(threads)
     train_flags = [*extra, f"--space={cfg.space}", f"--test_sentences={cfg.test_sentences}"]
 
-    # 2. the standalone reference: every panel arch from scratch, one budget
+    # 2. the standalone reference: every panel arch from scratch, one budget (each stop of it)
     for e in panel:
-        train_stage(out / "standalone" / e["name"], [*train_flags, f"--arch={out / 'panel' / (e['name'] + '.json')}"])
+        earlier = None
+        for updates, where in stops.items():
+            folder = where / "standalone" / e["name"]
+            if earlier is not None:
+                continue_run(earlier, folder)
+            train_stage(folder, [*train_flags, f"--arch={out / 'panel' / (e['name'] + '.json')}",
+                                 f"--max_steps={updates}"])
+            earlier = folder
     if cfg.until == "standalone":
         return panel
 
     # 3. the supernets, seed by seed (so that every arm has one seed before any has two), each scored when trained
+    #    (at each stop, then trained on to the next)
     for seed in cfg.seeds:
         for arm in cfg.arms:
-            folder = out / f"supernet_{arm}_s{seed}"
-            if (folder / "cost.json").exists() and inherited_scores(folder, panel)[1]:
-                print(f"[done] {folder} (trained and scored)")
-                continue
-            train_stage(folder, [*train_flags, *arm_flags(arm, run), f"--seed={seed}"])
-            score_inherited(folder, panel, corpus, cfg)
-            if not (folder / "cost.json").exists():
-                record_files(folder, GAP_FILES)
-                write_json(folder / "cost.json", training_cost(train.load_checkpoint(folder / "ckpt.pt"), corpus))
-            report(out, cfg, panel, corpus)  # 4. the report, over everything finished so far
-    return report(out, cfg, panel, corpus)
+            earlier = None
+            for updates, where in stops.items():
+                folder = where / f"supernet_{arm}_s{seed}"
+                if (folder / "cost.json").exists() and inherited_scores(folder, panel)[1]:
+                    print(f"[done] {folder} (trained and scored)")
+                    earlier = folder
+                    continue
+                if earlier is not None:
+                    continue_run(earlier, folder)
+                train_stage(folder, [*train_flags, *arm_flags(arm, run, updates), f"--seed={seed}"])
+                score_inherited(folder, panel, corpus, cfg)
+                if not (folder / "cost.json").exists():
+                    record_files(folder, GAP_FILES)
+                    write_json(folder / "cost.json", training_cost(train.load_checkpoint(folder / "ckpt.pt"), corpus))
+                report(where, cfg, panel, corpus)  # 4. the report, over everything finished so far
+                compare_stops(out, stops, panel)
+                earlier = folder
+    summary = [report(where, cfg, panel, corpus) for where in stops.values()][-1]
+    compare_stops(out, stops, panel)  # 5. the stops side by side
+    return summary
 
 
 if __name__ == "__main__":

@@ -16,14 +16,16 @@ MIN_WINDOW = 1.0  # seconds: over a shorter measurement /proc/stat's 10 ms ticks
 
 
 def machine() -> str:
-    """The CPU (or GPU) every latency figure was measured on, in words."""
+    """The CPU (or GPU) every latency figure was measured on, in words: its name, its widest vector instructions and
+    whether it runs bf16 natively (AVX-512 BF16, AMX), and its cores."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
                 platform.processor() or platform.machine())
     simd = "AVX-512" if "avx512f" in info else "AVX2" if "avx2" in info else "no AVX2"
-    return f"{name}, {simd}, {os.cpu_count()} cores"
+    bf16 = [words for flag, words in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX")) if flag in info]
+    return f"{name}, {simd}{' with ' + ' and '.join(bf16) if bf16 else ''}, {os.cpu_count()} cores"
 
 
 def cpu_clock() -> tuple:

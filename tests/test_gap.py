@@ -126,15 +126,16 @@ def test_hat_flops_makes_the_sandwich_arms_subnet_passes_as_updates():
     extra = ["--preset=toy", "--max_steps=30"]
     run = parse_settings(TrainConfig, extra, presets=PRESETS)
     for arm in gap.ARMS:  # only hat_flops gets its own update count; every other arm keeps the experiment's
-        cfg = parse_settings(TrainConfig, [*extra, *gap.arm_flags(arm, run)], presets=PRESETS)
+        cfg = parse_settings(TrainConfig, [*extra, *gap.arm_flags(arm, run, run.max_steps)], presets=PRESETS)
         assert cfg.max_steps == (90 if arm == "hat_flops" else 30)
-    cfg = parse_settings(TrainConfig, [*extra, *gap.arm_flags("hat_flops", run)], presets=PRESETS)
-    sandwich = parse_settings(TrainConfig, [*extra, *gap.arm_flags("hat_sandwich", run)], presets=PRESETS)
+    cfg = parse_settings(TrainConfig, [*extra, *gap.arm_flags("hat_flops", run, run.max_steps)], presets=PRESETS)
+    sandwich = parse_settings(TrainConfig, [*extra, *gap.arm_flags("hat_sandwich", run, run.max_steps)],
+                              presets=PRESETS)
     space = mos.SPACES["tiny"]
     costs = [gap.training_cost(dict(config=vars(c), model_args=dict(space=space.to_dict()), step=c.max_steps,
                                     train_seconds=1.0), make_toy_corpus(seed=0)) for c in (cfg, sandwich)]
     assert costs[0]["updates"] == costs[0]["subnet_passes"] == costs[1]["subnet_passes"] == 90
-    assert gap.arm_flags("hat_flops", TrainConfig())[-1] == "--max_steps=4500"  # Multi30k: 3 x 1,500
+    assert gap.arm_flags("hat_flops", TrainConfig(), 1500)[-1] == "--max_steps=4500"  # Multi30k: 3 x 1,500
 
 
 def test_training_cost_counts_the_sampled_subnets():
@@ -218,6 +219,50 @@ def test_gap_pipeline_on_the_toy_task(tmp_path):
     before = results()
     assert gap.main([*flags, "--arms=['hat']", "--seeds=[2]", "--report_only=True"]) == summary
     assert results() == before  # (its settings record the command that wrote it)
+
+
+def test_stops_score_one_run_at_several_update_counts(tmp_path):
+    """--stops: every run trains on through each stop, one folder each; a later stop is exactly the run trained that
+    long at once; hat_flops keeps three updates per sandwich update; every score records its precision and machine;
+    convergence.json reads the claims at each stop; another experiment can score the same panel (--panel_from)."""
+    out = tmp_path / "gap"
+    extra = ["--preset=toy", "--bleu_sentences=-1", "--save_interval=0", "--eval_interval=1000"]
+    flags = [f"--out={out}", "--preset=toy", "--panel_size=3", "--candidates=5", "--arms=['hat_sandwich','hat_flops']",
+             "--seeds=[1]", "--test_sentences=12", "--bootstrap=20", "--stops=[8,12]", f"--extra={extra}"]
+    gap.main(flags)
+    once = tmp_path / "once"  # standalone arch1 trained for 12 steps in one go
+    train.main([*extra, "--space=tiny", "--test_sentences=12", f"--arch={out / 'panel' / 'arch1.json'}",
+                "--max_steps=12", f"--out_dir={once}"])
+    results = json.loads((out / "step12" / "standalone" / "arch1" / "results.json").read_text())
+    assert results["model"]["loss"] == json.loads((once / "results.json").read_text())["model"]["loss"]
+    assert (out / "step12" / "standalone" / "arch1" / "hyps_test_model.txt").read_text() == \
+        (once / "hyps_test_model.txt").read_text()
+    assert results["precision"] == "fp32" and results["machine"] == machine()
+    for stop, updates in ((8, 24), (12, 36)):
+        folder = out / f"step{stop}" / "supernet_hat_flops_s1"
+        assert json.loads((folder / "cost.json").read_text())["updates"] == updates
+        scores = json.loads((folder / "inherited.json").read_text())
+        assert all(r["precision"] == "fp32" and r["machine"] == machine() for r in scores.values())
+    assert train.load_checkpoint(out / "step8" / "supernet_hat_flops_s1" / "ckpt.pt")["step"] == 24  # kept as it was
+    report = json.loads((out / "convergence.json").read_text())
+    claim = next(c for c in report["claims"] if (c["a"], c["b"], c["key"]) == ("hat_flops", "hat_sandwich", "bleu"))
+    step8 = json.loads((out / "step8" / "gap.json").read_text())["inherited"]
+    mean_difference = np.mean([step8["hat_flops_s1"][e]["bleu"] - step8["hat_sandwich_s1"][e]["bleu"]
+                               for e in step8["hat_flops_s1"]])
+    assert claim["by_stop"]["8"] == pytest.approx(mean_difference)
+    assert not next(c for c in report["claims"] if c["b"] == "hat")["judged"]  # hat did not run
+    assert "| 2 | hat_flops - hat_sandwich | bleu | 1 |" in (out / "convergence.md").read_text()
+
+    # the same panel in another experiment; and a stop whose earlier stop lost its checkpoint is refused, named
+    other = tmp_path / "other"
+    assert gap.main([f"--out={other}", "--preset=toy", f"--panel_from={out / 'panel.json'}", "--until=panel"]) == \
+        json.loads((out / "panel.json").read_text())["panel"]
+    assert (other / "panel" / "arch2.json").read_text() == (out / "panel" / "arch2.json").read_text()
+    (out / "step8" / "standalone" / "arch0" / "ckpt.pt").unlink()
+    for path in sorted((out / "step12" / "standalone" / "arch0").iterdir()):
+        path.unlink()
+    with pytest.raises(SystemExit, match="has no ckpt.pt to continue into"):
+        gap.main(flags)
 
 
 def test_every_committed_gap_bleu_recomputes_from_its_translations():
