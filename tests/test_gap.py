@@ -292,6 +292,38 @@ def test_every_committed_gap_bleu_recomputes_from_its_translations():
     assert checked >= 8 * 11  # the standalone reference and at least ten scored supernets
 
 
+def test_every_committed_convergence_bleu_recomputes_from_its_translations():
+    """experiments/results/gap_convergence/ (issue 42): every committed score of every stop, standalone and inherited,
+    is what its translations score against the Multi30k test references, and all were decoded in one precision
+    (bf16, as trained), on a recorded machine; a stop's report, where written, quotes the same scores."""
+    root = Path(__file__).resolve().parent.parent
+    refs_path = root.parent / "shared" / "data" / "multi30k" / "tok" / "test_2016_flickr.lc.norm.tok.en"
+    if not refs_path.exists():
+        pytest.skip("../shared/data/multi30k/tok not present")
+    refs, checked = refs_path.read_text(encoding="utf-8").splitlines(), 0
+    folder = root / "experiments" / "results" / "gap_convergence"
+    for results in sorted(folder.glob("step*/standalone/*/results.json")):
+        scores = json.loads(results.read_text())
+        assert scores["precision"] == "bf16" and scores["machine"], results
+        hyps = gap.read_lines(results.parent / "hyps_test_model.txt")
+        assert bleu_score(hyps, refs)[0] == pytest.approx(scores["model"]["bleu"], abs=1e-9), results
+        checked += 1
+    for inherited in sorted(folder.glob("step*/supernet_*/inherited.json")):
+        for arch, score in json.loads(inherited.read_text()).items():
+            assert score["precision"] == "bf16" and score["machine"], (inherited, arch)
+            hyps = gap.read_lines(inherited.parent / f"hyps_test_{arch}.txt")
+            assert bleu_score(hyps, refs)[0] == pytest.approx(score["bleu"], abs=1e-9), (inherited, arch)
+            checked += 1
+    for report in sorted(folder.glob("step*/gap.json")):
+        quoted = json.loads(report.read_text())
+        for arch, score in quoted["standalone"].items():
+            committed = json.loads((report.parent / "standalone" / arch / "results.json").read_text())["model"]
+            assert score["bleu"] == committed["bleu"], (report, arch)
+        for run, scores in quoted["inherited"].items():
+            assert scores == json.loads((report.parent / f"supernet_{run}" / "inherited.json").read_text()), run
+    assert checked >= 1  # the experiment has begun: its first standalone run is committed
+
+
 def test_arm_differences_per_seed_on_hand_made_scores():
     """Each arm against each baseline at every seed both ran: mean (arm - baseline) over archs, archs ahead."""
     names = ["a0", "a1"]
