@@ -566,7 +566,8 @@ def compare_stops(out: Path, stops: dict, panel):
     standalone = {e: {n: reports[n]["standalone"][e] for n in stops} for e in names}
     gain = {k: float(np.mean([standalone[e][last][k] - standalone[e][before][k] for e in names])) for k in CONVERGED}
     converged = gain["bleu"] < CONVERGED["bleu"] and -gain["loss"] < CONVERGED["loss"]
-    runs = {(r["arm"], r["seed"]): r for r in reports[last]["runs"]}  # the runs scored at the last stop
+    runs = sorted({(r["arm"], r["seed"]) for n in stops for r in reports[n]["runs"]},  # scored at any stop
+                  key=lambda k: (k[1], list(ARMS).index(k[0])))
     stats = {f"{a}_s{s}": {n: next((r for r in reports[n]["runs"] if (r["arm"], r["seed"]) == (a, s)), None)
                            for n in stops} for a, s in runs}
 
@@ -593,7 +594,30 @@ def compare_stops(out: Path, stops: dict, panel):
     write_json(out / "convergence.json", dict(stops=list(stops), standalone=standalone, standalone_gain=gain,
                                               converged=converged, gap_statistics=stats, claims=claims))
     write_convergence_markdown(out / "convergence.md", list(stops), names, standalone, gain, converged, stats, claims)
+    plot_convergence(out / "convergence.png", list(stops), names, standalone, stats)
     return claims
+
+
+def plot_convergence(path: Path, stops, names, standalone, stats):
+    """Left: each panel arch's standalone test BLEU against updates. Right: each supernet's mean |gap| in BLEU and
+    in loss against the updates of a sandwich arm (hat_flops makes three per one of them)."""
+    import matplotlib
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for e in names:
+        axes[0].plot(stops, [standalone[e][n]["bleu"] for n in stops], marker="o", label=e)
+    axes[0].set(xlabel="updates", ylabel="standalone test BLEU", title="the reference: still climbing?")
+    for label, by_stop in stats.items():
+        scored = [n for n in stops if by_stop[n] is not None]
+        for ax, key in zip(axes[1:], ("mean_abs_gap_bleu", "mean_abs_gap_loss")):
+            ax.plot(scored, [by_stop[n][key] for n in scored], marker="o", label=label)
+    axes[1].set(xlabel="updates (a sandwich arm's; hat_flops x3)", ylabel="mean |gap|, BLEU", title="supernets")
+    axes[2].set(xlabel="updates (a sandwich arm's; hat_flops x3)", ylabel="mean |gap|, loss (nats)")
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
 
 
 def write_convergence_markdown(path, stops, names, standalone, gain, converged, stats, claims):
@@ -603,9 +627,9 @@ def write_convergence_markdown(path, stops, names, standalone, gain, converged, 
              "| arch | " + " | ".join(at(n) for n in stops) + " |", "|---" * (1 + len(stops)) + "|"]
     lines += [f"| {e} | " + " | ".join(f"{standalone[e][n]['bleu']:.2f} / {standalone[e][n]['loss']:.3f}"
                                         for n in stops) + " |" for e in names]
-    lines += ["", f"Mean gain from {at(stops[-2])} to {at(stops[-1])}: {gain['bleu']:+.2f} BLEU, {gain['loss']:+.3f} "
-                  f"nats; converged by the criterion (below {CONVERGED['bleu']} BLEU and {CONVERGED['loss']} nats): "
-                  f"{'yes' if converged else 'no, still climbing'}", "",
+    lines += ["", f"Mean change from {at(stops[-2])} to {at(stops[-1])}: BLEU {gain['bleu']:+.2f}, loss "
+                  f"{gain['loss']:+.3f} nats; converged by the criterion (a BLEU gain below {CONVERGED['bleu']} and a "
+                  f"loss drop below {CONVERGED['loss']} nats): {'yes' if converged else 'no, still climbing'}", "",
               "Each supernet's gap statistics at each stop (mean |gap| BLEU / loss, mean gap BLEU, Kendall tau on "
               "loss / BLEU)", "", "| run | " + " | ".join(at(n) for n in stops) + " |", "|---" * (1 + len(stops)) + "|"]
     cell = lambda r: "not scored" if r is None else (f"{r['mean_abs_gap_bleu']:.2f} / {r['mean_abs_gap_loss']:.3f}, "
@@ -618,10 +642,11 @@ def write_convergence_markdown(path, stops, names, standalone, gain, converged, 
     for c in claims:
         head = f"| {c['claim']} | {c['a']} - {c['b']} | {c['key']} | {c['seed']} | "
         if not c["judged"]:
-            lines.append(head + " | ".join("" for _ in stops) + " | not judged (an arm did not run) | |")
+            lines.append(head + " | ".join("" for _ in stops) + " | not judged (not scored at every stop) | |")
             continue
-        verdict = (("firmly above" if c["firmly"] else "not above") if c["gap_found"] == "beyond" else
-                   ("level with" if c["level"] else "above")) + f" {c['spread']:.3g}"
+        size = f"abs(A - B) {'<=' if c['level'] else '>'} {c['spread']:.3g}"  # at the last stop
+        verdict = (("firm" if c["firmly"] else "not firm") if c["gap_found"] == "beyond" else
+                   ("level with the spread" if c["level"] else "beyond the spread")) + f" ({size})"
         lines.append(head + " | ".join(f"{c['by_stop'][n]:+.3f}" for n in stops) +
                      f" | {'yes' if c['survives'] else 'no'} | {verdict} |")
     with atomic_open(path) as f:

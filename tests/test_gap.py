@@ -252,6 +252,7 @@ def test_stops_score_one_run_at_several_update_counts(tmp_path):
     assert claim["by_stop"]["8"] == pytest.approx(mean_difference)
     assert not next(c for c in report["claims"] if c["b"] == "hat")["judged"]  # hat did not run
     assert "| 2 | hat_flops - hat_sandwich | bleu | 1 |" in (out / "convergence.md").read_text()
+    assert (out / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the same panel in another experiment; and a stop whose earlier stop lost its checkpoint is refused, named
     other = tmp_path / "other"
