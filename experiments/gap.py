@@ -8,6 +8,7 @@ HAT's weight sharing against MoS, on a fixed panel of architectures.
     python experiments/gap.py --report_only=True            # only stage 4, from what is finished: trains nothing
     python experiments/gap.py --preset=toy --out=out_gap_toy   # the same stages on the synthetic task, a minute or two
     python -m experiments.gap --preset=toy --out=out_gap_toy   # the same, as a module
+    python experiments/gap.py --preset=toy --out=out_gap_stops --stops=[20,30]   # each run scored at 20 and 30 updates
 
 Stages (rerun the same command after a stop: a finished stage is skipped, a training run resumes from its checkpoint,
 a half-scored supernet continues with its next arch):
@@ -23,6 +24,9 @@ a half-scored supernet continues with its next arch):
      difference per seed (arm_differences) and whether it holds beyond the seed range (seed_range). Written after
      every scored supernet, from every scored supernet in the folder (whatever --arms and --seeds ask for now), so
      a partial run reports what it has and a rerun of one seed keeps the others.
+With --stops=[S1,S2,...] every run trains on through each stop (one folder per stop, out/stepS/, each a whole gap
+report of the run's state after S updates), and stage 5 writes convergence.json, convergence.md and convergence.png:
+the stops side by side and each claim of the reading (CLAIMS) at each.
 Settings are the GapConfig fields, changed with --key=value as in train.py. The default --out is the committed
 evidence, experiments/results/gap (give a toy run an out*/ folder); checkpoints (*.pt) stay out of git.
 """
@@ -533,20 +537,25 @@ def plot(path: Path, panel, standalone, runs):
 # three-seed spread it is held against, and whether gap/ found it "beyond" that spread or "within" it). A - B is the
 # mean over the panel of A's minus B's inherited test BLEU or loss, or the difference of a gap statistic.
 CLAIMS = (
-    ("1", "hat_sandwich", "hat", "bleu", 2.00, "beyond"), ("1", "hat_sandwich", "hat", "loss", 0.039, "beyond"),
-    ("2", "hat_flops", "hat_sandwich", "bleu", 0.40, "beyond"), ("2", "hat_flops", "hat_sandwich", "loss", 0.012,
-                                                                 "beyond"),
-    ("2", "layer", "hat_flops", "bleu", 0.79, "beyond"), ("2", "neuron", "hat_flops", "bleu", 0.79, "beyond"),
-    ("3", "layer", "hat_sandwich", "loss", 0.012, "beyond"), ("3", "neuron", "hat_sandwich", "loss", 0.012, "beyond"),
-    ("4", "layer", "hat_sandwich", "bleu", 0.40, "within"), ("4", "neuron", "hat_sandwich", "bleu", 0.40, "within"),
-    ("5", "layer", "neuron", "bleu", 0.40, "within"), ("5", "layer", "neuron", "loss", 0.012, "within"),
+    ("1", "hat_sandwich", "hat", "bleu", 2.00, "beyond"),
+    ("1", "hat_sandwich", "hat", "loss", 0.039, "beyond"),
+    ("2", "hat_flops", "hat_sandwich", "bleu", 0.40, "beyond"),
+    ("2", "hat_flops", "hat_sandwich", "loss", 0.012, "beyond"),
+    ("2", "layer", "hat_flops", "bleu", 0.79, "beyond"),
+    ("2", "neuron", "hat_flops", "bleu", 0.79, "beyond"),
+    ("3", "layer", "hat_sandwich", "loss", 0.012, "beyond"),
+    ("3", "neuron", "hat_sandwich", "loss", 0.012, "beyond"),
+    ("4", "layer", "hat_sandwich", "bleu", 0.40, "within"),
+    ("4", "neuron", "hat_sandwich", "bleu", 0.40, "within"),
+    ("5", "layer", "neuron", "bleu", 0.40, "within"),
+    ("5", "layer", "neuron", "loss", 0.012, "within"),
     ("6", "layer", "hat_sandwich", "mean_abs_gap_loss", 0.008, "beyond"),
     ("6", "neuron", "hat_sandwich", "mean_abs_gap_loss", 0.008, "beyond"),
     ("6", "layer", "hat_sandwich", "mean_abs_gap_bleu", 0.46, "within"),
     ("6", "neuron", "hat_sandwich", "mean_abs_gap_bleu", 0.46, "within"),
-    ("7", "hat_sandwich", "hat_flops", "kendall_loss", 1 / 14, "within"),  # one tau step of eight archs: 1/14
-    ("7", "layer", "hat_flops", "kendall_loss", 1 / 14, "within"), ("7", "neuron", "hat_flops", "kendall_loss", 1 / 14,
-                                                                     "within"),
+    ("7", "hat_sandwich", "hat_flops", "kendall_loss", 1 / 14, "within"),  # one step of tau over eight archs: 2/28
+    ("7", "layer", "hat_flops", "kendall_loss", 1 / 14, "within"),
+    ("7", "neuron", "hat_flops", "kendall_loss", 1 / 14, "within"),
 )
 CONVERGED = dict(bleu=0.40, loss=0.012)  # the standalone panel's mean test gain over the last two stops below these
 
