@@ -151,9 +151,7 @@ def choose_panel(cfg: GapConfig, corpus, path: Path) -> list:
     panel = [dict(name=f"arch{j}", arch=candidates[i].to_dict(), latency_ms=measured[i],
                   params=mos.num_params(candidates[i], space, len(corpus.src_vocab), len(corpus.tgt_vocab)))
              for j, i in enumerate(chosen)]
-    (path.parent / "panel").mkdir(parents=True, exist_ok=True)
-    for entry in panel:  # one JSON arch file each, what train.py --arch reads; panel.json last, as the stage's mark
-        write_json(path.parent / "panel" / f"{entry['name']}.json", entry["arch"])
+    write_panel_archs(panel, path.parent / "panel")  # panel.json last, as the stage's mark
     measured_all = [dict(arch=a.to_dict(), latency_ms=m) for a, m in zip(candidates, measured)]
     write_json(path, dict(space=cfg.space, machine=machine(), threads=cfg.threads, protocol="beam",
                           note="latency of random weights, median of latency_iters runs; chosen before any supernet "
@@ -165,11 +163,15 @@ def copy_panel(source: Path, path: Path):
     """Score another experiment's panel: its panel.json copied to `path` as it is, with its archs' files."""
     if not source.is_file():
         raise SystemExit(f"error: --panel_from={source} is not a file; give another gap experiment's panel.json")
-    panel = read_json(source, "panel")["panel"]
-    (path.parent / "panel").mkdir(parents=True, exist_ok=True)
-    for entry in panel:
-        write_json(path.parent / "panel" / f"{entry['name']}.json", entry["arch"])
+    write_panel_archs(read_json(source, "panel")["panel"], path.parent / "panel")
     shutil.copyfile(source, path)  # last, as the stage's mark
+
+
+def write_panel_archs(panel, folder: Path):
+    """One JSON arch file per panel arch in `folder`, what train.py --arch reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in panel:
+        write_json(folder / f"{entry['name']}.json", entry["arch"])
 
 
 # -----------------------------------------------------------------------------
@@ -561,11 +563,11 @@ CONVERGED = dict(bleu=0.40, loss=0.012)  # the standalone panel's mean test gain
 
 
 def compare_stops(out: Path, stops: dict, panel):
-    """convergence.json and convergence.md in `out`: the reports of every stop (updates -> its folder) side by side,
-    once every stop has one. Per panel arch the standalone test BLEU and loss and their gains; per arm and seed the
-    gap statistics; per claim of CLAIMS A - B at each stop, whether its sign at the last stop is its sign at the
-    first (survives), and against its spread: above it (firmly, for a claim gap/ found beyond the seed range) or
-    at most it (level with the spread)."""
+    """convergence.json, convergence.md and convergence.png in `out`: the reports of every stop (updates -> its
+    folder) side by side, once every stop has one. Per panel arch the standalone test BLEU and loss and their gains;
+    per arm and seed the gap statistics; per claim of CLAIMS A - B at each stop, whether its sign at the last stop is
+    its sign at the first (survives), and against its spread: above it (firmly, for a claim gap/ found beyond the
+    seed range) or at most it (level with the spread)."""
     paths = {n: where / "gap.json" for n, where in stops.items()}
     if len(stops) < 2 or not all(p.exists() for p in paths.values()):
         return None
@@ -575,19 +577,17 @@ def compare_stops(out: Path, stops: dict, panel):
     standalone = {e: {n: reports[n]["standalone"][e] for n in stops} for e in names}
     gain = {k: float(np.mean([standalone[e][last][k] - standalone[e][before][k] for e in names])) for k in CONVERGED}
     converged = gain["bleu"] < CONVERGED["bleu"] and -gain["loss"] < CONVERGED["loss"]
-    runs = sorted({(r["arm"], r["seed"]) for n in stops for r in reports[n]["runs"]},  # scored at any stop
-                  key=lambda k: (k[1], list(ARMS).index(k[0])))
-    stats = {f"{a}_s{s}": {n: next((r for r in reports[n]["runs"] if (r["arm"], r["seed"]) == (a, s)), None)
-                           for n in stops} for a, s in runs}
+    rows = {n: {(r["arm"], r["seed"]): r for r in reports[n]["runs"]} for n in stops}  # stop -> (arm, seed) -> row
+    runs = sorted(set().union(*rows.values()), key=lambda k: (k[1], list(ARMS).index(k[0])))  # scored at any stop
+    stats = {f"{a}_s{s}": {n: rows[n].get((a, s)) for n in stops} for a, s in runs}
 
     def difference(n, a, b, seed, key):  # A - B at stop n: of the inherited scores' mean over the panel, or a statistic
-        rows = {(r["arm"], r["seed"]): r for r in reports[n]["runs"]}
-        if (a, seed) not in rows or (b, seed) not in rows:
+        if (a, seed) not in rows[n] or (b, seed) not in rows[n]:
             return None
         if key in ("bleu", "loss"):
             got = reports[n]["inherited"]
             return float(np.mean([got[f"{a}_s{seed}"][e][key] - got[f"{b}_s{seed}"][e][key] for e in names]))
-        return float(rows[(a, seed)][key] - rows[(b, seed)][key])
+        return float(rows[n][(a, seed)][key] - rows[n][(b, seed)][key])
 
     claims = []
     for claim, a, b, key, spread, found in CLAIMS:
