@@ -78,7 +78,8 @@ def synchronizer(device):
 def deterministic_kernels(on: bool):
     """Deterministic kernels only (torch.use_deterministic_algorithms), or not: on a GPU a resumed run then repeats
     the uninterrupted one bitwise (cuBLAS needs its workspace setting for that), at some speed."""
-    torch.use_deterministic_algorithms(on)
+    if torch.are_deterministic_algorithms_enabled() != on:  # setting it imports the compiler stack: 1-2 s a process
+        torch.use_deterministic_algorithms(on)
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
