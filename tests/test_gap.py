@@ -17,6 +17,7 @@ from data.batching import make_toy_corpus
 from experiments import gap
 from runs.settings import parse_settings
 from train import PRESETS, TrainConfig, bleu_score
+from data.batching import remove_bpe
 
 
 def test_stratify_spreads_over_the_latency_range():
@@ -266,6 +267,19 @@ def test_stops_score_one_run_at_several_update_counts(tmp_path):
         gap.main(flags)
 
 
+def bleu_against(refs):
+    """train.bleu_score's corpus BLEU against fixed references whose n-grams sacrebleu counts once, not per call (the
+    committed-score tests score hundreds of files against the same references)."""
+    metric = BLEU(tokenize="none", force=True, references=[[remove_bpe(r) for r in refs]])
+    return lambda hyps: metric.corpus_score([remove_bpe(h) for h in hyps], None).score
+
+
+def test_bleu_against_fixed_references_is_bleu_score():
+    refs = ["a b@@ c d e", "the cat sat on the mat", "x y z"]
+    hyps = ["a bc d", "the cat sat on a mat", "x y z w"]
+    assert bleu_against(refs)(hyps) == bleu_score(hyps, refs)[0] > 0
+
+
 def test_every_committed_gap_bleu_recomputes_from_its_translations():
     """experiments/results/gap: each standalone run's and each supernet's per-arch test BLEU is what its committed
     translations score against the Multi30k test references (../shared/data/multi30k), so no score stands without
@@ -278,17 +292,20 @@ def test_every_committed_gap_bleu_recomputes_from_its_translations():
     folder = root / "experiments" / "results" / "gap"
     report = json.loads((folder / "gap.json").read_text())
     lines, checked = gap.read_lines, 0
+    bleu, bleu_of_all = bleu_against(refs), {}  # bleu_of_all[n]: against the references n times over
     for name, score in report["standalone"].items():
-        assert bleu_score(lines(folder / "standalone" / name / "hyps_test_model.txt"), refs)[0] == \
+        assert bleu(lines(folder / "standalone" / name / "hyps_test_model.txt")) == \
             pytest.approx(score["bleu"], abs=1e-9)
         checked += 1
     for run, scores in report["inherited"].items():
         hyps = {arch: lines(folder / f"supernet_{run}" / f"hyps_test_{arch}.txt") for arch in scores}
         for arch, score in scores.items():
-            assert bleu_score(hyps[arch], refs)[0] == pytest.approx(score["bleu"], abs=1e-9), (run, arch)
+            assert bleu(hyps[arch]) == pytest.approx(score["bleu"], abs=1e-9), (run, arch)
             checked += 1
         arm, seed = run.rsplit("_s", 1)
-        concatenated = bleu_score([h for arch in sorted(hyps) for h in hyps[arch]], refs * len(hyps))[0]
+        if len(hyps) not in bleu_of_all:
+            bleu_of_all[len(hyps)] = bleu_against(refs * len(hyps))
+        concatenated = bleu_of_all[len(hyps)]([h for arch in sorted(hyps) for h in hyps[arch]])
         assert concatenated == pytest.approx(report["paired_bootstrap"][seed]["hat"][arm]["bleu"], abs=1e-9), run
     assert checked >= 8 * 11  # the standalone reference and at least ten scored supernets
 
@@ -301,19 +318,19 @@ def test_every_committed_convergence_bleu_recomputes_from_its_translations():
     refs_path = root.parent / "shared" / "data" / "multi30k" / "tok" / "test_2016_flickr.lc.norm.tok.en"
     if not refs_path.exists():
         pytest.skip("../shared/data/multi30k/tok not present")
-    refs, checked = refs_path.read_text(encoding="utf-8").splitlines(), 0
+    bleu, checked = bleu_against(refs_path.read_text(encoding="utf-8").splitlines()), 0
     folder = root / "experiments" / "results" / "gap_convergence"
     for results in sorted(folder.glob("step*/standalone/*/results.json")):
         scores = json.loads(results.read_text())
         assert scores["precision"] == "bf16" and scores["machine"], results
         hyps = gap.read_lines(results.parent / "hyps_test_model.txt")
-        assert bleu_score(hyps, refs)[0] == pytest.approx(scores["model"]["bleu"], abs=1e-9), results
+        assert bleu(hyps) == pytest.approx(scores["model"]["bleu"], abs=1e-9), results
         checked += 1
     for inherited in sorted(folder.glob("step*/supernet_*/inherited.json")):
         for arch, score in json.loads(inherited.read_text()).items():
             assert score["precision"] == "bf16" and score["machine"], (inherited, arch)
             hyps = gap.read_lines(inherited.parent / f"hyps_test_{arch}.txt")
-            assert bleu_score(hyps, refs)[0] == pytest.approx(score["bleu"], abs=1e-9), (inherited, arch)
+            assert bleu(hyps) == pytest.approx(score["bleu"], abs=1e-9), (inherited, arch)
             checked += 1
     for report in sorted(folder.glob("step*/gap.json")):
         quoted = json.loads(report.read_text())
