@@ -13,11 +13,10 @@ from sacrebleu.significance import PairedTest
 import mos
 from runs.machine import machine
 import train
-from data.batching import make_toy_corpus
+from data.batching import make_toy_corpus, remove_bpe
 from experiments import gap
 from runs.settings import parse_settings
 from train import PRESETS, TrainConfig, bleu_score
-from data.batching import remove_bpe
 
 
 def test_stratify_spreads_over_the_latency_range():
