@@ -20,11 +20,11 @@ and recorded thread count, and the median with the IQR beside HAT's 10%-trimmed 
     python latency.py fit                                 # linear vs HAT's MLP predictor: JSON, scatter plot, tau
 
 Read top to bottom: the settings; the measurement (`measure_latency`); the dataset of random subnets
-(`cmd_dataset`); the predictor (`fit_predictor`, `predict`, `cmd_fit`); the command line.
+(`cmd_dataset`); the predictor (`fit_predictor`, `predict`, `cmd_fit`); the command line. The files' formats (the
+dataset CSV that a rerun resumes, the predictor JSON) and the plot are runs/latency_files.py and runs/plots.py.
 Settings are the LatencyConfig fields, changed with --key=value as in train.py; the first bare word is the command.
 experiments/latency_checks.py adds side-by-side re-measurement and the benchmark on HAT's published latencies.
 """
-import base64
 import csv
 import json
 import random
@@ -39,10 +39,13 @@ from tqdm import tqdm
 
 import mos
 from mos import EOS, FEATURE_NAMES, SPACES, ArchConfig, Transformer
-from runs.files import append_jsonl, atomic_open, brief, read_json, releases_locks, write_json
+from runs.files import append_jsonl, releases_locks
 from runs.folders import claim_file, is_jsonl_of, is_png
+from runs.latency_files import (is_dataset, is_predictor, read_dataset, read_predictor, resume_dataset,
+                                write_predictor)
 from runs.machine import synchronizer
-from runs.settings import check_settings, get_device, need, parse_settings
+from runs.plots import plot_predictor
+from runs.settings import check_settings, get_device, parse_settings
 from runs.signals import run
 from train import load_checkpoint, model_from_checkpoint, resolve_arch
 
@@ -56,9 +59,6 @@ MLP_WIDTH, MLP_HIDDEN_LAYERS, MLP_BATCH = 400, 3, 128  # HAT's latency_predictor
 # a dataset's columns: the subnet, its features, its latency and every setting of the protocol that timed it
 SETTINGS = ["threads", "iters", "protocol", "beam", "src_len", "tgt_len", "warmup", "device"]
 HEADER = ["space", "arch", *FEATURE_NAMES, "median_ms", "trimmed_mean_ms", "iqr_ms", "encoder_ms", *SETTINGS]
-# files from before every setting was stored (their first columns are HEADER's): read by `fit` as they are, never
-# appended to; the oldest has no protocol column and timed HAT's protocol
-OLD_HEADERS = (HEADER[:HEADER.index("protocol") + 1], HEADER[:HEADER.index("protocol")])
 MIN_SUBNETS = 12  # distinct subnets `fit` needs: train / valid / test two each at least, and a tau on each
 
 
@@ -207,82 +207,29 @@ def measure_repeated(cfg, make, arch, label) -> dict:
 def cmd_dataset(cfg: LatencyConfig):
     """Measure cfg.n random subnets into a CSV, one row each as soon as it is measured, with every protocol setting,
     so a rerun resumes: it keeps the whole rows of the same subnets and settings, drops a row a kill cut short, and
-    measures the rest. Rows measured otherwise are never mixed in: such a file is refused."""
+    measures the rest (runs/latency_files.py). Rows measured otherwise are never mixed in: such a file is refused."""
     space, make = subnet_maker(cfg)
     rng = random.Random(cfg.seed)
     archs = [space.sample(rng) for _ in range(cfg.n)]  # the same list on every run: row i is always archs[i]
-    path, settings = Path(cfg.out), [str(v) for v in protocol_args(cfg).values()]  # SETTINGS, in that order
-    try:
-        text = path.read_text(encoding="utf-8") if path.exists() else ""
-        whole = text[:text.rfind("\n") + 1]  # a kill may have cut the last row short: it is measured again
-        rows = list(csv.reader(whole.splitlines()))
-        stored = [json.loads(r[1]) for r in rows[1:]]  # the arch column
-    except (OSError, ValueError, IndexError, RecursionError) as e:
-        raise SystemExit(f"error: cannot read {path} as a latency dataset ({brief(e, 100)}); give another --out")
-    if rows[:1] != [HEADER] and not (not rows and ",".join(HEADER).startswith(text)):  # (a cut header is ours)
-        raise SystemExit(f"error: {path} is not a latency dataset of this version (its first line is not "
-                         f"{','.join(HEADER)}: an older file does not record every protocol setting); give another "
-                         f"--out")
-    if stored[:cfg.n] != [a.to_dict() for a in archs[:len(stored)]]:
-        raise SystemExit(f"error: {path} holds other subnets than --space={space.name} --seed={cfg.seed} draws; "
-                         f"pass those settings or another --out")
-    if len(stored) > cfg.n:
-        raise SystemExit(f"error: {path} already holds {len(stored)} subnets, more than --n={cfg.n}; pass "
-                         f"--n={len(stored)} or more to measure more, or another --out")
-    other = next((dict(zip(SETTINGS, r[-len(SETTINGS):])) for r in rows[1:] if r[-len(SETTINGS):] != settings), None)
-    if other:
-        flags = " ".join(f"--{k}={v}" for k, v in other.items())
-        raise SystemExit(f"error: {path} was measured with other settings ({flags}); pass those, or another --out")
-    if text != whole:
-        with atomic_open(path) as f:
-            f.write(whole)
-    with open(path, "a", newline="") as f:
+    settings = {k: str(v) for k, v in protocol_args(cfg).items()}  # SETTINGS, in that order
+    done = resume_dataset(cfg.out, HEADER, [a.to_dict() for a in archs], settings,
+                          draws=f"--space={space.name} --seed={cfg.seed}")
+    with open(cfg.out, "a", newline="") as f:
         writer = csv.writer(f)
-        if not rows:
-            writer.writerow(HEADER)
-        for arch in tqdm(archs[len(stored):], initial=len(stored), total=cfg.n, desc="latency dataset"):
+        for arch in tqdm(archs[done:], initial=done, total=cfg.n, desc="latency dataset"):
             r = measure_latency(make(arch), **protocol_args(cfg))
             writer.writerow([space.name, json.dumps(arch.to_dict(), separators=(",", ":")),
                              *[round(float(v), 6) for v in mos.arch_features(arch, space)],
                              *[round(r[k], 3) for k in ("median_ms", "trimmed_mean_ms", "iqr_ms", "encoder_ms")],
-                             *settings])
+                             *settings.values()])
             f.flush()
-    print(f"{cfg.n} subnets in {path}")
-
-
-def is_dataset(path) -> bool:
-    """Whether a file is a latency dataset CSV (what --out may append to), of this or an older header, or the
-    start of one that a kill cut short."""
-    try:
-        first = Path(path).read_bytes().decode("utf-8").split("\n")[0].rstrip("\r")
-    except (OSError, ValueError):
-        return False
-    return any(first.split(",") == h or ",".join(h).startswith(first) for h in (HEADER, *OLD_HEADERS))
+    print(f"{cfg.n} subnets in {cfg.out}")
 
 
 def read_latency_csv(path):
-    """(features (n, 10), latency ms (n,), space name, protocol) from a dataset CSV of `latency.py dataset`, checked
-    in full: finite features, positive finite latencies, every row of one space, one protocol and the same protocol
-    settings (SETTINGS; a file from before they were all stored is checked on those it has). Else one line."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        X = np.array([[float(r[n]) for n in FEATURE_NAMES] for r in rows])  # (n, 10)
-        y = np.array([float(r["median_ms"]) for r in rows])  # (n,)
-        kinds = {(r["space"], r.get("protocol") or "hat", *(r.get(k) for k in SETTINGS if k != "protocol"))
-                 for r in rows}
-        need(rows, "no rows")
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # missing, empty, not UTF-8, other columns
-        raise SystemExit(f"error: cannot read latency CSV {path} ({brief(e, 100)}); give one that "
-                         f"`python latency.py dataset` wrote")
-    bad = [i for i in range(len(rows)) if not (np.isfinite(X[i]).all() and np.isfinite(y[i]) and y[i] > 0)]
-    if bad or len(kinds) > 1:
-        problem = (f"row {bad[0] + 2} has a non-finite feature or a latency that is not a positive number "
-                   f"({y[bad[0]]} ms)" if bad else f"rows of several spaces or protocol settings "
-                   f"{sorted(kinds, key=str)[:2]} (space, protocol, {', '.join(SETTINGS[:2] + SETTINGS[3:])})")
-        raise SystemExit(f"error: latency CSV {path}: {problem}; measure it again with `python latency.py dataset`")
-    space, protocol = kinds.pop()[:2]
-    return X, y, space, protocol
+    """(features (n, 10), latency ms (n,), space name, protocol) of a dataset CSV, checked in full: finite
+    features, positive latencies, one space and one protocol with the same settings (runs/latency_files.py)."""
+    return read_dataset(path, FEATURE_NAMES, SETTINGS)
 
 
 # -----------------------------------------------------------------------------
@@ -392,8 +339,8 @@ def cmd_fit(cfg: LatencyConfig):
     if problem:  # validate, then replace
         raise SystemExit(f"error: the {report['chosen']} predictor fit on {cfg.out} cannot serve a search ({problem}); "
                          f"{out} is left as it was")
-    save_predictor(predictor, out, space=space, protocol=protocol, feature_names=list(FEATURE_NAMES), data=cfg.out,
-                   **report)
+    write_predictor(out, predictor, space=space, protocol=protocol, feature_names=list(FEATURE_NAMES), data=cfg.out,
+                    **report)
     title = f"{report['chosen']} predictor, {space} space: test tau {t['kendall_tau']:.3f}, RMSE {t['rmse_ms']:.2f} ms"
     plot_predictor(y, predict(load_predictor(out), X), test, title, out.with_suffix(".png"))
     for name, s in report["test"].items():
@@ -402,62 +349,10 @@ def cmd_fit(cfg: LatencyConfig):
     print(f"chosen: {report['chosen']} (lower valid RMSE) -> {out}, {out.with_suffix('.png')}")
 
 
-def encode_array(a: np.ndarray) -> dict:
-    """A float array as JSON: float32 bytes in base64 (HAT's MLP has 485K weights: 2.6 MB, not 9 MB of digits)."""
-    return {"shape": list(a.shape), "float32_base64": base64.b64encode(a.astype("<f4").tobytes()).decode()}
-
-
-def decode_array(d: dict) -> np.ndarray:
-    """The inverse of encode_array."""
-    return np.frombuffer(base64.b64decode(d["float32_base64"]), dtype="<f4").reshape(d["shape"]).astype(np.float64)
-
-
-def save_predictor(predictor: dict, path, **extra):
-    """Write a fit_linear/fit_mlp dict (plus `extra` entries) as JSON."""
-    layers = [{k: encode_array(v) for k, v in layer.items()} for layer in predictor.get("layers", [])]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_json(Path(path), {**predictor, **({"layers": layers} if layers else {}), **extra})
-
-
 def load_predictor(path) -> dict:
-    """A predictor JSON written by `fit`, with its weights as numpy arrays so that predict() is fast; anything else
+    """A predictor JSON written by `fit`, its weights as numpy arrays so that predict() is fast; anything else
     (predictions that are not finite and positive included) is a one-line error."""
-    predictor = read_json(path, "latency predictor")
-    try:
-        for layer in predictor.get("layers", []):
-            layer["weight"], layer["bias"] = decode_array(layer["weight"]), decode_array(layer["bias"])
-        need(isinstance(predictor["space"], str), "no space name")
-        problem = predictor_problem(predictor)
-        need(problem is None, problem)
-    except Exception as e:  # not a dict, missing or malformed entries, weights of the wrong sizes
-        raise SystemExit(f"error: latency predictor {path} is not one `python latency.py fit` wrote ({brief(e, 160)})")
-    return predictor
-
-
-def is_predictor(path) -> bool:
-    """Whether a file is a predictor JSON `fit` wrote (what --predictor may replace)."""
-    try:
-        predictor = json.loads(Path(path).read_bytes().decode("utf-8"))
-        return isinstance(predictor, dict) and predictor.get("kind") in ("linear", "mlp") and "space" in predictor
-    except (OSError, ValueError, RecursionError):
-        return False
-
-
-def plot_predictor(y, p, test, title, path):
-    """Predicted vs measured latency, held-out subnets highlighted, with the y = x line."""
-    import matplotlib
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-    train = np.setdiff1d(np.arange(len(y)), test)
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.scatter(y[train], p[train], s=8, c="lightgrey", label="train + valid")
-    ax.scatter(y[test], p[test], s=12, c="tab:blue", label="test (held out)")
-    lo, hi = min(y.min(), p.min()), max(y.max(), p.max())
-    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
-    ax.set(xlabel="measured latency, ms", ylabel="predicted latency, ms", title=title)
-    ax.legend()
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    return read_predictor(path, predictor_problem)
 
 
 # -----------------------------------------------------------------------------
@@ -469,7 +364,7 @@ def claim_outputs(cfg: LatencyConfig):
     replace or append to only a file of its own kind, and never one of the command's inputs."""
     arch_file = [cfg.arch] if cfg.arch not in ("largest", "smallest", "middle") else []
     if cfg.command == "dataset":
-        claim_file(cfg.out, "latency dataset", is_dataset, reads=[cfg.ckpt], what="--out")
+        claim_file(cfg.out, "latency dataset", lambda p: is_dataset(p, HEADER), reads=[cfg.ckpt], what="--out")
     elif cfg.command == "fit":
         claim_file(cfg.predictor, "latency predictor", is_predictor, reads=[cfg.out], what="--predictor")
         claim_file(Path(cfg.predictor).with_suffix(".png"), "PNG plot", is_png, reads=[cfg.out],

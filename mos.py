@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.batching import BOS, EOS, PAD, UNK  # special-token ids, as every vocabulary is written
+from runs.settings import check_fields
 
 ROUTER_DROPOUT = 0.1  # the MoS code's router "neuronrouting_jack_drop_2L": dropout 0.1 between its two layers
 REPRESENTATIVE_SPAN = 2  # HAT/MoS's largest and smallest subnets attend to the last two encoder layers
@@ -63,8 +64,8 @@ class ArchConfig:
     @classmethod
     def from_dict(cls, d):
         """Build from a dict such as a JSON arch file; wrong keys or types raise a one-line ValueError
-        (`check_arch_dict`, with the other input checks at the end of this file)."""
-        return cls(**check_arch_dict(d))
+        (runs.settings.check_fields)."""
+        return cls(**check_fields(cls, d, "arch"))
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,8 @@ class MixtureFFN(nn.Module):
     """Storage for one layer's FFN in the supernet: E stacked experts per linear and their router(s).
     It never sees activations: `weights(features, C, F)` returns one subnet's plain fc1/fc2 weights.
     router='none': one expert, plain HAT sharing. 'layer': one router per layer, alpha (E,) shared by fc1 and
-    fc2. 'neuron': one router per linear (fc1_router, fc2_router), alpha (out, E), a separate mixture for every output neuron.
+    fc2. 'neuron': one router per linear (fc1_router, fc2_router), alpha (out, E), a separate mixture for every
+    output neuron.
     With one expert both MoS modes reduce exactly to HAT (the softmax over one expert is 1)."""
 
     def __init__(self, max_dim, max_ffn, num_experts=2, router="neuron", router_hidden=128,
@@ -495,8 +497,9 @@ class SuperTransformer(nn.Module):
     def skeleton(self, arch, device="meta") -> Transformer:
         """An uninitialised plain Transformer of this arch (on the meta device: names and shapes only)."""
         with torch.device(device):
-            return Transformer(arch, self.src_vocab, self.tgt_vocab, self.space.qkv_dim,
-                               scaled_dropout(self.dropout, arch, self.space), self.max_len, self.space.position_widths())
+            dropout = scaled_dropout(self.dropout, arch, self.space)
+            return Transformer(arch, self.src_vocab, self.tgt_vocab, self.space.qkv_dim, dropout, self.max_len,
+                               self.space.position_widths())
 
     def plan(self, arch: ArchConfig) -> tuple:
         """(skeleton, shapes of its non-FFN tensors by name): what a forward of `arch` needs besides weights, kept for
@@ -552,8 +555,8 @@ def _max_lengths(src, max_len_a, max_len_b, limit, min_len):
 
 
 def _step(model, tokens, enc_outs, src_mask, cache, min_len):
-    """Log-probabilities (rows, V) of the next token; with a cache only the newest token is computed.
-    EOS is forbidden while fewer than min_len tokens were generated (fairseq's --min-len, default 1: no empty output)."""
+    """Log-probabilities (rows, V) of the next token; with a cache only the newest token is computed. EOS is
+    forbidden while fewer than min_len tokens were generated (fairseq's --min-len, default 1: no empty output)."""
     logits = model.decode(tokens[:, -1:] if cache is not None else tokens, enc_outs, src_mask, cache)[:, -1]
     lprobs = F.log_softmax(logits.float(), dim=-1)
     lprobs[:, [PAD, BOS]] = -math.inf  # never generated
@@ -645,7 +648,7 @@ def beam_search(model, src, beam=5, lenpen=1.0, max_len_a=1.2, max_len_b=10, min
 
 
 # -----------------------------------------------------------------------------
-# Sizes and input checks (arch files are user input)
+# Sizes, and whether an arch is in a space (arch files are user input)
 
 
 def num_params(arch: ArchConfig, space: SearchSpace, src_vocab: int, tgt_vocab: int, embeddings=True) -> int:
@@ -660,24 +663,6 @@ def num_params(arch: ArchConfig, space: SearchSpace, src_vocab: int, tgt_vocab: 
     if embeddings:
         n += src_vocab * Ce + 2 * tgt_vocab * Cd  # source and target embeddings, output projection (no bias)
     return n
-
-
-def check_arch_dict(d) -> dict:
-    """ArchConfig's keyword arguments from a dict such as a JSON arch file: exactly its keys, integers where it
-    has integers and lists of integers (one per layer) where it has tuples. Raises a one-line ValueError."""
-    names, is_int = [f.name for f in fields(ArchConfig)], lambda v: isinstance(v, int) and not isinstance(v, bool)
-    if not isinstance(d, dict):
-        raise ValueError(f"an arch is a JSON object {{field: value}} with the keys {names}, got {type(d).__name__}")
-    unknown, missing = sorted(set(d) - set(names)), [n for n in names if n not in d]
-    if unknown or missing:
-        raise ValueError(f"arch has unknown keys {unknown} / missing keys {missing}; the keys are {names}")
-    for f in fields(ArchConfig):
-        value = d[f.name]
-        if f.type is int and not is_int(value):
-            raise ValueError(f"arch field '{f.name}' must be an integer, got {value!r}")
-        if f.type is tuple and not (isinstance(value, (list, tuple)) and all(map(is_int, value))):
-            raise ValueError(f"arch field '{f.name}' must be a list of integers (one per layer), got {value!r}")
-    return {name: tuple(d[name]) if isinstance(d[name], list) else d[name] for name in names}
 
 
 def check_in_space(arch: ArchConfig, space: SearchSpace) -> ArchConfig:

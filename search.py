@@ -40,6 +40,7 @@ from runs.checkpoints import check_vocab
 from runs.files import Cache, releases_locks, write_json
 from runs.folders import check_target, claim_folder
 from runs.machine import busy_warning, machine_state
+from runs.plots import plot_search
 from runs.settings import check_settings, get_device, parse_settings
 from runs.signals import run
 from train import load_checkpoint, model_from_checkpoint, split_batches, valid_loss
@@ -235,54 +236,6 @@ def arch_key(arch: ArchConfig) -> str:
 
 
 # -----------------------------------------------------------------------------
-# Outputs
-
-
-def pareto(points):
-    """The (latency, loss) points no other point beats on both, by latency."""
-    front, best = [], float("inf")
-    for lat, loss in sorted(points):
-        if loss < best:
-            front.append((lat, loss))
-            best = loss
-    return front
-
-
-def plot(results, candidates, cfg, protocol, out_dir):
-    """candidates.png: every scored subnet, the Pareto front, the budgets and the chosen subnets (a winner whose
-    re-measured latency is over its budget marked so; winners that coincide drawn smaller, one inside the other).
-    convergence.png: the best validation loss per iteration, per budget."""
-    import matplotlib
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-    fig, ax = plt.subplots(figsize=(7, 5))
-    ax.scatter(*zip(*candidates), s=6, c="lightgrey", label="scored subnets")
-    ax.plot(*zip(*pareto(candidates)), drawstyle="steps-post", c="k", lw=1, label="Pareto front")
-    lats = [lat for lat, _ in candidates]
-    span = (max(lats) - min(lats)) or max(lats) * 0.05
-    for i, (r, color) in enumerate(zip(results, plt.cm.tab10.colors)):
-        if r["budget_ms"] <= max(lats) + span:  # a budget far right of every subnet would squeeze them: not drawn
-            ax.axvline(r["budget_ms"], ls="--", c=color, lw=1)
-        same = sum(q["arch"] == r["arch"] for q in results[:i])  # winners already drawn at this point
-        over = "" if r["within_budget"] else f", {r['over_budget_pct']:.1f}% OVER budget"
-        ax.scatter(r["search_latency_ms"], r["valid_loss"], marker="*", s=150 / (1 + same), color=color, zorder=3 + i,
-                   label=f"best for {r['budget_ms']:g} ms (re-measured {r['measured_ms']:.1f} ms{over})")
-    ax.set(xlabel=f"{cfg.latency} latency, ms ({protocol})", ylabel="valid loss, nats/token (supernet subnet)")
-    ax.legend(fontsize=8)
-    fig.savefig(out_dir / "candidates.png", dpi=150, bbox_inches="tight")
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results:
-        ax.plot(range(1, len(r["history"]) + 1), r["history"], marker="o", label=f"{r['budget_ms']:g} ms")
-    ax.set(xlabel="iteration", ylabel="best valid loss, nats/token", title="evolutionary search convergence")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # iterations are whole
-    ax.legend()
-    fig.savefig(out_dir / "convergence.png", dpi=150, bbox_inches="tight")
-    plt.close(fig)
-
-
-# -----------------------------------------------------------------------------
 # The run
 
 
@@ -386,7 +339,7 @@ def main(argv):
                          f"are left as they were")
     for result in results:  # ready for train.py --arch=FILE
         write_json(out_dir / f"arch_{result['budget']}.json", result["arch"])
-    plot(results, candidates, cfg, protocol, out_dir)
+    plot_search(results, candidates, cfg.latency, protocol, out_dir)  # candidates.png, convergence.png
     write_json(out_dir / "results.json", dict(settings=asdict(cfg), protocol=protocol, space=space.name,
                                               seconds=round(time.time() - t_start, 1), results=results,
                                               candidates=[dict(arch=a.to_dict(), latency_ms=lat, valid_loss=loss)

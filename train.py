@@ -36,13 +36,13 @@ from data.batching import TokenBatcher, collate, remove_bpe
 from data.prepare import DATA_DIR, load_data
 from mos import PAD, SPACES, ArchConfig, SuperTransformer, Transformer
 from runs import checkpoints
-from runs.checkpoints import KINDS, check_same, check_vocab, save_checkpoint, save_run
-from runs.files import append_jsonl, atomic_open, lock_folder, releases_locks, write_json
-from runs.folders import check_target, open_train_folder
+from runs.checkpoints import KINDS, check_same, check_vocab, restore_run, save_checkpoint, save_run
+from runs.files import append_jsonl, atomic_open, releases_locks, write_json
+from runs.folders import open_train_folder
 from runs.loop import (Health, Meter, average_gradients, check_data, check_replicas, corpus_hash, faster_precision,
-                       start_ranks, stop_now)
+                       settings_of_run, start_ranks, stop_now)
 from runs.machine import deterministic_kernels, fast_bf16, machine
-from runs.settings import check_settings, parse_settings
+from runs.settings import parse_settings
 from runs.signals import StopRequests, run, stops_end_quietly
 
 # -----------------------------------------------------------------------------
@@ -244,7 +244,8 @@ def main(argv):
     passed = dict(arg[2:].split("=", 1) for arg in argv)  # the settings given on the command line
     ddp, rank, world, device = start_ranks(cfg)
     master = rank == 0
-    cfg, resumed = settings_of_run(cfg, passed, master, device)
+    cfg, resumed = settings_of_run(cfg, passed, master, device, (BOUNDS, CHOICES), RUNTIME_SETTINGS, inputs_of(cfg),
+                                   load=lambda path: load_checkpoint(path, resume=True))  # runs/loop.py
     corpus = load_data(cfg.data, cfg.data_dir, cfg.data_source, cfg.seed)
     if cfg.eval_only or cfg.translate:
         return evaluate_or_translate(cfg, corpus, device, passed)
@@ -255,12 +256,7 @@ def main(argv):
     check_data(corpus, cfg.max_tokens, model.max_len, resumed, out_dir / "ckpt.pt", data_id["data_hash"])
     model.to(device)
     optimizer = make_optimizer(model, cfg)
-    step, epoch, batch_in_epoch, seconds_before = 0, 0, 0, 0.0  # where training stands; a resumed run's from ckpt
-    if resumed:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        step, epoch, batch_in_epoch = resumed["step"], resumed["data"]["epoch"], resumed["data"]["batch"]
-        seconds_before = resumed["train_seconds"]
+    step, epoch, batch_in_epoch, seconds_before = restore_run(resumed, model, optimizer)  # where training stands
     src, tgt = corpus.splits["train"]
     batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], cfg.max_tokens, seed=cfg.seed,
                            rank=rank, world_size=world)
@@ -345,33 +341,6 @@ def main(argv):
 
 # -----------------------------------------------------------------------------
 # What the loop calls: the run's settings, model and folder
-
-
-def settings_of_run(cfg: TrainConfig, passed: dict, master: bool, device):
-    """(settings, checkpoint to resume or None): with --resume the stored settings win and the command line may only
-    change how long and how often (RUNTIME_SETTINGS). Checked, and the output folder with them (runs/folders.py),
-    before anything is written; bf16=None is decided later (faster_precision)."""
-    check_settings(cfg, BOUNDS, CHOICES)
-    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
-    if cfg.resume and cfg.overwrite:
-        raise SystemExit("error: --resume=True continues the run in out_dir, --overwrite=True deletes it; pass one")
-    if not (cfg.eval_only or cfg.translate):  # a run writes out_dir: never an impossible target or an input
-        check_target(cfg.out_dir, "--out_dir", reads=inputs_of(cfg))
-    if master and cfg.resume:  # one writer per run folder, taken before reading the checkpoint it continues
-        lock_folder(cfg.out_dir, create=False)
-    resumed = load_checkpoint(ckpt_path, resume=True) if cfg.resume else None
-    if resumed:
-        check_same(resumed["config"], cfg, [k for k in passed if k not in RUNTIME_SETTINGS], ckpt_path)
-        cfg = TrainConfig(**{**resumed["config"], **{k: getattr(cfg, k) for k in passed if k in RUNTIME_SETTINGS},
-                             "resume": True, "overwrite": False})  # a run started with --overwrite is kept now
-        check_settings(cfg, BOUNDS, CHOICES)
-        if cfg.max_steps < resumed["step"]:
-            raise SystemExit(f"error: --max_steps={cfg.max_steps} is below the step of checkpoint {ckpt_path} "
-                             f"({resumed['step']}); give --max_steps={resumed['step']} or more")
-    if cfg.bf16 and not fast_bf16(device):
-        print("warning: --bf16=True where bf16 is not native (a CPU without AVX-512 BF16/AMX, or such a GPU): emulated "
-              "bf16 can be ~100x slower than fp32 here; --bf16=False is faster", file=sys.stderr)
-    return cfg, resumed
 
 
 def inputs_of(cfg: TrainConfig) -> list:

@@ -8,5 +8,8 @@ search.py read as the method and call this in a line each. Imports nothing of th
     checkpoints.py   plain-dict checkpoints: checksummed, loaded with weights_only=True, checked whole
     signals.py       Ctrl-C and SIGTERM end a command in one line; a command's entry point
     machine.py       the machine a figure was measured on and its load; whether bf16 is native here
-    loop.py          data-parallel ranks, the throughput meter and log, the guard against non-finite steps
+    loop.py          a run's settings on resume, data-parallel ranks, the throughput meter and log, the guard
+                     against non-finite steps
+    latency_files.py the latency dataset CSV (appended, resumed, checked) and the predictor JSON
+    plots.py         the pictures: the latency predictor's scatter, the search's candidates and convergence
 """

@@ -156,3 +156,13 @@ def save_run(path, model, optimizer, step: int, **entries):
         raise SystemExit(f"error: the weights are not finite at step {step}; kept the last checkpoint {path}")
     save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, **entries,
                          torch_version=str(torch.__version__)), path)
+
+
+def restore_run(ckpt, model, optimizer) -> tuple:
+    """The inverse of save_run: load a resumed run's weights and optimizer state; returns where training stood,
+    (step, epoch, batch within the epoch, training seconds so far); a new run (ckpt None) starts at zero."""
+    if ckpt is None:
+        return 0, 0, 0, 0.0
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt["step"], ckpt["data"]["epoch"], ckpt["data"]["batch"], ckpt["train_seconds"]

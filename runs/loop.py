@@ -1,22 +1,53 @@
 """
-What a training loop needs besides the method: data-parallel ranks that agree, a throughput meter and log, and a
-guard against non-finite steps. train.py's loop calls each in one line.
+What a training loop needs besides the method: the settings of a run that may resume, data-parallel ranks that
+agree, a throughput meter and log, and a guard against non-finite steps. train.py's loop calls each in one line.
 """
 
 import hashlib
 import math
 import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from runs.checkpoints import check_vocab
-from runs.files import append_jsonl, write_json
+from runs.checkpoints import check_same, check_vocab
+from runs.files import append_jsonl, lock_folder, write_json
+from runs.folders import check_target
 from runs.machine import fast_bf16
-from runs.settings import get_device
+from runs.settings import check_settings, get_device
+
+
+def settings_of_run(cfg, passed: dict, master: bool, device, checks: tuple, runtime: tuple, reads: list, load):
+    """(settings, checkpoint to resume or None), checked with checks = (BOUNDS, CHOICES), and the output folder
+    with them (runs/folders.py), before anything is written. With --resume the checkpoint's stored settings win:
+    the command line (`passed`) may change only the `runtime` ones, how long and how often, never what is trained.
+    load(path) reads the checkpoint (train.load_checkpoint)."""
+    check_settings(cfg, *checks)
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    if cfg.resume and cfg.overwrite:
+        raise SystemExit("error: --resume=True continues the run in out_dir, --overwrite=True deletes it; pass one")
+    if not (cfg.eval_only or cfg.translate):  # a run writes out_dir: never an impossible target or an input
+        check_target(cfg.out_dir, "--out_dir", reads=reads)
+    if master and cfg.resume:  # one writer per run folder, taken before reading the checkpoint it continues
+        lock_folder(cfg.out_dir, create=False)
+    resumed = load(ckpt_path) if cfg.resume else None
+    if resumed:
+        check_same(resumed["config"], cfg, [k for k in passed if k not in runtime], ckpt_path)
+        cfg = type(cfg)(**{**resumed["config"], **{k: getattr(cfg, k) for k in passed if k in runtime},
+                           "resume": True, "overwrite": False})  # a run started with --overwrite is kept now
+        check_settings(cfg, *checks)
+        if cfg.max_steps < resumed["step"]:
+            raise SystemExit(f"error: --max_steps={cfg.max_steps} is below the step of checkpoint {ckpt_path} "
+                             f"({resumed['step']}); give --max_steps={resumed['step']} or more")
+    if cfg.bf16 and not fast_bf16(device):
+        print("warning: --bf16=True where bf16 is not native (a CPU without AVX-512 BF16/AMX, or such a GPU): emulated "
+              "bf16 can be ~100x slower than fp32 here; --bf16=False is faster", file=sys.stderr)
+    return cfg, resumed
 
 
 def start_ranks(cfg):

@@ -3,6 +3,7 @@ Settings from the command line, checked before anything is read or written: ever
 
     cfg = parse_settings(TrainConfig, sys.argv[1:], presets=PRESETS)   # --preset first, then --key=value
     check_settings(cfg, BOUNDS, CHOICES)   # or `error: --dropout=1.0 must be in [0, 1)`
+    check_fields(ArchConfig, json_dict, "arch")   # a JSON file's fields, typed, or a one-line ValueError
 A setting's range is an interval written as text, "[0, 1)" or "(0, inf)"; a number alone is a minimum, "[n, inf)".
 Every number must be finite and inside its interval (NaN is inside none), every named setting one of its choices.
 """
@@ -138,6 +139,24 @@ def check_settings(cfg, bounds, choices):
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"error: --{key}={getattr(cfg, key)}; choose one of {list(allowed)}")
+
+
+def check_fields(cls, d, what: str) -> dict:
+    """Keyword arguments of dataclass `cls` from a dict such as a JSON file: exactly its fields, an integer for an
+    int field and a list of integers for a tuple field. Raises a one-line ValueError naming the first problem."""
+    names, is_int = [f.name for f in fields(cls)], lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if not isinstance(d, dict):
+        raise ValueError(f"an {what} is a JSON object {{field: value}} with the keys {names}, got {type(d).__name__}")
+    unknown, missing = sorted(set(d) - set(names)), [n for n in names if n not in d]
+    if unknown or missing:
+        raise ValueError(f"{what} has unknown keys {unknown} / missing keys {missing}; the keys are {names}")
+    for f in fields(cls):
+        value = d[f.name]
+        if f.type is int and not is_int(value):
+            raise ValueError(f"{what} field '{f.name}' must be an integer, got {value!r}")
+        if f.type is tuple and not (isinstance(value, (list, tuple)) and all(map(is_int, value))):
+            raise ValueError(f"{what} field '{f.name}' must be a list of integers (one per layer), got {value!r}")
+    return {name: tuple(d[name]) if isinstance(d[name], list) else d[name] for name in names}
 
 
 def need(condition, problem: str):

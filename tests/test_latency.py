@@ -4,7 +4,6 @@ Run: python -m pytest -q tests/test_latency.py"""
 
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import pytest
 import latency
 from latency import fit_predictor, kendall_tau, measure_latency, predict, with_dec_layers
 from mos import FEATURE_NAMES, SPACES, Transformer
+from runs.latency_files import write_predictor
 
 QUICK = dict(warmup=1, iters=5, threads=1)
 FAST_CLI = ["--threads=1", "--warmup=1", "--iters=3", "--src_vocab=30", "--tgt_vocab=30"]
@@ -85,7 +85,7 @@ def test_mlp_predictor_survives_json(tmp_path):
     rng = np.random.default_rng(0)
     X, y = rng.uniform(0.3, 1.0, (50, len(FEATURE_NAMES))), rng.uniform(10, 20, 50)
     mlp = latency.fit_mlp(X, y, steps=5, lr=1e-3, seed=0)
-    latency.save_predictor(mlp, tmp_path / "p.json", space="tiny")
+    write_predictor(tmp_path / "p.json", mlp, space="tiny")
     loaded = latency.load_predictor(tmp_path / "p.json")
     assert loaded["space"] == "tiny" and np.allclose(predict(loaded, X), predict(mlp, X), rtol=1e-5)
 

@@ -19,6 +19,7 @@ CARD = {"mos.py", "train.py", "search.py", "latency.py"}  # the only top-level P
 LAYERS = {"runs": 0, "data": 1, "mos": 2, "train": 3, "latency": 4, "search": 5, "experiments": 6}
 # within a package: each module imports only those before it
 ORDER = ["runs.files", "runs.settings", "runs.folders", "runs.checkpoints", "runs.signals", "runs.machine", "runs.loop",
+         "runs.latency_files", "runs.plots",
          "data.batching", "data.prepare"]
 TUTORIAL = ["mos.py", "train.py", "latency.py", "search.py", "data/batching.py"]
 
@@ -177,9 +178,9 @@ def test_tutorial_path_size_and_comment_density():
     assert len((ROOT / "data" / "prepare.py").read_text().splitlines()) <= 450
 
 
-# The figure reached once the run machinery moved into runs/ (issue 40) and the method files were reordered (issue
-# 41, whose target is 2,000 lines at 0.3), plus the 9 lines of issue 44's per-arch forward plan that it asked for
-# (mos.SuperTransformer.plan): the bound, so the tutorial cannot grow back. Anything beyond must be paid for by
-# compaction.
-TUTORIAL_LINES = 2411
-TUTORIAL_DENSITY = 0.26  # comment or docstring lines per code line, at least (reached 0.264; target: 0.3)
+# The figure reached once the run machinery moved into runs/ (issue 40), the method files were reordered and the
+# latency files' formats, the plots, a run's resume settings and the arch-dict checks moved there too (issue 41,
+# whose target is 2,000 lines at 0.3): the bound, so the tutorial cannot grow back. Anything beyond must be paid for
+# by compaction.
+TUTORIAL_LINES = 2213
+TUTORIAL_DENSITY = 0.275  # comment or docstring lines per code line, at least (reached 0.278; target: 0.3)

@@ -25,6 +25,7 @@ from data import prepare
 from experiments import bench, reproduce
 from data.batching import make_toy_corpus
 from mos import FEATURE_NAMES, SPACES
+from runs import loop
 from runs.checkpoints import save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -400,12 +401,12 @@ def test_bad_flags_values_files_and_folders_give_one_line_errors(inputs, tmp_pat
 
 def test_emulated_bf16_warns_and_runs(inputs, capsys, monkeypatch):
     translate = [*TOY, "--bf16=True", f"--translate={inputs['text']}", f"--init={inputs['good']}"]
-    monkeypatch.setattr(train, "fast_bf16", lambda device: False)  # as on a CPU without AVX-512 BF16 / AMX
+    monkeypatch.setattr(loop, "fast_bf16", lambda device: False)  # as on a CPU without AVX-512 BF16 / AMX
     train.main(translate)
     out, err = capsys.readouterr()
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "~100x slower than fp32" in warnings[0] and len(out.splitlines()) == 1  # it ran
-    monkeypatch.setattr(train, "fast_bf16", lambda device: True)  # native bf16: no warning
+    monkeypatch.setattr(loop, "fast_bf16", lambda device: True)  # native bf16: no warning
     train.main(translate)
     assert "warning" not in capsys.readouterr().err
 
