@@ -39,6 +39,7 @@ from mos import ArchConfig
 from runs.checkpoints import check_vocab
 from runs.files import Cache, releases_locks, write_json
 from runs.folders import check_target, claim_folder
+from runs.latency_files import predictor_for
 from runs.machine import busy_warning, machine_state
 from runs.plots import plot_search
 from runs.settings import check_settings, get_device, parse_settings
@@ -239,26 +240,6 @@ def arch_key(arch: ArchConfig) -> str:
 # The run
 
 
-def check_predictor(cfg: SearchConfig, space) -> dict:
-    """The latency predictor, if it fits this search: fit on the supernet's space and on the protocol searched.
-    --latency=predicted needs one; --latency=measured only reports its predictions beside, if it fits."""
-    predictor = load_predictor(cfg.predictor) if Path(cfg.predictor).exists() else None
-    if predictor is None and cfg.latency == "predicted":
-        raise SystemExit(f"error: --latency=predicted needs {cfg.predictor}: run `python latency.py dataset` and "
-                         f"`python latency.py fit`, or pass --latency=measured")
-    if predictor is None:
-        return None
-    fitted_on, problem = predictor.get("protocol", "hat"), None  # predictors from before the protocol timed HAT's
-    if predictor["space"] != space.name:
-        problem = f"was fit on space '{predictor['space']}', the supernet's is '{space.name}'"
-    elif fitted_on != cfg.protocol:
-        problem = (f"was fit on latencies of the {fitted_on!r} protocol; pass --protocol={fitted_on} or refit it "
-                   f"with latency.py --protocol={cfg.protocol}")
-    if problem and cfg.latency == "predicted":
-        raise SystemExit(f"error: predictor {cfg.predictor} {problem}")
-    return None if problem else predictor
-
-
 @releases_locks
 def main(argv):
     """Search every budget on one supernet, re-measure the winners, write the arch files, results and plots."""
@@ -280,7 +261,7 @@ def main(argv):
     corpus = load_data(trained["data"], trained["data_dir"], trained.get("data_source", ""), trained["seed"])
     check_vocab(ckpt, corpus, cfg.ckpt)
     batches = split_batches(corpus, "valid", cfg.max_tokens, device, cfg.valid_sentences)  # collated once
-    predictor = check_predictor(cfg, space)
+    predictor = predictor_for(cfg.predictor, space.name, cfg.protocol, cfg.latency == "predicted", load_predictor)
     budgets = budgets_in_ms(cfg, space)
     inputs = dict(ckpt=str(Path(cfg.ckpt).resolve()), latency=cfg.latency, protocol=cfg.protocol, seed=cfg.seed,
                   predictor=str(Path(cfg.predictor).resolve()) if cfg.latency == "predicted" else None,

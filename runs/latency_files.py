@@ -5,6 +5,7 @@ resumes) and the predictor (JSON, its float arrays in base64). latency.py define
     done = resume_dataset(path, HEADER, planned, settings, draws)   # rows already measured; or `error: ...`
     X, y, space, protocol = read_dataset(path, FEATURE_NAMES, SETTINGS)   # checked in full
     write_predictor(path, predictor, **report); read_predictor(path, problem)
+    predictor = predictor_for(path, space, protocol, required, load)   # one that fits this search, or None
 """
 
 import base64
@@ -131,6 +132,27 @@ def read_predictor(path, problem_of) -> dict:
     except Exception as e:  # not a dict, missing or malformed entries, weights of the wrong sizes
         raise SystemExit(f"error: latency predictor {path} is not one `python latency.py fit` wrote ({brief(e, 160)})")
     return predictor
+
+
+def predictor_for(path, space: str, protocol: str, required: bool, load):
+    """The predictor at `path` (load(path) reads it) if it fits a search of this space and protocol; None if there
+    is none or it does not fit and is not `required` (search.py --latency=measured reports it beside, if it fits);
+    else a one-line error saying how to make one that fits."""
+    predictor = load(path) if Path(path).exists() else None
+    if predictor is None and required:
+        raise SystemExit(f"error: --latency=predicted needs {path}: run `python latency.py dataset` and "
+                         f"`python latency.py fit`, or pass --latency=measured")
+    if predictor is None:
+        return None
+    fitted_on, problem = predictor.get("protocol", "hat"), None  # predictors from before the protocol timed HAT's
+    if predictor["space"] != space:
+        problem = f"was fit on space '{predictor['space']}', the supernet's is '{space}'"
+    elif fitted_on != protocol:
+        problem = (f"was fit on latencies of the {fitted_on!r} protocol; pass --protocol={fitted_on} or refit it "
+                   f"with latency.py --protocol={protocol}")
+    if problem and required:
+        raise SystemExit(f"error: predictor {path} {problem}")
+    return None if problem else predictor
 
 
 def is_predictor(path) -> bool:
