@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runs.files import atomic_open, brief
+from runs.files import atomic_open
 
 # The special symbols, in id order. mos.py's PAD/BOS/EOS/UNK constants must agree (tests check it).
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")

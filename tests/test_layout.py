@@ -3,10 +3,8 @@ front page whose commands parse, and the size and comment density of the tutoria
 Run: python -m pytest -q tests/test_layout.py (a few seconds)"""
 
 import ast
-import io
 import re
 import shlex
-import tokenize
 from pathlib import Path
 
 import pytest
