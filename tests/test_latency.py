@@ -94,6 +94,7 @@ def test_dataset_resumes_and_fit_writes_outputs(tmp_path):
     out = tmp_path / "lat.csv"
     latency.main(["dataset", "--space=tiny", "--n=3", f"--out={out}", *FAST_CLI])
     first = out.read_text()
+    assert out.read_bytes().count(b"\r\n") == out.read_bytes().count(b"\n") == 4  # header, 3 rows: csv's line ends
     latency.main(["dataset", "--space=tiny", "--n=5", f"--out={out}", *FAST_CLI])  # appends rows 4 and 5 only
     assert out.read_text().startswith(first) and len(list(csv.DictReader(open(out)))) == 5
     complete = out.read_text()
