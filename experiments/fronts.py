@@ -67,6 +67,7 @@ from experiments.latency_checks import measure_interleaved, spread  # noqa: E402
 from experiments.reproduce import TOY_LATENCY, TOY_SEARCH, train_stage  # noqa: E402
 from data.prepare import load_data  # noqa: E402
 from mos import PAD, SPACES, ArchConfig, Transformer  # noqa: E402
+from runs.plots import pyplot  # noqa: E402
 from runs.settings import check_settings, literal, parse_settings  # noqa: E402
 from runs.signals import run  # noqa: E402
 
@@ -423,9 +424,7 @@ def write_markdown(path: Path, cfg, rows, noise, sessions, checks, across, retra
 def plot(out: Path, cfg, rows, sessions, panel):
     """fronts.png: interleaved latency against test BLEU, inherited (dashed) and finetuned (solid) per arm, with the
     gap panel's standalone archs; steps.png: test BLEU against training steps, finetuned and from scratch."""
-    import matplotlib
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # headless
     colours = dict(zip(ARMS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     last = cfg.finetune_steps[-1]
     fig, ax = plt.subplots(figsize=(7, 5))

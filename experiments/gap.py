@@ -57,6 +57,7 @@ from runs.machine import machine  # noqa: E402
 from data.prepare import load_data  # noqa: E402
 from mos import SPACES, ArchConfig, Transformer  # noqa: E402
 from runs.checkpoints import check_vocab  # noqa: E402
+from runs.plots import pyplot  # noqa: E402
 from runs.settings import check_settings, parse_settings  # noqa: E402
 from runs.signals import run  # noqa: E402
 
@@ -509,9 +510,7 @@ def write_markdown(path: Path, panel, standalone, runs, rows, summary, paired, m
 
 def plot(path: Path, panel, standalone, runs):
     """Inherited against standalone test BLEU and loss, one colour per arm, one marker per seed, the diagonal drawn."""
-    import matplotlib
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # headless
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     colours = dict(zip(ARMS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     seeds = sorted({s for _, s in runs})
@@ -610,9 +609,7 @@ def compare_stops(out: Path, stops: dict, panel):
 def plot_convergence(path: Path, stops, names, standalone, stats):
     """Left: each panel arch's standalone test BLEU against updates. Right: each supernet's mean |gap| in BLEU and
     in loss against the updates of a sandwich arm (hat_flops makes three per one of them)."""
-    import matplotlib
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # headless
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for e in names:
         axes[0].plot(stops, [standalone[e][n]["bleu"] for n in stops], marker="o", label=e)

@@ -30,6 +30,7 @@ import latency  # noqa: E402
 import search  # noqa: E402
 import train  # noqa: E402
 from runs.files import atomic_open, lock_folder, read_json, releases_locks, write_json  # noqa: E402
+from runs.plots import pyplot  # noqa: E402
 from runs.settings import check_settings, parse_settings  # noqa: E402
 from runs.signals import run  # noqa: E402
 from runs import signals  # noqa: E402
@@ -153,9 +154,7 @@ def write_summary(out: Path, rows, cfg):
               f"{r['test_bleu']:.2f} |" for r in rows]
     with atomic_open(out / "summary.md") as f:
         f.write("\n".join(lines) + "\n")
-    import matplotlib
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # headless
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in SUPERNETS:
         points = sorted((r["measured_ms"], r["test_bleu"]) for r in rows if r["supernet"] == name)
