@@ -340,7 +340,7 @@ def main(argv):
 
 
 # -----------------------------------------------------------------------------
-# What the loop calls: the run's settings, model and folder
+# What the loop calls: the files a run reads, and the model it trains
 
 
 def inputs_of(cfg: TrainConfig) -> list:

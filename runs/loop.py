@@ -26,7 +26,7 @@ def settings_of_run(cfg, passed: dict, master: bool, device, checks: tuple, runt
     """(settings, checkpoint to resume or None), checked with checks = (BOUNDS, CHOICES), and the output folder
     with them (runs/folders.py), before anything is written. With --resume the checkpoint's stored settings win:
     the command line (`passed`) may change only the `runtime` ones, how long and how often, never what is trained.
-    load(path) reads the checkpoint (train.load_checkpoint)."""
+    load(path) reads the checkpoint (train.load_checkpoint). bf16=None is decided later (faster_precision)."""
     check_settings(cfg, *checks)
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     if cfg.resume and cfg.overwrite:
