@@ -607,19 +607,23 @@ def compare_stops(out: Path, stops: dict, panel):
 
 
 def plot_convergence(path: Path, stops, names, standalone, stats):
-    """Left: each panel arch's standalone test BLEU against updates. Right: each supernet's mean |gap| in BLEU and
-    in loss against the updates of a sandwich arm (hat_flops makes three per one of them)."""
+    """Left: each panel arch's standalone test BLEU against updates. Then each supernet against the updates of a
+    sandwich arm (hat_flops makes three per one of them): its mean gap in BLEU, signed (above zero: its subnets beat
+    their standalone runs), and its mean |gap| in BLEU and in loss, the quantities the criteria read."""
     plt = pyplot()  # headless
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     for e in names:
         axes[0].plot(stops, [standalone[e][n]["bleu"] for n in stops], marker="o", label=e)
     axes[0].set(xlabel="updates", ylabel="standalone test BLEU", title="the reference: still climbing?")
     for label, by_stop in stats.items():
         scored = [n for n in stops if by_stop[n] is not None]
-        for ax, key in zip(axes[1:], ("mean_abs_gap_bleu", "mean_abs_gap_loss")):
+        for ax, key in zip(axes[1:], ("mean_gap_bleu", "mean_abs_gap_bleu", "mean_abs_gap_loss")):
             ax.plot(scored, [by_stop[n][key] for n in scored], marker="o", label=label)
-    axes[1].set(xlabel="updates (a sandwich arm's; hat_flops x3)", ylabel="mean |gap|, BLEU", title="supernets")
-    axes[2].set(xlabel="updates (a sandwich arm's; hat_flops x3)", ylabel="mean |gap|, loss (nats)")
+    axes[1].axhline(0, color="grey", linewidth=0.8)  # level with the standalone runs
+    updates = "updates (a sandwich arm's; hat_flops x3)"
+    axes[1].set(xlabel=updates, ylabel="mean gap, BLEU (inherited - standalone)", title="supernets")
+    axes[2].set(xlabel=updates, ylabel="mean |gap|, BLEU")
+    axes[3].set(xlabel=updates, ylabel="mean |gap|, loss (nats)")
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
     fig.savefig(path, dpi=150, bbox_inches="tight")
