@@ -21,7 +21,8 @@ and recorded thread count, and the median with the IQR beside HAT's 10%-trimmed 
 
 Read top to bottom: the settings; the measurement (`measure_latency`); the dataset of random subnets
 (`cmd_dataset`); the predictor (`fit_predictor`, `predict`, `cmd_fit`); the command line. The files' formats (the
-dataset CSV that a rerun resumes, the predictor JSON) and the plot are runs/latency_files.py and runs/plots.py.
+dataset CSV that a rerun resumes, the predictor JSON), the outputs each command may write, and the plot are
+runs/latency_files.py and runs/plots.py.
 Settings are the LatencyConfig fields, changed with --key=value as in train.py; the first bare word is the command.
 experiments/latency_checks.py adds side-by-side re-measurement and the benchmark on HAT's published latencies.
 """
@@ -40,9 +41,7 @@ from tqdm import tqdm
 import mos
 from mos import EOS, FEATURE_NAMES, SPACES, ArchConfig, Transformer
 from runs.files import append_jsonl, releases_locks
-from runs.folders import claim_file, is_jsonl_of, is_png
-from runs.latency_files import (is_dataset, is_predictor, read_dataset, read_predictor, resume_dataset,
-                                write_predictor)
+from runs.latency_files import claim_outputs, read_dataset, read_predictor, resume_dataset, write_predictor
 from runs.machine import synchronizer
 from runs.plots import plot_predictor
 from runs.settings import check_settings, get_device, parse_settings
@@ -359,21 +358,6 @@ def load_predictor(path) -> dict:
 # The command
 
 
-def claim_outputs(cfg: LatencyConfig):
-    """The command's output files, checked and locked before anything is measured (runs/folders.py): each may
-    replace or append to only a file of its own kind, and never one of the command's inputs."""
-    arch_file = [cfg.arch] if cfg.arch not in ("largest", "smallest", "middle") else []
-    if cfg.command == "dataset":
-        claim_file(cfg.out, "latency dataset", lambda p: is_dataset(p, HEADER), reads=[cfg.ckpt], what="--out")
-    elif cfg.command == "fit":
-        claim_file(cfg.predictor, "latency predictor", is_predictor, reads=[cfg.out], what="--predictor")
-        claim_file(Path(cfg.predictor).with_suffix(".png"), "PNG plot", is_png, reads=[cfg.out],
-                   what="--predictor's plot")
-    elif cfg.log:
-        claim_file(cfg.log, "latency log", lambda p: is_jsonl_of(p, ("label", "median_ms")),
-                   reads=[cfg.ckpt, *arch_file], what="--log")
-
-
 @releases_locks
 def main(argv):
     """Run one command; returns what it measured (for tests and notebooks)."""
@@ -382,7 +366,7 @@ def main(argv):
     get_device(cfg.device)
     if cfg.command not in COMMANDS:
         raise SystemExit(f"error: unknown command {cfg.command!r}; use {', '.join(COMMANDS)}")
-    claim_outputs(cfg)  # an output that cannot be written fails now, not after the measurements
+    claim_outputs(cfg, HEADER)  # an output that cannot be written fails now, not after the measurements
     torch.set_num_threads(cfg.threads)
     if cfg.command in ("measure", "depth"):
         space, make = subnet_maker(cfg)

@@ -10,6 +10,7 @@ search.py read as the method and call this in a line each. Imports nothing of th
     machine.py       the machine a figure was measured on and its load; whether bf16 is native here
     loop.py          a run's settings on resume, data-parallel ranks, the throughput meter and log, the guard
                      against non-finite steps
-    latency_files.py the latency dataset CSV (appended, resumed, checked) and the predictor JSON
+    latency_files.py the latency dataset CSV (appended, resumed, checked), the predictor JSON, the outputs
+                     latency.py claims before it measures
     plots.py         the pictures: the latency predictor's scatter, the search's candidates and convergence
 """

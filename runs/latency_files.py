@@ -6,6 +6,7 @@ resumes) and the predictor (JSON, its float arrays in base64). latency.py define
     X, y, space, protocol = read_dataset(path, FEATURE_NAMES, SETTINGS)   # checked in full
     write_predictor(path, predictor, **report); read_predictor(path, problem)
     predictor = predictor_for(path, space, protocol, required, load)   # one that fits this search, or None
+    claim_outputs(cfg, HEADER)   # latency.py's output files, checked and locked before it measures
 """
 
 import base64
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from runs.files import atomic_open, brief, read_json, write_json
+from runs.folders import claim_file, is_jsonl_of, is_png
 from runs.settings import need
 
 # -----------------------------------------------------------------------------
@@ -162,3 +164,23 @@ def is_predictor(path) -> bool:
         return isinstance(predictor, dict) and predictor.get("kind") in ("linear", "mlp") and "space" in predictor
     except (OSError, ValueError, RecursionError):
         return False
+
+
+# -----------------------------------------------------------------------------
+# latency.py's outputs, claimed before anything is measured
+
+
+def claim_outputs(cfg, header):
+    """The output files of latency.py's command (cfg: its LatencyConfig), checked and locked before anything is
+    measured (runs/folders.py): each may replace or append to only a file of its own kind, and never one of the
+    command's inputs."""
+    arch_file = [cfg.arch] if cfg.arch not in ("largest", "smallest", "middle") else []
+    if cfg.command == "dataset":
+        claim_file(cfg.out, "latency dataset", lambda p: is_dataset(p, header), reads=[cfg.ckpt], what="--out")
+    elif cfg.command == "fit":
+        claim_file(cfg.predictor, "latency predictor", is_predictor, reads=[cfg.out], what="--predictor")
+        claim_file(Path(cfg.predictor).with_suffix(".png"), "PNG plot", is_png, reads=[cfg.out],
+                   what="--predictor's plot")
+    elif cfg.log:
+        claim_file(cfg.log, "latency log", lambda p: is_jsonl_of(p, ("label", "median_ms")),
+                   reads=[cfg.ckpt, *arch_file], what="--log")

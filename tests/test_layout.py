@@ -180,5 +180,5 @@ def test_tutorial_path_size_and_comment_density():
 # latency files' formats, the plots, the predictor check, a run's resume settings and the arch-dict checks moved
 # there too (issue 41, whose target is 2,000 lines at 0.3): the bound, so the tutorial cannot grow back. Anything
 # beyond must be paid for by compaction.
-TUTORIAL_LINES = 2194
-TUTORIAL_DENSITY = 0.28  # comment or docstring lines per code line, at least (reached 0.280; target: 0.3)
+TUTORIAL_LINES = 2178
+TUTORIAL_DENSITY = 0.282  # comment or docstring lines per code line, at least (reached 0.282; target: 0.3)
