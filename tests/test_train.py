@@ -106,9 +106,10 @@ def test_resume_continues_exactly(tmp_path):
 def test_torchrun_two_ranks_sample_same_subnets_and_stay_in_sync(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",  # a free port
            str(ROOT / "train.py"), *TOY, "--max_steps=4", f"--out_dir={out}"]
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=300)
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     check = json.loads((out / "ddp_check.json").read_text())
     assert check["in_sync"] and len(check["rank_digests"]) == 2
     assert len({d[1] for d in check["rank_digests"]}) == 1  # identical subnet sequence on both ranks
