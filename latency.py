@@ -44,9 +44,9 @@ from runs.files import append_jsonl, releases_locks
 from runs.latency_files import claim_outputs, read_dataset, read_predictor, resume_dataset, write_predictor
 from runs.machine import synchronizer
 from runs.plots import plot_predictor
-from runs.settings import check_settings, get_device, parse_settings
+from runs.settings import check_settings, get_device, parse_settings, read_arch
 from runs.signals import run
-from train import load_checkpoint, model_from_checkpoint, resolve_arch
+from train import load_checkpoint, model_from_checkpoint
 
 SRC_LEN = TGT_LEN = 23  # HAT: the mean IWSLT sentence length (30 for WMT)
 BEAM = 5  # fairseq's default beam, which HAT's latency runs (and MoS's gold latency) use
@@ -370,7 +370,7 @@ def main(argv):
     torch.set_num_threads(cfg.threads)
     if cfg.command in ("measure", "depth"):
         space, make = subnet_maker(cfg)
-        arch = getattr(make, "arch", None) or resolve_arch(cfg.arch, space)
+        arch = getattr(make, "arch", None) or read_arch(cfg.arch, space, ArchConfig)
         if cfg.command == "measure":
             return measure_repeated(cfg, make, arch, "standalone model" if hasattr(make, "arch") else cfg.arch)
         return [measure_repeated(cfg, make, with_dec_layers(arch, n), f"{cfg.arch}, {n} decoder layers")

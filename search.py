@@ -20,16 +20,13 @@ With --latency=predicted the search is deterministic for a seed; measured latenc
 borderline candidate may be accepted in one run and not in another (their cache makes a resumed run agree).
 """
 
-import json
 import math
 import random
-import re
 import time
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import mos
@@ -37,9 +34,9 @@ from data.prepare import load_data
 from latency import PROTOCOLS, fastest_arch, load_predictor, measure_latency, predict, read_latency_csv
 from mos import ArchConfig
 from runs.checkpoints import check_vocab
-from runs.files import Cache, releases_locks, write_json
+from runs.files import Cache, file_identity, releases_locks, write_json
 from runs.folders import check_target, claim_folder
-from runs.latency_files import predictor_for
+from runs.latency_files import budgets_in_ms, check_budgets, predictor_for
 from runs.machine import busy_warning, machine_state
 from runs.plots import plot_search
 from runs.settings import check_settings, get_device, parse_settings
@@ -91,27 +88,6 @@ class SearchConfig:
 BOUNDS = dict(population=1, parents=2, mutate_prob=(0, 1), iterations=1, max_tries=1, valid_sentences=1, max_tokens=1,
               threads=1, search_iters=1, final_iters=1, final_repeats=1)
 CHOICES = dict(latency=("predicted", "measured"), protocol=PROTOCOLS)
-
-
-def check_budgets(budgets):
-    """Latency budgets are a non-empty list of finite, positive numbers of ms, or of percentiles pNN (0 < NN < 100)."""
-    percentile = lambda b: isinstance(b, str) and re.fullmatch(r"p\d+(\.\d+)?", b) and 0 < float(b[1:]) < 100
-    if not budgets or not all(percentile(b) or type(b) in (int, float) and math.isfinite(b) and b > 0 for b in budgets):
-        raise SystemExit(f"error: --budgets={list(budgets)}; give a list of finite, positive numbers (ms) or of "
-                         f"percentiles of --latency_csv, e.g. [18,27] or [p25,p50]")
-
-
-def budgets_in_ms(cfg: SearchConfig, space) -> list:
-    """The budgets in ms: a number as it is, pNN as that percentile (rounded to 0.01 ms) of the measured latencies
-    in cfg.latency_csv, which must be of the supernet's space and of the protocol searched."""
-    if all(type(b) in (int, float) for b in cfg.budgets):  # (then latency_csv is not read: it need not exist)
-        return [float(b) for b in cfg.budgets]
-    _, ms, data_space, data_protocol = read_latency_csv(cfg.latency_csv)
-    if (data_space, data_protocol) != (space.name, cfg.protocol):
-        raise SystemExit(f"error: --latency_csv={cfg.latency_csv} holds latencies of space {data_space!r}, protocol "
-                         f"{data_protocol!r}; the budgets need {space.name!r}, {cfg.protocol!r}: give ms, or remeasure")
-    return [float(b) if type(b) in (int, float) else round(float(np.percentile(ms, float(b[1:]))), 2)
-            for b in cfg.budgets]
 
 
 class BudgetError(ValueError):
@@ -231,11 +207,6 @@ def measured_latency(supernet, arch: ArchConfig, cfg: SearchConfig, warmup: int,
                            protocol=cfg.protocol)["median_ms"]
 
 
-def arch_key(arch: ArchConfig) -> str:
-    """The arch as compact JSON text: a cache key that survives a JSON file."""
-    return json.dumps(arch.to_dict(), separators=(",", ":"))
-
-
 # -----------------------------------------------------------------------------
 # The run
 
@@ -262,21 +233,19 @@ def main(argv):
     check_vocab(ckpt, corpus, cfg.ckpt)
     batches = split_batches(corpus, "valid", cfg.max_tokens, device, cfg.valid_sentences)  # collated once
     predictor = predictor_for(cfg.predictor, space.name, cfg.protocol, cfg.latency == "predicted", load_predictor)
-    budgets = budgets_in_ms(cfg, space)
+    budgets = budgets_in_ms(cfg.budgets, cfg.latency_csv, space.name, cfg.protocol, read_latency_csv)
     inputs = dict(ckpt=str(Path(cfg.ckpt).resolve()), latency=cfg.latency, protocol=cfg.protocol, seed=cfg.seed,
                   predictor=str(Path(cfg.predictor).resolve()) if cfg.latency == "predicted" else None,
                   budgets=[b if type(b) in (int, float) else ms for b, ms in zip(cfg.budgets, budgets)],
                   valid_sentences=cfg.valid_sentences)  # what the results depend on (pNN: its ms)
     claim_folder(out_dir, "search.py", inputs, reads, cfg.overwrite, legacy=("cache.json",))  # runs/folders.py
-    stat = Path(cfg.ckpt).stat()  # the cached numbers belong to this checkpoint, subset and protocol
-    tag = dict(ckpt=str(Path(cfg.ckpt).resolve()), ckpt_bytes=stat.st_size, ckpt_mtime=stat.st_mtime, **{
-        k: getattr(cfg, k) for k in ("valid_sentences", "max_tokens", "threads", "device", "search_iters",
-                                     "search_warmup", "protocol")})
+    tag = file_identity(cfg.ckpt, "ckpt") | {k: getattr(cfg, k) for k in (  # what the cached numbers depend on
+        "valid_sentences", "max_tokens", "threads", "device", "search_iters", "search_warmup", "protocol")}
     cache = Cache(out_dir / "cache.json", tag, conditions=machine_state(cfg.threads))  # scores outlive a kill
-    score = cache.wrap("valid_loss", partial(fitness, supernet, batches=batches), key=arch_key)
+    score = cache.wrap("valid_loss", partial(fitness, supernet, batches=batches))  # keyed by the arch's JSON
     predicted = None if predictor is None else partial(predicted_latency, predictor, space=space)
     measured = cache.wrap("measured_ms", partial(measured_latency, supernet, cfg=cfg, warmup=cfg.search_warmup,
-                                                 iters=cfg.search_iters), key=arch_key)
+                                                 iters=cfg.search_iters))
     latency = measured if cfg.latency == "measured" else predicted
     protocol = f"{cfg.protocol} protocol, {cfg.device}, {cfg.threads} threads, batch 1, beam 5, 23+23 tokens"
     floor = lowest_latency(space, latency, cfg.floor_samples, random.Random(cfg.seed)) if latency is predicted else None

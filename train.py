@@ -15,12 +15,10 @@ checkpoint becomes a model. The run machinery (settings parsing, run folders, ch
 runs/, called in a line each; latency.py and search.py import the evaluation and `load_checkpoint` from here.
 """
 
-import json
 import math
 import random
 import re
 import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,17 +30,18 @@ from sacrebleu.metrics import BLEU
 from tqdm import tqdm
 
 import mos
-from data.batching import TokenBatcher, collate, remove_bpe
+from data.batching import TokenBatcher, collate
+from data.corpus import remove_bpe
 from data.prepare import DATA_DIR, load_data
 from mos import PAD, SPACES, ArchConfig, SuperTransformer, Transformer
 from runs import checkpoints
-from runs.checkpoints import KINDS, check_same, check_vocab, restore_run, save_checkpoint, save_run
-from runs.files import append_jsonl, atomic_open, releases_locks, write_json
+from runs.checkpoints import KINDS, average_snapshots, check_input, restore_run, save_checkpoint, save_run
+from runs.files import append_jsonl, atomic_open, read_lines, releases_locks, write_json
 from runs.folders import open_train_folder
-from runs.loop import (Health, Meter, average_gradients, check_data, check_replicas, corpus_hash, faster_precision,
-                       settings_of_run, start_ranks, stop_now)
+from runs.loop import (Health, Meter, average_gradients, banner, check_data, check_replicas, faster_precision,
+                       run_inputs, score_line, settings_of_run, start_ranks, stop_now)
 from runs.machine import deterministic_kernels, fast_bf16, machine
-from runs.settings import parse_settings
+from runs.settings import parse_settings, read_arch
 from runs.signals import StopRequests, run, stops_end_quietly
 
 # -----------------------------------------------------------------------------
@@ -126,18 +125,6 @@ CHOICES = dict(preset=PRESETS, data=("multi30k", "iwslt14", "toy"), space=SPACES
 RUNTIME_SETTINGS = ("resume", "max_steps", "max_minutes", "out_dir", "device", "eval_interval", "save_interval",
                     "log_interval", "bleu_sentences", "test_sentences", "max_bad_steps")
 MODEL_SETTINGS = ("space", "router", "num_experts", "router_hidden")  # what a supernet checkpoint fixes
-
-
-def resolve_arch(spec: str, space) -> ArchConfig:
-    """--arch: 'largest' | 'smallest' | 'middle' | a JSON file written by search.py or by hand."""
-    if spec in ("largest", "smallest", "middle"):
-        return getattr(space, spec)()
-    try:
-        return space.validate(ArchConfig.from_dict(json.loads(Path(spec).read_text())))
-    except (OSError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: JSON nested too deeply
-        raise SystemExit(f"error: cannot read arch file {spec!r} ({e}); give largest|smallest|middle or a JSON file")
-    except ValueError as e:
-        raise SystemExit(f"error: arch file {spec}: {e}")
 
 
 # -----------------------------------------------------------------------------
@@ -244,36 +231,30 @@ def main(argv):
     passed = dict(arg[2:].split("=", 1) for arg in argv)  # the settings given on the command line
     ddp, rank, world, device = start_ranks(cfg)
     master = rank == 0
-    cfg, resumed = settings_of_run(cfg, passed, master, device, (BOUNDS, CHOICES), RUNTIME_SETTINGS, inputs_of(cfg),
-                                   load=lambda path: load_checkpoint(path, resume=True))  # runs/loop.py
+    cfg, resumed = settings_of_run(cfg, passed, master, device, (BOUNDS, CHOICES), RUNTIME_SETTINGS,
+                                   run_inputs(cfg, DATA_DIR), load=lambda path: load_checkpoint(path, resume=True))
     corpus = load_data(cfg.data, cfg.data_dir, cfg.data_source, cfg.seed)
     if cfg.eval_only or cfg.translate:
         return evaluate_or_translate(cfg, corpus, device, passed)
     deterministic_kernels(cfg.deterministic)  # this run's choice (an earlier in-process run's is reset)
     model, kind, model_args, space, fixed_arch = build_model(cfg, corpus, passed, resumed)
-    data_id = dict(vocab=dict(src=corpus.src_vocab.itos, tgt=corpus.tgt_vocab.itos), data_hash=corpus_hash(corpus))
     out_dir = Path(cfg.out_dir)
-    check_data(corpus, cfg.max_tokens, model.max_len, resumed, out_dir / "ckpt.pt", data_id["data_hash"])
+    data_id = check_data(corpus, cfg.max_tokens, model.max_len, resumed, out_dir / "ckpt.pt")  # vocabularies, hash
     model.to(device)
     optimizer = make_optimizer(model, cfg)
     step, epoch, batch_in_epoch, seconds_before = restore_run(resumed, model, optimizer)  # where training stands
     src, tgt = corpus.splits["train"]
     batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], cfg.max_tokens, seed=cfg.seed,
                            rank=rank, world_size=world)
-    if cfg.bf16 is None:  # unset: the faster precision here, timed on the first batch
+    if cfg.bf16 is None:  # unset: the faster precision here, timed on a step of the largest subnet, first batch
         first = [x.to(device) for x in collate(src, tgt, batcher.batches(epoch)[0])]
-        largest = space.largest() if fixed_arch is None else None
-        bf16, why = faster_precision(lambda bf16: train_step(model, first, [largest], replace(cfg, bf16=bf16)),
-                                     model, device, ddp)
-        cfg = replace(cfg, bf16=bf16)
-        if master:
-            print(f"precision {why}")
-    if master:
-        open_train_folder(out_dir, asdict(cfg), resumed["step"] if resumed else None, inputs_of(cfg), cfg.overwrite)
-        print(f"{kind} ({cfg.router} x{cfg.num_experts} experts)" if kind == "supernet" else f"standalone {fixed_arch}",
-              f"| {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {cfg.data} | device {device} "
-              f"x{world} | {torch.get_num_threads()} threads | "
-              f"{'resuming at step ' + str(step) if resumed else 'from ' + (cfg.init or 'scratch')}")
+        largest = [space.largest() if fixed_arch is None else None]  # (a standalone model takes no arch)
+        one_step = lambda bf16: train_step(model, first, largest, replace(cfg, bf16=bf16))
+        cfg = replace(cfg, bf16=faster_precision(one_step, model, device, ddp, say=master)[0])
+    if master:  # the run folder (runs/folders.py), then one line on what trains
+        open_train_folder(out_dir, asdict(cfg), step if resumed else None, run_inputs(cfg, DATA_DIR), cfg.overwrite)
+        what = f"{kind} ({cfg.router} x{cfg.num_experts} experts)" if kind == "supernet" else f"standalone {fixed_arch}"
+        print(banner(model, cfg, what, device, world, step if resumed else None))
     avg_interval = cfg.avg_interval or len(batcher.batches(0))  # default: one epoch of this rank's batches
     t0 = time.time()
     train_seconds = lambda: seconds_before + time.time() - t0  # training time over all sessions of this run
@@ -340,15 +321,7 @@ def main(argv):
 
 
 # -----------------------------------------------------------------------------
-# What the loop calls: the files a run reads, and the model it trains
-
-
-def inputs_of(cfg: TrainConfig) -> list:
-    """The files and folders a run reads (its output folder may not hold or lie in any of them): the supernet to
-    finetune, the arch file, the text to translate, the prepared corpus and its source."""
-    files = [cfg.init, cfg.arch if cfg.arch not in ("largest", "smallest", "middle") else "",
-             cfg.translate if cfg.translate != "-" else "", cfg.data_source if "://" not in cfg.data_source else ""]
-    return files + ([cfg.data_dir or DATA_DIR / cfg.data] if cfg.data != "toy" else [])
+# What the loop trains: a supernet, a standalone subnet, or one extracted from a supernet (finetuning)
 
 
 def build_model(cfg: TrainConfig, corpus, passed, resumed=None):
@@ -368,10 +341,9 @@ def build_model(cfg: TrainConfig, corpus, passed, resumed=None):
         if supernet_ckpt["kind"] != "supernet":
             raise SystemExit(f"error: --init={cfg.init} holds a standalone model; finetuning extracts --arch from a "
                              f"supernet checkpoint (to continue a standalone run use --resume=True)")
-        check_vocab(supernet_ckpt, corpus, cfg.init)
-        check_same(supernet_ckpt["config"], cfg, [k for k in passed if k in MODEL_SETTINGS], cfg.init)
+        check_input(supernet_ckpt, corpus, cfg, passed, MODEL_SETTINGS, cfg.init)  # vocabularies, model settings
         space = mos.SearchSpace.from_dict(supernet_ckpt["model_args"]["space"])
-    fixed_arch = resolve_arch(cfg.arch, space) if cfg.arch else None
+    fixed_arch = read_arch(cfg.arch, space, ArchConfig) if cfg.arch else None  # runs/settings.py
     torch.manual_seed(cfg.seed)
     if fixed_arch is None:
         model_args = dict(space=space.to_dict(), **vocab, num_experts=cfg.num_experts, router=cfg.router,
@@ -488,15 +460,9 @@ def validate_and_log(model, kind, space, corpus, cfg, device, out_dir, step, epo
 def final_test(cfg, model, kind, space, corpus, device, out_dir, avg_interval=1):
     """Test BLEU of the final (optionally snapshot-averaged) model, written to results.json and log.jsonl with the
     decoding's precision (the run's) and machine, the translations behind each score in hyps_<split>_<name>.txt."""
-    if cfg.avg_last > 0:
+    if cfg.avg_last > 0:  # HAT: the mean of the last avg_last snapshots' weights (runs/checkpoints.py)
         steps = [s for s in range(cfg.max_steps + 1) if is_snapshot_step(s, cfg, avg_interval)]
-        snapshots = [out_dir / f"ckpt_step{s}.pt" for s in steps if (out_dir / f"ckpt_step{s}.pt").exists()]
-        if snapshots:  # a run stopped early (max_minutes) has fewer, possibly none
-            states = [load_checkpoint(p, kinds=("snapshot",))["model"] for p in snapshots]
-            model.load_state_dict({k: sum(s[k].float() for s in states) / len(states) for k in states[0]})
-        print(f"averaged {len(snapshots)} of {len(steps)} snapshots (steps {steps[0]}..{steps[-1]}, every "
-              f"{avg_interval})" if snapshots else f"no averaging snapshot was written (the run stopped before step "
-              f"{steps[0]}): testing the last weights")
+        average_snapshots(model, out_dir, steps, avg_interval, lambda path: load_checkpoint(path, kinds=("snapshot",)))
     results = {"split": cfg.split, "precision": "bf16" if cfg.bf16 else "fp32", "machine": machine()}  # of the decode
     for name, net in representatives(model, kind, space).items():
         t = time.time()
@@ -510,13 +476,6 @@ def final_test(cfg, model, kind, space, corpus, device, out_dir, avg_interval=1)
     append_jsonl(out_dir / "log.jsonl", {"final": results})
 
 
-def score_line(r: dict) -> str:
-    """One evaluation result as a line of text."""
-    return (f"loss {r['loss']:.3f} | BLEU {r['bleu']:.2f} | {r['bleu_signature']}"
-            + (f" | compound-split BLEU (HAT's tables) {r['bleu_compound_split']:.2f}" if "bleu_compound_split" in r
-               else ""))
-
-
 def evaluate_or_translate(cfg, corpus, device, passed=()):
     """--eval_only: loss and BLEU of --init (a standalone model, or a supernet's --arch) on --split.
     --translate: translate lines of tokenised, BPE'd (for the real corpora) source text to stdout."""
@@ -524,16 +483,12 @@ def evaluate_or_translate(cfg, corpus, device, passed=()):
         raise SystemExit("error: --eval_only/--translate need --init=CHECKPOINT")
     cfg = replace(cfg, bf16=fast_bf16(device) if cfg.bf16 is None else cfg.bf16)  # decoding: bf16 where native
     ckpt = load_checkpoint(cfg.init, device)
-    check_vocab(ckpt, corpus, cfg.init)
-    check_same(ckpt["config"], cfg, [k for k in passed if k in MODEL_SETTINGS], cfg.init)
+    check_input(ckpt, corpus, cfg, passed, MODEL_SETTINGS, cfg.init)
     model = model_from_checkpoint(ckpt).to(device)
     if ckpt["kind"] == "supernet":
-        model = model.subnet(resolve_arch(cfg.arch or "largest", model.space))
+        model = model.subnet(read_arch(cfg.arch or "largest", model.space, ArchConfig))
     if cfg.translate:
-        try:
-            lines = (sys.stdin if cfg.translate == "-" else open(cfg.translate, encoding="utf-8")).read().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise SystemExit(f"error: cannot read --translate={cfg.translate} ({e}); give a UTF-8 text file or -")
+        lines = read_lines(cfg.translate, "--translate")
         sentences = [np.array(corpus.src_vocab.encode(line) + [mos.EOS]) for line in lines]
         for hyp in translate_ids(model.eval(), sentences, device, cfg.beam, cfg.lenpen, cfg.bf16):
             print(corpus.tgt_vocab.decode(hyp))

@@ -1,1 +1,1 @@
-"""Data for mos: prepare.py builds corpora, batching.py loads and batches them."""
+"""Data for mos: prepare.py builds corpora, corpus.py loads them, batching.py batches them."""

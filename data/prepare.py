@@ -7,7 +7,7 @@ Prepare German->English translation data for mos: Multi30k (task 1) or IWSLT14 D
         --train_dir ../shared/data/iwslt14.de-en/train-sample --out data/iwslt14_sample   # the real 5% train sample
 
 Writes to data/{multi30k,iwslt14}/ (or --out; claimed as runs/folders.py says): {split}.bpe.{de,en}, {split}.tok.en
-(BLEU references), bpe.codes, vocab.{de,en}.txt, corpus.npz (flat ids + offsets: data.batching.load_corpus) and,
+(BLEU references), bpe.codes, vocab.{de,en}.txt, corpus.npz (flat ids + offsets: data.corpus.load_corpus) and,
 last, summary.json: a run that dies early leaves none, so the next starts over; one of the same settings is reused
 (--force redoes). Bad input raises DataError, printed as one line "error: ..." (exit 2). train.py calls `load_data`."""
 
@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python data/prepare.py` can import data.*
-from data.batching import EOS, SPECIALS, UNK, Vocab, load_corpus, make_toy_corpus, remove_bpe  # noqa: E402
+from data.batching import EOS, SPECIALS, UNK  # noqa: E402
+from data.corpus import Vocab, load_corpus, make_toy_corpus, remove_bpe  # noqa: E402
 from runs.files import atomic_open, brief, releases_locks  # noqa: E402
 from runs.folders import check_target, claim_folder  # noqa: E402
 

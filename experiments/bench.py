@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python experiments/bench.py` finds the core
 import mos  # noqa: E402
-from data.batching import TokenBatcher, collate, remove_bpe  # noqa: E402
+from data.batching import TokenBatcher, collate  # noqa: E402
+from data.corpus import remove_bpe  # noqa: E402
 from runs.files import writable_folder, write_json  # noqa: E402
 from data.prepare import load_data  # noqa: E402
 from mos import SPACES, SuperTransformer  # noqa: E402

@@ -61,7 +61,7 @@ from data.batching import TokenBatcher, collate  # noqa: E402
 from runs.folders import claim_folder, record_files  # noqa: E402
 from runs.machine import machine  # noqa: E402
 from runs.files import (append_jsonl, atomic_open, lock_folder, read_json, read_jsonl,  # noqa: E402
-                        releases_locks, write_json)
+                        json_key, releases_locks, write_json)
 from experiments.gap import ARMS, inherited_scores, paired_bootstrap, read_lines  # noqa: E402
 from experiments.latency_checks import measure_interleaved, spread  # noqa: E402
 from experiments.reproduce import TOY_LATENCY, TOY_SEARCH, train_stage  # noqa: E402
@@ -143,7 +143,7 @@ def train_curve(folder: Path, flags, steps) -> dict:
 
 def arch_name(arch: ArchConfig) -> str:
     """A short stable name for an arch (its scratch-training folder): 8 hex digits of its JSON's SHA-1."""
-    return hashlib.sha1(search.arch_key(arch).encode()).hexdigest()[:8]
+    return hashlib.sha1(json_key(arch).encode()).hexdigest()[:8]
 
 
 # what fronts.py writes in train.py's run folders (arch.json: folders from before the arch files moved to archs/)

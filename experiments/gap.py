@@ -48,7 +48,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python experiments/gap.py` finds the core
 import mos  # noqa: E402
 import train  # noqa: E402
-from data.batching import TokenBatcher, remove_bpe  # noqa: E402
+from data.batching import TokenBatcher  # noqa: E402
+from data.corpus import remove_bpe  # noqa: E402
 from runs.folders import OWNER, record_files  # noqa: E402
 from runs.files import atomic_open, lock_folder, read_json, releases_locks, write_json  # noqa: E402
 from experiments.reproduce import train_stage  # noqa: E402

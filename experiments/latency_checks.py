@@ -28,10 +28,9 @@ import latency  # noqa: E402
 from runs.files import brief, releases_locks, writable_folder, write_json  # noqa: E402
 from latency import fit_predictor, measure_latency, protocol_args, subnet_maker  # noqa: E402
 from runs.machine import busy_warning, machine_state  # noqa: E402
-from mos import FEATURE_NAMES  # noqa: E402
-from runs.settings import check_settings, get_device, parse_settings  # noqa: E402
+from mos import FEATURE_NAMES, ArchConfig  # noqa: E402
+from runs.settings import check_settings, get_device, parse_settings, read_arch  # noqa: E402
 from runs.signals import run  # noqa: E402
-from train import resolve_arch  # noqa: E402
 
 DRIFT = 0.10  # the reference subnet's spread over rounds above which the machine changed during a measurement
 COMMANDS = ("remeasure", "hat")
@@ -103,7 +102,7 @@ def cmd_remeasure(cfg: ChecksConfig) -> dict:
         raise SystemExit("error: remeasure needs --archs=[a.json,b.json,...] (JSON arch files or largest|smallest)")
     space, make = subnet_maker(cfg)
     names = list(dict.fromkeys([cfg.reference, *cfg.archs]))  # the reference first, each arch once
-    models = {name: make(resolve_arch(name, space)) for name in names}
+    models = {name: make(read_arch(name, space, ArchConfig)) for name in names}
     timing = protocol_args(cfg)
     warmup, iters = timing.pop("warmup"), timing.pop("iters")
     r = measure_interleaved(models, cfg.reference, cfg.rounds, warmup, iters, **timing)

@@ -149,6 +149,25 @@ def check_same(stored: dict, cfg, keys, path):
                          f"drop these flags (the checkpoint's own are used) or use another checkpoint/--out_dir")
 
 
+def check_input(ckpt, corpus, cfg, passed, fixed, path):
+    """A checkpoint given as input (--init) fits this run: the corpus's vocabularies, and no setting on the command
+    line (`passed`) among those it fixes (`fixed`, its model's) that contradicts its own."""
+    check_vocab(ckpt, corpus, path)
+    check_same(ckpt["config"], cfg, [k for k in passed if k in fixed], path)
+
+
+def average_snapshots(model, out_dir, steps: list, interval: int, load):
+    """Load into `model` the mean of the snapshots out_dir/ckpt_step<s>.pt of `steps` that exist (load(path) reads
+    one): HAT's checkpoint averaging before the final test. A run stopped early (max_minutes) has fewer, or none."""
+    found = [out_dir / f"ckpt_step{s}.pt" for s in steps if (out_dir / f"ckpt_step{s}.pt").exists()]
+    if found:
+        states = [load(p)["model"] for p in found]
+        model.load_state_dict({k: sum(s[k].float() for s in states) / len(states) for k in states[0]})
+    print(f"averaged {len(found)} of {len(steps)} snapshots (steps {steps[0]}..{steps[-1]}, every {interval})"
+          if found else f"no averaging snapshot was written (the run stopped before step {steps[0]}): testing the "
+          f"last weights")
+
+
 def save_run(path, model, optimizer, step: int, **entries):
     """A training run's ckpt.pt: the model, the optimizer and `entries` (kind, model_args, config, data position,
     vocabularies, data hash, training seconds) as a plain dict; never non-finite weights over a good checkpoint."""

@@ -9,6 +9,7 @@ Files that are never half-written and folders with one writer: the file I/O ever
 import fcntl
 import json
 import os
+import sys
 from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
@@ -48,6 +49,14 @@ def read_json(path, what="file"):
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise SystemExit(f"error: cannot read {what} {path} ({brief(e)})")
+
+
+def read_lines(path, what: str) -> list:
+    """The lines of a UTF-8 text file ('-': standard input), or a one-line error naming the setting `what`."""
+    try:
+        return (sys.stdin if path == "-" else open(path, encoding="utf-8")).read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: cannot read {what}={path} ({e}); give a UTF-8 text file or -")
 
 
 def append_jsonl(path, record: dict):
@@ -162,6 +171,17 @@ def releases_locks(main):
 # A persistent cache: what a killed command computed is never computed again
 
 
+def json_key(x) -> str:
+    """x.to_dict() (an ArchConfig's) as compact JSON text: a cache key that survives a JSON file."""
+    return json.dumps(x.to_dict(), separators=(",", ":"))
+
+
+def file_identity(path, name: str) -> dict:
+    """A file's absolute path, size and modification time, under `name`: what numbers derived from it depend on."""
+    stat = Path(path).stat()
+    return {name: str(Path(path).resolve()), f"{name}_bytes": stat.st_size, f"{name}_mtime": stat.st_mtime}
+
+
 class Cache:
     """Numbers per key (search.py: per arch), kept in memory and in a JSON file, rewritten atomically after every
     new entry, so a killed command reruns to the same point without computing anything twice. `tag` says what the
@@ -190,8 +210,9 @@ class Cache:
         with atomic_open(self.path) as f:
             f.write(json.dumps({"tag": self.tag, "values": self.data, "sessions": self.sessions}))
 
-    def wrap(self, kind, fn, key):
-        """fn(x) -> float, computed once per key(x) (a string) and stored under `kind`."""
+    def wrap(self, kind, fn, key=None):
+        """fn(x) -> float, computed once per key(x) (a string; default json_key) and stored under `kind`."""
+        key = key or json_key
         table = self.data.setdefault(kind, {})
 
         def cached(x):

@@ -7,18 +7,21 @@ resumes) and the predictor (JSON, its float arrays in base64). latency.py define
     write_predictor(path, predictor, **report); read_predictor(path, problem)
     predictor = predictor_for(path, space, protocol, required, load)   # one that fits this search, or None
     claim_outputs(cfg, HEADER)   # latency.py's output files, checked and locked before it measures
+    check_budgets(budgets); budgets_in_ms(budgets, path, space, protocol, read)   # search.py's latency budgets
 """
 
 import base64
 import csv
 import json
+import math
+import re
 from pathlib import Path
 
 import numpy as np
 
 from runs.files import atomic_open, brief, read_json, write_json
 from runs.folders import claim_file, is_jsonl_of, is_png
-from runs.settings import need
+from runs.settings import NAMED_ARCHS, need
 
 # -----------------------------------------------------------------------------
 # The latency dataset: one CSV row per subnet, with its features, its latency and the protocol settings that timed it
@@ -174,7 +177,7 @@ def claim_outputs(cfg, header):
     """The output files of latency.py's command (cfg: its LatencyConfig), checked and locked before anything is
     measured (runs/folders.py): each may replace or append to only a file of its own kind, and never one of the
     command's inputs."""
-    arch_file = [cfg.arch] if cfg.arch not in ("largest", "smallest", "middle") else []
+    arch_file = [cfg.arch] if cfg.arch not in NAMED_ARCHS else []
     if cfg.command == "dataset":
         claim_file(cfg.out, "latency dataset", lambda p: is_dataset(p, header), reads=[cfg.ckpt], what="--out")
     elif cfg.command == "fit":
@@ -184,3 +187,28 @@ def claim_outputs(cfg, header):
     elif cfg.log:
         claim_file(cfg.log, "latency log", lambda p: is_jsonl_of(p, ("label", "median_ms")),
                    reads=[cfg.ckpt, *arch_file], what="--log")
+
+
+# -----------------------------------------------------------------------------
+# search.py's latency budgets: numbers of ms, or percentiles of a latency dataset
+
+
+def check_budgets(budgets):
+    """Latency budgets are a non-empty list of finite, positive numbers of ms, or of percentiles pNN (0 < NN < 100)."""
+    percentile = lambda b: isinstance(b, str) and re.fullmatch(r"p\d+(\.\d+)?", b) and 0 < float(b[1:]) < 100
+    if not budgets or not all(percentile(b) or type(b) in (int, float) and math.isfinite(b) and b > 0 for b in budgets):
+        raise SystemExit(f"error: --budgets={list(budgets)}; give a list of finite, positive numbers (ms) or of "
+                         f"percentiles of --latency_csv, e.g. [18,27] or [p25,p50]")
+
+
+def budgets_in_ms(budgets, path, space: str, protocol: str, read) -> list:
+    """The budgets in ms: a number as it is, pNN as that percentile (rounded to 0.01 ms) of the measured latencies
+    in the dataset at `path` (read(path) -> (features, ms, space, protocol)), which must be of the supernet's space
+    and of the protocol searched."""
+    if all(type(b) in (int, float) for b in budgets):  # (then the dataset is not read: it need not exist)
+        return [float(b) for b in budgets]
+    _, ms, data_space, data_protocol = read(path)
+    if (data_space, data_protocol) != (space, protocol):
+        raise SystemExit(f"error: --latency_csv={path} holds latencies of space {data_space!r}, protocol "
+                         f"{data_protocol!r}; the budgets need {space!r}, {protocol!r}: give ms, or remeasure")
+    return [float(b) if type(b) in (int, float) else round(float(np.percentile(ms, float(b[1:]))), 2) for b in budgets]

@@ -19,7 +19,7 @@ from runs.checkpoints import check_same, check_vocab
 from runs.files import append_jsonl, lock_folder, write_json
 from runs.folders import check_target
 from runs.machine import fast_bf16
-from runs.settings import check_settings, get_device
+from runs.settings import NAMED_ARCHS, check_settings, get_device
 
 
 def settings_of_run(cfg, passed: dict, master: bool, device, checks: tuple, runtime: tuple, reads: list, load):
@@ -50,6 +50,22 @@ def settings_of_run(cfg, passed: dict, master: bool, device, checks: tuple, runt
     return cfg, resumed
 
 
+def run_inputs(cfg, data_root) -> list:
+    """The files and folders a train.py run reads (its output folder may not hold or lie in any of them): the
+    supernet to finetune, the arch file, the text to translate, the prepared corpus (default data_root/<data>) and
+    its source."""
+    files = [cfg.init, cfg.arch if cfg.arch not in NAMED_ARCHS else "", cfg.translate if cfg.translate != "-" else "",
+             cfg.data_source if "://" not in cfg.data_source else ""]
+    return files + ([cfg.data_dir or Path(data_root) / cfg.data] if cfg.data != "toy" else [])
+
+
+def banner(model, cfg, what: str, device, world: int, resumed_step) -> str:
+    """One line on what a run trains (`what`), its size, data and machine, and where it starts."""
+    return (f"{what} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {cfg.data} | device "
+            f"{device} x{world} | {torch.get_num_threads()} threads | "
+            + (f"resuming at step {resumed_step}" if resumed_step is not None else f"from {cfg.init or 'scratch'}"))
+
+
 def start_ranks(cfg):
     """(ddp, rank, world size, device): data-parallel ranks under torchrun (one process per GPU or CPU shard)."""
     device = get_device(cfg.device, auto=True)
@@ -62,25 +78,37 @@ def start_ranks(cfg):
     return True, dist.get_rank(), dist.get_world_size(), device
 
 
-def faster_precision(step, model, device, ddp: bool):
+def faster_precision(step, model, device, ddp: bool, say=False):
     """--bf16 unset: (bf16?, why), timing step(bf16), one training step of the largest subnet, in fp32 and in bf16
     autocast, interleaved, after a warm-up of each (seconds). Emulated bf16 (~100x slower than fp32) is not timed.
-    Weights, gradients and the random state are left as they were; every data-parallel rank takes rank 0's answer."""
+    Weights, gradients and the random state are left as they were; every data-parallel rank takes rank 0's answer.
+    say: also print the answer and why."""
     if not fast_bf16(device):
-        return False, "fp32: this device has no native bf16 (no AVX-512 BF16/AMX, or a GPU without bf16)"
-    seconds = {False: [], True: []}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for bf16 in (False, True) * 3:  # the first round warms up
-            t = time.perf_counter()
-            step(bf16)  # (its loss's .item() waits for a GPU)
-            seconds[bf16].append(time.perf_counter() - t)
-            model.zero_grad(set_to_none=True)
-    fp32, bf16 = min(seconds[False][1:]), min(seconds[True][1:])
-    answer = [bf16 < fp32]
-    if ddp:
-        dist.broadcast_object_list(answer, src=0)
-    return answer[0], (f"{'bf16 autocast' if answer[0] else 'fp32'}, the faster here: a step of the largest subnet "
-                       f"took {fp32:.2f} s in fp32, {bf16:.2f} s in bf16 (--bf16=True/False forces one)")
+        answer, why = [False], "fp32: this device has no native bf16 (no AVX-512 BF16/AMX, or a GPU without bf16)"
+    else:
+        seconds = {False: [], True: []}
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for bf16 in (False, True) * 3:  # the first round warms up
+                t = time.perf_counter()
+                step(bf16)  # (its loss's .item() waits for a GPU)
+                seconds[bf16].append(time.perf_counter() - t)
+                model.zero_grad(set_to_none=True)
+        fp32, bf16 = min(seconds[False][1:]), min(seconds[True][1:])
+        answer = [bf16 < fp32]
+        if ddp:
+            dist.broadcast_object_list(answer, src=0)
+        why = (f"{'bf16 autocast' if answer[0] else 'fp32'}, the faster here: a step of the largest subnet took "
+               f"{fp32:.2f} s in fp32, {bf16:.2f} s in bf16 (--bf16=True/False forces one)")
+    if say:
+        print(f"precision {why}")
+    return answer[0], why
+
+
+def score_line(r: dict) -> str:
+    """One evaluation result (train.evaluate's dict) as a line of text."""
+    return (f"loss {r['loss']:.3f} | BLEU {r['bleu']:.2f} | {r['bleu_signature']}"
+            + (f" | compound-split BLEU (HAT's tables) {r['bleu_compound_split']:.2f}" if "bleu_compound_split" in r
+               else ""))
 
 
 class Meter:
@@ -161,10 +189,11 @@ def corpus_hash(corpus) -> str:
     return digest.hexdigest()
 
 
-def check_data(corpus, max_tokens: int, max_len: int, resumed, path, data_hash: str):
+def check_data(corpus, max_tokens: int, max_len: int, resumed, path) -> dict:
     """The limits a run meets, checked before it writes anything: a resumed run (its checkpoint at `path`)
-    continues on the corpus it trained on (vocabularies, and sentences: `data_hash` is corpus_hash's), every sentence
-    fits the model's position table, every training sentence a batch of max_tokens."""
+    continues on the corpus it trained on (vocabularies, and sentences: corpus_hash), every sentence fits the model's
+    position table, every training sentence a batch of max_tokens. Returns the data's identity, for checkpoints."""
+    data_hash = corpus_hash(corpus)
     if resumed:
         check_vocab(resumed, corpus, path)
         if resumed.get("data_hash", data_hash) != data_hash:  # (checkpoints from before the hash have none)
@@ -179,3 +208,4 @@ def check_data(corpus, max_tokens: int, max_len: int, resumed, path, data_hash: 
             if split == "train" and n > max_tokens:
                 raise SystemExit(f"error: --max_tokens={max_tokens} is below the longest training sentence "
                                  f"({n} tokens, {side} sentence {i}); raise --max_tokens")
+    return dict(vocab=dict(src=corpus.src_vocab.itos, tgt=corpus.tgt_vocab.itos), data_hash=data_hash)

@@ -4,15 +4,18 @@ Settings from the command line, checked before anything is read or written: ever
     cfg = parse_settings(TrainConfig, sys.argv[1:], presets=PRESETS)   # --preset first, then --key=value
     check_settings(cfg, BOUNDS, CHOICES)   # or `error: --dropout=1.0 must be in [0, 1)`
     check_fields(ArchConfig, json_dict, "arch")   # a JSON file's fields, typed, or a one-line ValueError
+    arch = read_arch("best.json", space, ArchConfig)   # --arch: a named subnet of the space or a JSON arch file
 A setting's range is an interval written as text, "[0, 1)" or "(0, inf)"; a number alone is a minimum, "[n, inf)".
 Every number must be finite and inside its interval (NaN is inside none), every named setting one of its choices.
 """
 
 import ast
 import inspect
+import json
 import math
 import re
 from dataclasses import fields, replace
+from pathlib import Path
 
 import torch
 
@@ -157,6 +160,22 @@ def check_fields(cls, d, what: str) -> dict:
         if f.type is tuple and not (isinstance(value, (list, tuple)) and all(map(is_int, value))):
             raise ValueError(f"{what} field '{f.name}' must be a list of integers (one per layer), got {value!r}")
     return {name: tuple(d[name]) if isinstance(d[name], list) else d[name] for name in names}
+
+
+NAMED_ARCHS = ("largest", "smallest", "middle")  # --arch names: a space's representative subnets, not files
+
+
+def read_arch(spec: str, space, arch_cls):
+    """--arch: one of NAMED_ARCHS (space.largest() ...) or a JSON arch file (search.py writes them), read as an
+    `arch_cls` (mos.ArchConfig) that must lie in `space`; anything else is a one-line error."""
+    if spec in NAMED_ARCHS:
+        return getattr(space, spec)()
+    try:
+        return space.validate(arch_cls.from_dict(json.loads(Path(spec).read_text())))
+    except (OSError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: JSON nested too deeply
+        raise SystemExit(f"error: cannot read arch file {spec!r} ({e}); give largest|smallest|middle or a JSON file")
+    except ValueError as e:
+        raise SystemExit(f"error: arch file {spec}: {e}")
 
 
 def need(condition, problem: str):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from runs.checkpoints import save_checkpoint
-from data.batching import make_toy_corpus
+from data.corpus import make_toy_corpus
 from mos import FEATURE_NAMES, SPACES, SuperTransformer
 from train import PRESETS, TrainConfig
 

@@ -1,4 +1,4 @@
-"""Tests for data/prepare.py and data/batching.py (issue 2). From the repo root: python -m pytest -q tests/test_data.py"""
+"""Tests for data/prepare.py, corpus.py and batching.py (issue 2). Run: python -m pytest -q tests/test_data.py"""
 
 import io
 import os
@@ -13,8 +13,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, whatever pytest's cwd
 from data import prepare  # noqa: E402
-from data.batching import (BOS, EOS, PAD, SPECIALS, UNK, TokenBatcher, Vocab, atomic_open, collate, encode_corpus,
-                           load_corpus, make_toy_corpus)  # noqa: E402
+from data.batching import BOS, EOS, PAD, SPECIALS, UNK, TokenBatcher, collate  # noqa: E402
+from data.corpus import Vocab, atomic_open, encode_corpus, load_corpus, make_toy_corpus  # noqa: E402
 from data.prepare import DataError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

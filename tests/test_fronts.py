@@ -10,7 +10,7 @@ import torch
 import latency
 import mos
 import train
-from data.batching import make_toy_corpus
+from data.corpus import make_toy_corpus
 from runs.files import read_jsonl
 from experiments import fronts, gap
 from runs.settings import parse_settings

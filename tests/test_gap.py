@@ -13,7 +13,7 @@ from sacrebleu.significance import PairedTest
 import mos
 from runs.machine import machine
 import train
-from data.batching import make_toy_corpus, remove_bpe
+from data.corpus import make_toy_corpus, remove_bpe
 from experiments import gap
 from runs.settings import parse_settings
 from train import PRESETS, TrainConfig, bleu_score

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from data import prepare
-from data.batching import load_corpus
+from data.corpus import load_corpus
 from data.prepare import load_data
 import train
 from runs.settings import parse_settings

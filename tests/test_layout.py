@@ -18,7 +18,7 @@ LAYERS = {"runs": 0, "data": 1, "mos": 2, "train": 3, "latency": 4, "search": 5,
 # within a package: each module imports only those before it
 ORDER = ["runs.files", "runs.settings", "runs.folders", "runs.checkpoints", "runs.signals", "runs.machine", "runs.loop",
          "runs.latency_files", "runs.plots",
-         "data.batching", "data.prepare"]
+         "data.batching", "data.corpus", "data.prepare"]
 TUTORIAL = ["mos.py", "train.py", "latency.py", "search.py", "data/batching.py"]
 
 

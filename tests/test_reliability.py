@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train
-from data.batching import make_toy_corpus
+from data.corpus import make_toy_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -302,7 +302,7 @@ def test_prepare_takes_the_folder_lock_and_ctrl_c_is_one_line(tmp_path):
 
 def test_preparing_again_from_a_bad_source_leaves_the_prepared_corpus_whole(tmp_path):
     from data import prepare
-    from data.batching import load_corpus
+    from data.corpus import load_corpus
     source, out = tmp_path / "source", tmp_path / "corpus"
     source.mkdir()
     for stem in ("train", "val", "test_2016_flickr"):

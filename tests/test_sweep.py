@@ -23,7 +23,7 @@ import search
 import train
 from data import prepare
 from experiments import bench, reproduce
-from data.batching import make_toy_corpus
+from data.corpus import make_toy_corpus
 from mos import FEATURE_NAMES, SPACES
 from runs import loop
 from runs.checkpoints import save_checkpoint
