@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.batching import BOS, EOS, PAD, UNK  # special-token ids, as every vocabulary is written
-from runs.settings import check_fields
+from runs.settings import check_arch, check_fields
 
 ROUTER_DROPOUT = 0.1  # the MoS code's router "neuronrouting_jack_drop_2L": dropout 0.1 between its two layers
 REPRESENTATIVE_SPAN = 2  # HAT/MoS's largest and smallest subnets attend to the last two encoder layers
@@ -131,8 +131,8 @@ class SearchSpace:
 
     def validate(self, arch: ArchConfig) -> ArchConfig:
         """Return arch if every field is a choice of this space, else raise a one-line ValueError naming the first
-        field outside it (`check_in_space`, at the end of this file)."""
-        return check_in_space(arch, self)
+        field outside it (arch files are user input: runs.settings.check_arch)."""
+        return check_arch(arch, self)
 
     def position_widths(self):
         """The widths at which sinusoidal positions are built (HAT: the supernet's), for encoder and decoder."""
@@ -544,6 +544,18 @@ class SuperTransformer(nn.Module):
         return model.train(self.training)
 
 
+def build(kind: str, args: dict) -> nn.Module:
+    """A model from its constructor arguments as checkpoints store them (train.py's model_args): a supernet
+    ("supernet") from its init_args(), or a standalone Transformer ("standalone") of args["arch"], built as the
+    supernet builds that subnet (`skeleton`): dropout scaled with its width, positions at the supernet's widths."""
+    space = SearchSpace.from_dict(args["space"])
+    if kind == "supernet":
+        return SuperTransformer(**{**args, "space": space})
+    arch = ArchConfig.from_dict(args["arch"])
+    return Transformer(arch, args["src_vocab"], args["tgt_vocab"], space.qkv_dim,
+                       scaled_dropout(args["dropout"], arch, space), args["max_len"], space.position_widths())
+
+
 # -----------------------------------------------------------------------------
 # Decoding: greedy and batched beam search with incremental (cached) decoding
 
@@ -648,7 +660,7 @@ def beam_search(model, src, beam=5, lenpen=1.0, max_len_a=1.2, max_len_b=10, min
 
 
 # -----------------------------------------------------------------------------
-# Sizes, and whether an arch is in a space (arch files are user input)
+# Sizes: a subnet's parameter count
 
 
 def num_params(arch: ArchConfig, space: SearchSpace, src_vocab: int, tgt_vocab: int, embeddings=True) -> int:
@@ -663,21 +675,3 @@ def num_params(arch: ArchConfig, space: SearchSpace, src_vocab: int, tgt_vocab: 
     if embeddings:
         n += src_vocab * Ce + 2 * tgt_vocab * Cd  # source and target embeddings, output projection (no bias)
     return n
-
-
-def check_in_space(arch: ArchConfig, space: SearchSpace) -> ArchConfig:
-    """Return arch if every field is a choice of `space` (per-layer lists one value per layer), else raise a
-    one-line ValueError naming the first field outside it."""
-    for name, allowed in space.choices().items():
-        value, layers = getattr(arch, name), "enc_layers" if name.startswith("enc") else "dec_layers"
-        if isinstance(value, tuple) and len(value) != getattr(arch, layers):
-            raise ValueError(f"arch field '{name}' has {len(value)} values but {layers} = {getattr(arch, layers)}; "
-                             f"give one value per layer, each from {allowed}")
-        for i, v in enumerate(value if isinstance(value, tuple) else (value,)):
-            if v not in allowed:
-                where = f"{name}[{i}]" if isinstance(value, tuple) else name
-                raise ValueError(f"arch field '{where}' = {v!r} is not in space '{space.name}'; allowed: {allowed}")
-    if max(arch.dec_cross_spans) > arch.enc_layers:
-        raise ValueError(f"arch field 'dec_cross_spans' = {arch.dec_cross_spans} attends to more than "
-                         f"enc_layers = {arch.enc_layers} encoder layers")
-    return arch

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import mos
+from data.batching import split_batches
 from data.prepare import load_data
 from latency import PROTOCOLS, fastest_arch, load_predictor, measure_latency, predict, read_latency_csv
 from mos import ArchConfig
@@ -41,7 +42,7 @@ from runs.machine import busy_warning, machine_state
 from runs.plots import plot_search
 from runs.settings import check_settings, get_device, parse_settings
 from runs.signals import run
-from train import load_checkpoint, model_from_checkpoint, split_batches, valid_loss
+from train import load_checkpoint, model_from_checkpoint, valid_loss
 
 SCALARS = [f.name for f in fields(ArchConfig) if f.type is int]  # embedding widths and layer counts
 PER_LAYER = [f.name for f in fields(ArchConfig) if f.type is tuple]  # one value per active layer
@@ -224,6 +225,7 @@ def main(argv):
     out_dir = check_target(cfg.out_dir, "--out_dir", reads)
     torch.set_num_threads(cfg.threads)
     t_start, device = time.time(), get_device(cfg.device)
+    # the supernet and the data it was trained on: fitness is the supernet's loss of a subnet on fixed valid batches
     ckpt = load_checkpoint(cfg.ckpt)
     if ckpt["kind"] != "supernet":
         raise SystemExit(f"error: {cfg.ckpt} holds a standalone model; search needs a supernet checkpoint")
@@ -239,6 +241,8 @@ def main(argv):
                   budgets=[b if type(b) in (int, float) else ms for b, ms in zip(cfg.budgets, budgets)],
                   valid_sentences=cfg.valid_sentences)  # what the results depend on (pNN: its ms)
     claim_folder(out_dir, "search.py", inputs, reads, cfg.overwrite, legacy=("cache.json",))  # runs/folders.py
+    # the scores, cached per arch, and the constraint: the predictor's latency (fast, from the arch's features) or the
+    # extracted subnet timed (slow, exact)
     tag = file_identity(cfg.ckpt, "ckpt") | {k: getattr(cfg, k) for k in (  # what the cached numbers depend on
         "valid_sentences", "max_tokens", "threads", "device", "search_iters", "search_warmup", "protocol")}
     cache = Cache(out_dir / "cache.json", tag, conditions=machine_state(cfg.threads))  # scores outlive a kill
@@ -253,6 +257,7 @@ def main(argv):
           f"sentences) | {cfg.latency} latency | budgets {budgets} ms" + (f" (percentiles {list(cfg.budgets)} of "
                                                                           f"{cfg.latency_csv})" if percentiles else ""))
 
+    # one evolutionary search per budget; its winner is then timed carefully, whatever latency the search used
     results, scored = [], {}  # scored: every subnet this run scored, under any budget (in order)
     for budget, given in zip(budgets, cfg.budgets):
         t0 = time.time()
@@ -283,6 +288,7 @@ def main(argv):
         print(f"budget {budget:g} ms: loss {r['valid_loss']:.4f} | predicted {pred} ms | re-measured {final:.1f} ms "
               f"({verdict}) | {result['seconds']:.0f} s")
 
+    # the outputs, written only once every number is finite: an arch file per budget, results.json, the plots
     candidates = [(latency(a), score(a)) for a in scored]  # all cached by now
     if not all(math.isfinite(x) for c in candidates for x in c):  # validate, then write: never a NaN winner
         raise SystemExit(f"error: the supernet {cfg.ckpt} gives non-finite losses or latencies; {out_dir}'s results "

@@ -30,18 +30,19 @@ from sacrebleu.metrics import BLEU
 from tqdm import tqdm
 
 import mos
-from data.batching import TokenBatcher, collate
+from data.batching import TokenBatcher, collate, split_batches
 from data.corpus import remove_bpe
 from data.prepare import DATA_DIR, load_data
-from mos import PAD, SPACES, ArchConfig, SuperTransformer, Transformer
+from mos import EOS, PAD, SPACES, ArchConfig, build
 from runs import checkpoints
-from runs.checkpoints import KINDS, average_snapshots, check_input, restore_run, save_checkpoint, save_run
-from runs.files import append_jsonl, atomic_open, read_lines, releases_locks, write_json
+from runs.checkpoints import (KINDS, average_snapshots, check_input, is_snapshot_step, restore_run, save_checkpoint,
+                              save_run)
+from runs.files import append_jsonl, read_lines, releases_locks, write_json, write_lines
 from runs.folders import open_train_folder
 from runs.loop import (Health, Meter, average_gradients, banner, check_data, check_replicas, faster_precision,
-                       run_inputs, score_line, settings_of_run, start_ranks, stop_now)
+                       run_inputs, score_line, settings_of_run, start_ranks, stop_now, valid_line)
 from runs.machine import deterministic_kernels, fast_bf16, machine
-from runs.settings import parse_settings, read_arch
+from runs.settings import NAMED_ARCHS, parse_settings, read_arch
 from runs.signals import StopRequests, run, stops_end_quietly
 
 # -----------------------------------------------------------------------------
@@ -213,13 +214,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * math.sqrt(cfg.warmup / max(step, 1))
 
 
-def is_snapshot_step(step: int, cfg: TrainConfig, interval: int) -> bool:
-    """Whether the weights after `step` are one of the avg_last snapshots averaged for the final test: every
-    `interval` steps counted back from max_steps, the last avg_last of them (HAT: the last 10 epoch checkpoints)."""
-    before_end = cfg.max_steps - step
-    return cfg.avg_last > 0 and 0 <= before_end < cfg.avg_last * interval and before_end % interval == 0
-
-
 # -----------------------------------------------------------------------------
 # The run
 
@@ -268,7 +262,11 @@ def main(argv):
         """Valid loss (and BLEU) of the representative subnets, logged."""
         validate_and_log(model, kind, space, corpus, cfg, device, out_dir, step, epoch, round(train_seconds(), 1))
 
-    # ---- the training loop: every step trains this step's subnets on one batch, then makes one optimizer update
+    # ---- the training loop. One step of the method: take the next batch and set the learning rate from the schedule;
+    # train_step runs each of this step's subnets (the sandwich rule: the largest, the smallest and random ones)
+    # forward and backward on that batch, their gradients adding up in the shared weights; the gradient norm is
+    # clipped; one AdamW update changes every weight the step used, experts and routers included. Everything else in
+    # the loop is machinery, one call each: logging, snapshots, validation, checkpoints, stopping.
     model.train()
     batches, meter, health = batcher.batches(epoch), Meter(world), Health(cfg.max_bad_steps)
     bar, stopped = tqdm(total=cfg.max_steps, initial=step, disable=not master or None, dynamic_ncols=True), False
@@ -328,8 +326,6 @@ def build_model(cfg: TrainConfig, corpus, passed, resumed=None):
     """(model, kind, model_args, space, fixed arch): a supernet (no --arch), a standalone subnet from scratch, or
     the subnet --arch extracted from the supernet --init (finetuning); a resumed run's from its own checkpoint alone
     (its model_args; the weights are loaded by the caller), never from --init again."""
-    if cfg.router == "none" and cfg.num_experts != 1:
-        raise SystemExit("error: --router=none is plain weight sharing with one expert: add --num_experts=1")
     if resumed:
         model_args = resumed["model_args"]
         arch = ArchConfig.from_dict(model_args["arch"]) if resumed["kind"] == "standalone" else None
@@ -352,6 +348,8 @@ def build_model(cfg: TrainConfig, corpus, passed, resumed=None):
     model_args = dict(arch=fixed_arch.to_dict(), space=space.to_dict(), **vocab, dropout=cfg.dropout, max_len=1024)
     if not supernet_ckpt:
         return build("standalone", model_args), "standalone", model_args, space, fixed_arch
+    # finetuning: the subnet inherits its weights from the supernet (front slices, and for every FFN the router's
+    # mixture of the experts, computed once for this arch), then trains as a plain Transformer like any other
     subnet = model_from_checkpoint(supernet_ckpt).subnet(fixed_arch)  # the subnet's mixed, sliced weights
     model_args["max_len"] = subnet.max_len
     model = build("standalone", model_args)  # a standalone model of this arch: --dropout, width-scaled
@@ -373,14 +371,6 @@ def valid_loss(model, batches, bf16=False) -> float:
             total += token_loss(model(src, tgt_in), tgt_out, 0.0).item()
         ntok += int((tgt_out != PAD).sum())
     return total / ntok
-
-
-def split_batches(corpus, split, max_tokens, device, n=None):
-    """The first n sentence pairs of a split (all if None), each once, as (src, tgt_in, tgt_out) batches of about
-    max_tokens, in a fixed order: train.py's validation and test loss, search.py's fixed fitness subset."""
-    src, tgt = (side[:n] for side in corpus.splits[split])
-    batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], max_tokens, shuffle=False)
-    return [tuple(x.to(device) for x in collate(src, tgt, idx)) for idx in batcher.batches(0)]
 
 
 @torch.inference_mode()
@@ -423,8 +413,7 @@ def evaluate(model, corpus, split, device, max_tokens=4096, n_bleu=0, beam=5, le
         hyps = translate_ids(model, [src[i] for i in range(n)], device, beam, lenpen, bf16)
         text, refs = [corpus.tgt_vocab.decode(h) for h in hyps], corpus.refs[split][:n]
         if hyps_path:
-            with atomic_open(hyps_path) as f:
-                f.write("".join(line + "\n" for line in text))
+            write_lines(hyps_path, text)
         result["bleu"], result["bleu_signature"] = bleu_score(text, refs)
         if compound_split:
             result["bleu_compound_split"] = bleu_score(text, refs, compound_split=True)[0]
@@ -439,9 +428,7 @@ def run_evaluate(net, corpus, split, cfg: TrainConfig, device, n_bleu=0, hyps_pa
 
 def representatives(model, kind, space) -> dict:
     """What a run is scored on: the one model, or a supernet's largest, smallest and middle subnets."""
-    if kind == "standalone":
-        return {"model": model}
-    return {name: model.subnet(getattr(space, name)()) for name in ("largest", "smallest", "middle")}
+    return {"model": model} if kind == "standalone" else {n: model.subnet(getattr(space, n)()) for n in NAMED_ARCHS}
 
 
 def validate_and_log(model, kind, space, corpus, cfg, device, out_dir, step, epoch, train_seconds):
@@ -452,17 +439,14 @@ def validate_and_log(model, kind, space, corpus, cfg, device, out_dir, step, epo
         record[name] = run_evaluate(net, corpus, "valid", cfg, device, n_bleu=n_bleu)
     model.train()
     append_jsonl(out_dir / "log.jsonl", record)
-    tqdm.write(f"step {step} valid | " + " | ".join(
-        f"{n} loss {r['loss']:.3f}" + (f" bleu {r['bleu']:.2f}" if "bleu" in r else "")
-        for n, r in record.items() if isinstance(r, dict)))
+    tqdm.write(valid_line(record))
 
 
 def final_test(cfg, model, kind, space, corpus, device, out_dir, avg_interval=1):
     """Test BLEU of the final (optionally snapshot-averaged) model, written to results.json and log.jsonl with the
     decoding's precision (the run's) and machine, the translations behind each score in hyps_<split>_<name>.txt."""
     if cfg.avg_last > 0:  # HAT: the mean of the last avg_last snapshots' weights (runs/checkpoints.py)
-        steps = [s for s in range(cfg.max_steps + 1) if is_snapshot_step(s, cfg, avg_interval)]
-        average_snapshots(model, out_dir, steps, avg_interval, lambda path: load_checkpoint(path, kinds=("snapshot",)))
+        average_snapshots(model, cfg, avg_interval, out_dir, lambda path: load_checkpoint(path, kinds=("snapshot",)))
     results = {"split": cfg.split, "precision": "bf16" if cfg.bf16 else "fp32", "machine": machine()}  # of the decode
     for name, net in representatives(model, kind, space).items():
         t = time.time()
@@ -479,8 +463,6 @@ def final_test(cfg, model, kind, space, corpus, device, out_dir, avg_interval=1)
 def evaluate_or_translate(cfg, corpus, device, passed=()):
     """--eval_only: loss and BLEU of --init (a standalone model, or a supernet's --arch) on --split.
     --translate: translate lines of tokenised, BPE'd (for the real corpora) source text to stdout."""
-    if not cfg.init:
-        raise SystemExit("error: --eval_only/--translate need --init=CHECKPOINT")
     cfg = replace(cfg, bf16=fast_bf16(device) if cfg.bf16 is None else cfg.bf16)  # decoding: bf16 where native
     ckpt = load_checkpoint(cfg.init, device)
     check_input(ckpt, corpus, cfg, passed, MODEL_SETTINGS, cfg.init)
@@ -488,8 +470,7 @@ def evaluate_or_translate(cfg, corpus, device, passed=()):
     if ckpt["kind"] == "supernet":
         model = model.subnet(read_arch(cfg.arch or "largest", model.space, ArchConfig))
     if cfg.translate:
-        lines = read_lines(cfg.translate, "--translate")
-        sentences = [np.array(corpus.src_vocab.encode(line) + [mos.EOS]) for line in lines]
+        sentences = [np.array(corpus.src_vocab.encode(s) + [EOS]) for s in read_lines(cfg.translate, "--translate")]
         for hyp in translate_ids(model.eval(), sentences, device, cfg.beam, cfg.lenpen, cfg.bf16):
             print(corpus.tgt_vocab.decode(hyp))
         return
@@ -498,18 +479,7 @@ def evaluate_or_translate(cfg, corpus, device, passed=()):
 
 # -----------------------------------------------------------------------------
 # From a checkpoint to a model: checkpoints are plain dicts (runs/checkpoints.py) holding the model's constructor
-# arguments (model_args) beside its weights
-
-
-def build(kind: str, args: dict):
-    """A supernet from its init_args() dict, or a standalone Transformer from its model_args, as checkpoints store
-    them (a standalone subnet's positions are built as the space builds them, at the supernet's widths)."""
-    space = mos.SearchSpace.from_dict(args["space"])
-    if kind == "supernet":
-        return SuperTransformer(**{**args, "space": space})
-    arch = ArchConfig.from_dict(args["arch"])
-    return Transformer(arch, args["src_vocab"], args["tgt_vocab"], space.qkv_dim,
-                       mos.scaled_dropout(args["dropout"], arch, space), args["max_len"], space.position_widths())
+# arguments (model_args, which mos.build builds from) beside its weights
 
 
 def model_from_checkpoint(ckpt: dict):

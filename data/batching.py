@@ -1,11 +1,12 @@
 """
 Token-bucketed batches for the trainer: sentences of similar length packed up to a token budget, then padded.
 
-    from data.batching import TokenBatcher, collate
+    from data.batching import TokenBatcher, collate, split_batches
     src, tgt = corpus.splits["train"]                  # data/corpus.py: lists of int arrays, each ending with EOS
     batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], max_tokens=4096, seed=1337)
     for idx in batcher.batches(epoch):
         src_b, tgt_in, tgt_out = collate(src, tgt, idx)   # (B, S), (B, T), (B, T) LongTensors
+    batches = split_batches(corpus, "valid", 4096, device)   # a whole split once, in a fixed order (evaluation)
 
 Every sentence is stored as its token ids followed by EOS and without BOS; `collate` adds BOS to the decoder input.
 Shape letters: B = sentences in a batch, S = longest source (incl. EOS), T = longest target (incl. EOS).
@@ -83,3 +84,11 @@ def collate(src_seqs, tgt_seqs, indices):
         tgt_in[b, 0], tgt_in[b, 1 : len(t)] = BOS, t[:-1]  # shift right: drop EOS, prepend BOS
         tgt_out[b, : len(t)] = t
     return torch.from_numpy(src), torch.from_numpy(tgt_in), torch.from_numpy(tgt_out)
+
+
+def split_batches(corpus, split, max_tokens, device, n=None):
+    """The first n sentence pairs of a split (all if None), each once, as (src, tgt_in, tgt_out) batches of about
+    max_tokens, in a fixed order: train.py's validation and test loss, search.py's fixed fitness subset."""
+    src, tgt = (side[:n] for side in corpus.splits[split])
+    batcher = TokenBatcher([len(s) for s in src], [len(t) for t in tgt], max_tokens, shuffle=False)
+    return [tuple(x.to(device) for x in collate(src, tgt, idx)) for idx in batcher.batches(0)]

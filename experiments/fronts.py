@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python exper
 import latency  # noqa: E402
 import search  # noqa: E402
 import train  # noqa: E402
-from data.batching import TokenBatcher, collate  # noqa: E402
+from data.batching import TokenBatcher, collate, split_batches  # noqa: E402
 from runs.folders import claim_folder, record_files  # noqa: E402
 from runs.machine import machine  # noqa: E402
 from runs.files import (append_jsonl, atomic_open, lock_folder, read_json, read_jsonl,  # noqa: E402
@@ -255,7 +255,7 @@ def noise_floor(supernet, winners: list, corpus, max_tokens: int, n_boot: int, s
     resamples = rng.integers(0, n, (n_boot, n))  # (n_boot, N) sentence indices
     boot = np.array([[s[i].sum() / t[i].sum() for i in resamples] for s, t in losses])  # (winners, n_boot)
     full = [float(s.sum() / t.sum()) for s, t in losses]
-    rebatched = train.valid_loss(models[0], train.split_batches(corpus, "valid", max_tokens // 4, "cpu"))
+    rebatched = train.valid_loss(models[0], split_batches(corpus, "valid", max_tokens // 4, "cpu"))
     diff = boot[-1] - boot[0]  # (n_boot,) paired: the same sentences for both
     return dict(valid_loss=full, bootstrap_std=[float(b.std()) for b in boot],
                 rebatched_delta=abs(rebatched - full[0]), paired_diff=full[-1] - full[0], paired_std=float(diff.std()),

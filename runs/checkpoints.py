@@ -4,7 +4,7 @@ whole before anything uses them.
 
     save_checkpoint(dict(kind="supernet", model=..., step=...), "out/ckpt.pt")
     ckpt = load_checkpoint("out/ckpt.pt", build, TrainConfig)   # or one line `error: checkpoint ... <problem>`
-`build(kind, model_args)` makes the model a checkpoint describes (train.build): it is built on the meta device and
+`build(kind, model_args)` makes the model a checkpoint describes (mos.build): it is built on the meta device and
 its own strict load_state_dict checks every weight's name and shape.
 """
 
@@ -156,9 +156,18 @@ def check_input(ckpt, corpus, cfg, passed, fixed, path):
     check_same(ckpt["config"], cfg, [k for k in passed if k in fixed], path)
 
 
-def average_snapshots(model, out_dir, steps: list, interval: int, load):
-    """Load into `model` the mean of the snapshots out_dir/ckpt_step<s>.pt of `steps` that exist (load(path) reads
-    one): HAT's checkpoint averaging before the final test. A run stopped early (max_minutes) has fewer, or none."""
+def is_snapshot_step(step: int, cfg, interval: int) -> bool:
+    """Whether the weights after `step` are one of the avg_last snapshots averaged for the final test: every
+    `interval` steps counted back from max_steps, the last avg_last of them (HAT: the last 10 epoch checkpoints)."""
+    before_end = cfg.max_steps - step
+    return cfg.avg_last > 0 and 0 <= before_end < cfg.avg_last * interval and before_end % interval == 0
+
+
+def average_snapshots(model, cfg, interval: int, out_dir, load):
+    """Load into `model` the mean of the snapshots out_dir/ckpt_step<s>.pt of the steps is_snapshot_step names that
+    exist (load(path) reads one): HAT's checkpoint averaging before the final test. A run stopped early
+    (max_minutes) has fewer, or none."""
+    steps = [s for s in range(cfg.max_steps + 1) if is_snapshot_step(s, cfg, interval)]
     found = [out_dir / f"ckpt_step{s}.pt" for s in steps if (out_dir / f"ckpt_step{s}.pt").exists()]
     if found:
         states = [load(p)["model"] for p in found]

@@ -51,6 +51,12 @@ def read_json(path, what="file"):
         raise SystemExit(f"error: cannot read {what} {path} ({brief(e)})")
 
 
+def write_lines(path, lines):
+    """Write text lines, one per line, atomically."""
+    with atomic_open(path) as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
 def read_lines(path, what: str) -> list:
     """The lines of a UTF-8 text file ('-': standard input), or a one-line error naming the setting `what`."""
     try:

@@ -23,11 +23,14 @@ from runs.settings import NAMED_ARCHS, check_settings, get_device
 
 
 def settings_of_run(cfg, passed: dict, master: bool, device, checks: tuple, runtime: tuple, reads: list, load):
-    """(settings, checkpoint to resume or None), checked with checks = (BOUNDS, CHOICES), and the output folder
-    with them (runs/folders.py), before anything is written. With --resume the checkpoint's stored settings win:
-    the command line (`passed`) may change only the `runtime` ones, how long and how often, never what is trained.
-    load(path) reads the checkpoint (train.load_checkpoint). bf16=None is decided later (faster_precision)."""
+    """(settings, checkpoint to resume or None), checked with checks = (BOUNDS, CHOICES) and the rules between
+    settings, and the output folder with them (runs/folders.py), before anything is written. With --resume the
+    checkpoint's stored settings win: the command line (`passed`) may change only the `runtime` ones, how long and
+    how often, never what is trained. load(path) reads the checkpoint (train.load_checkpoint). bf16=None is decided
+    later (faster_precision)."""
     check_settings(cfg, *checks)
+    if (cfg.eval_only or cfg.translate) and not cfg.init:
+        raise SystemExit("error: --eval_only/--translate need --init=CHECKPOINT")
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     if cfg.resume and cfg.overwrite:
         raise SystemExit("error: --resume=True continues the run in out_dir, --overwrite=True deletes it; pass one")
@@ -44,6 +47,8 @@ def settings_of_run(cfg, passed: dict, master: bool, device, checks: tuple, runt
         if cfg.max_steps < resumed["step"]:
             raise SystemExit(f"error: --max_steps={cfg.max_steps} is below the step of checkpoint {ckpt_path} "
                              f"({resumed['step']}); give --max_steps={resumed['step']} or more")
+    if cfg.router == "none" and cfg.num_experts != 1 and not (cfg.eval_only or cfg.translate):  # (those: --init's)
+        raise SystemExit("error: --router=none is plain weight sharing with one expert: add --num_experts=1")
     if cfg.bf16 and not fast_bf16(device):
         print("warning: --bf16=True where bf16 is not native (a CPU without AVX-512 BF16/AMX, or such a GPU): emulated "
               "bf16 can be ~100x slower than fp32 here; --bf16=False is faster", file=sys.stderr)
@@ -109,6 +114,13 @@ def score_line(r: dict) -> str:
     return (f"loss {r['loss']:.3f} | BLEU {r['bleu']:.2f} | {r['bleu_signature']}"
             + (f" | compound-split BLEU (HAT's tables) {r['bleu_compound_split']:.2f}" if "bleu_compound_split" in r
                else ""))
+
+
+def valid_line(record: dict) -> str:
+    """A validation record (step, and per model or subnet a dict with its loss and maybe BLEU) as a line of text."""
+    return f"step {record['step']} valid | " + " | ".join(
+        f"{n} loss {r['loss']:.3f}" + (f" bleu {r['bleu']:.2f}" if "bleu" in r else "")
+        for n, r in record.items() if isinstance(r, dict))
 
 
 class Meter:

@@ -162,6 +162,25 @@ def check_fields(cls, d, what: str) -> dict:
     return {name: tuple(d[name]) if isinstance(d[name], list) else d[name] for name in names}
 
 
+def check_arch(arch, space):
+    """Return arch (a mos.ArchConfig) if every field is a choice of `space` (a mos.SearchSpace; per-layer fields one
+    value per layer, cross-attention spans no longer than the encoder), else raise a one-line ValueError naming the
+    first field outside it."""
+    for name, allowed in space.choices().items():
+        value, layers = getattr(arch, name), "enc_layers" if name.startswith("enc") else "dec_layers"
+        if isinstance(value, tuple) and len(value) != getattr(arch, layers):
+            raise ValueError(f"arch field '{name}' has {len(value)} values but {layers} = {getattr(arch, layers)}; "
+                             f"give one value per layer, each from {allowed}")
+        for i, v in enumerate(value if isinstance(value, tuple) else (value,)):
+            if v not in allowed:
+                where = f"{name}[{i}]" if isinstance(value, tuple) else name
+                raise ValueError(f"arch field '{where}' = {v!r} is not in space '{space.name}'; allowed: {allowed}")
+    if max(arch.dec_cross_spans) > arch.enc_layers:
+        raise ValueError(f"arch field 'dec_cross_spans' = {arch.dec_cross_spans} attends to more than "
+                         f"enc_layers = {arch.enc_layers} encoder layers")
+    return arch
+
+
 NAMED_ARCHS = ("largest", "smallest", "middle")  # --arch names: a space's representative subnets, not files
 
 

@@ -10,6 +10,7 @@ import torch
 import latency
 import mos
 import train
+from data.batching import split_batches
 from data.corpus import make_toy_corpus
 from runs.files import read_jsonl
 from experiments import fronts, gap
@@ -48,7 +49,7 @@ def test_sentence_losses_add_up_to_the_fitness():
     sums, ntok = fronts.sentence_losses(model, corpus, "valid", max_tokens=512)
     assert len(sums) == len(corpus.splits["valid"][0]) and (ntok > 0).all()
     assert ntok.tolist() == [len(t) for t in corpus.splits["valid"][1]]  # every target token (EOS included)
-    fitness = train.valid_loss(model, train.split_batches(corpus, "valid", 512, "cpu"))
+    fitness = train.valid_loss(model, split_batches(corpus, "valid", 512, "cpu"))
     assert sums.sum() / ntok.sum() == pytest.approx(fitness, rel=1e-6)
 
 
