@@ -226,8 +226,9 @@ def cmd_dataset(cfg: LatencyConfig):
 
 
 def read_latency_csv(path):
-    """(features (n, 10), latency ms (n,), space name, protocol) of a dataset CSV, checked in full: finite
-    features, positive latencies, one space and one protocol with the same settings (runs/latency_files.py)."""
+    """(features (n, 10), latency ms (n,): each row's median_ms, the predictor's target, space name, protocol) of a
+    dataset CSV, checked in full: finite features, positive latencies, one space and one protocol with the same
+    settings (runs/latency_files.py)."""
     return read_dataset(path, FEATURE_NAMES, SETTINGS)
 
 

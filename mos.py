@@ -154,16 +154,17 @@ SPACES = {
                            enc_ffn_dims=(2048, 1024, 512), dec_ffn_dims=(2048, 1024, 512), enc_heads=(4, 2),
                            dec_heads=(4, 2), dec_cross_heads=(4, 2), enc_layers=(6,), dec_layers=(1, 2, 3, 4, 5, 6),
                            cross_spans=(1, 2, 3), qkv_dim=512),
-    # The same space scaled down for a 2-core CPU: widths 0.4x (640 -> 256, keeping HAT's 4:5 ratio between the
-    # two embedding choices as 192:256 and FFN at 1x/2x/4x the width), half the depth. The largest subnet then
-    # trains at a few thousand tokens/s on 2 cores, so a sandwich-rule supernet fits in an hour on Multi30k.
+    # The same space scaled down for a 2-core CPU: embeddings {256, 192} (HAT: {640, 512}), FFN 4x/2x/1x the larger
+    # embedding (HAT: 3.2x/1.6x/0.8x), q/k/v 256 (HAT: 512), half the depth. The largest subnet then trains at a
+    # few thousand tokens/s on 2 cores, so a sandwich-rule supernet fits in an hour on Multi30k.
     "cpu": SearchSpace("cpu", enc_embed_dims=(256, 192), dec_embed_dims=(256, 192), enc_ffn_dims=(1024, 512, 256),
                        dec_ffn_dims=(1024, 512, 256), enc_heads=(4, 2), dec_heads=(4, 2), dec_cross_heads=(4, 2),
                        enc_layers=(3,), dec_layers=(1, 2, 3), cross_spans=(1, 2, 3), qkv_dim=256),
     # The `cpu` space widened downward so that subnets differ (the gap experiment): embeddings down to 64,
-    # FFN down to 128, a 128-wide q/k/v and decoder depth 1-4. Calibrated (results/calibration_cpu_wide): trained
-    # standalone on Multi30k, largest 35.26 test BLEU, smallest 29.45; latency 7.2-7.7x apart under HAT's protocol,
-    # 3.5-4.4x under the real beam search, whose per-step cost is most of the smallest's time (AVX2 EPYC, 2 threads).
+    # FFN down to 128, a 128-wide q/k/v and decoder depth 1-4. Trained standalone on Multi30k (the calibration,
+    # experiments/results/calibration_cpu_wide): largest 35.26 test BLEU, smallest 29.45; latency 7.2-7.7x apart
+    # under HAT's protocol, 3.5-4.4x under the real beam search, whose per-step cost is most of the smallest's time
+    # (AVX2 EPYC, 2 threads).
     "cpu_wide": SearchSpace("cpu_wide", enc_embed_dims=(256, 192, 128, 64), dec_embed_dims=(256, 192, 128, 64),
                             enc_ffn_dims=(1024, 512, 256, 128), dec_ffn_dims=(1024, 512, 256, 128), enc_heads=(4, 2),
                             dec_heads=(4, 2), dec_cross_heads=(4, 2), enc_layers=(3,), dec_layers=(1, 2, 3, 4),
@@ -216,7 +217,8 @@ class Router(nn.Module):
 
 class MixtureFFN(nn.Module):
     """Storage for one layer's FFN in the supernet: E stacked experts per linear and their router(s).
-    It never sees activations: `weights(features, C, F)` returns one subnet's plain fc1/fc2 weights.
+    It never sees activations: `weights(features, dim, ffn_dim, training)` returns one subnet's plain fc1/fc2
+    weights and biases.
     router='none': one expert, plain HAT sharing. 'layer': one router per layer, alpha (E,) shared by fc1 and
     fc2. 'neuron': one router per linear (fc1_router, fc2_router), alpha (out, E), a separate mixture for every
     output neuron.

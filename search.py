@@ -69,7 +69,8 @@ class SearchConfig:
     mutate_prob: float = 0.3
     iterations: int = 10
     max_tries: int = 20000  # rejection-sampling draws per new subnet (HAT: unlimited) before giving up
-    floor_samples: int = 5000  # random subnets whose predicted latency bounds the space's fastest from below
+    floor_samples: int = 5000  # the budget floor: the lowest predicted latency of the fastest arch and this many
+    # random subnets (a predictor need not be monotone); a budget below it is refused
     valid_sentences: int = 500  # fitness on the first N valid sentences (HAT: the whole valid split)
     max_tokens: int = 4096  # per validation batch
     # latency protocol (latency.py): quick for candidates, careful for the chosen subnets

@@ -10,9 +10,9 @@ Train a Mixture-of-Supernets supernet, a standalone subnet, or finetune an extra
     torchrun --nproc_per_node=2 train.py ...               # data-parallel, one shard per rank
 
 Read after mos.py, top to bottom: the settings; the training algorithm (`subnets_for` and `train_step`: the
-sandwich rule); the loop in `main`; what the loop calls; evaluation (loss, beam search, BLEU); last, how a
-checkpoint becomes a model. The run machinery (settings parsing, run folders, checkpoint files, signals, ranks) is
-runs/, called in a line each; latency.py and search.py import the evaluation and `load_checkpoint` from here.
+sandwich rule); the loop in `main`; the model it trains; evaluation (loss, beam search, BLEU); last, how a checkpoint
+becomes a model. The run machinery (settings parsing, run folders, checkpoint files, signals, ranks) is runs/, called
+in a line each; latency.py and search.py load checkpoints from here, and search.py's fitness is `valid_loss`.
 """
 
 import math
@@ -84,7 +84,8 @@ class TrainConfig:
     eval_interval: int = 500  # steps between validations (each also writes ckpt.pt)
     save_interval: int = 100  # also write ckpt.pt every this many steps, so a kill costs little (0 = off)
     log_interval: int = 50
-    bleu_sentences: int = 0  # validation BLEU on the first N valid sentences; 0 = all, -1 = no BLEU during training
+    bleu_sentences: int = 0  # validation BLEU on the first N valid sentences; 0 = all; -1: no BLEU, and no validation
+    # before the last step (that one's loss only)
     beam: int = 5
     lenpen: float = 1.0
     test_sentences: int = 0  # final test BLEU on the first N sentences of `split`; 0 = all

@@ -31,6 +31,9 @@ def settings_of_run(cfg, passed: dict, master: bool, device, checks: tuple, runt
     check_settings(cfg, *checks)
     if (cfg.eval_only or cfg.translate) and not cfg.init:
         raise SystemExit("error: --eval_only/--translate need --init=CHECKPOINT")
+    if cfg.init and not cfg.arch and not (cfg.eval_only or cfg.translate):  # --init alone would train from scratch
+        raise SystemExit(f"error: --init={cfg.init} without --arch: finetuning extracts the subnet --arch from that "
+                         f"supernet; give --arch=FILE|largest|smallest|middle (a run continues with --resume=True)")
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     if cfg.resume and cfg.overwrite:
         raise SystemExit("error: --resume=True continues the run in out_dir, --overwrite=True deletes it; pass one")

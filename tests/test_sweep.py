@@ -293,6 +293,7 @@ CASES = [  # (command, argv, pattern of the error)
     ("train", [*TOY, "--eval_only=True", "--init={good}", "--split=dev"], "--split=dev; choose one of"),
     ("train", [*TOY, "--eval_only=True", "--init={good}", "--space=cpu"], "--space=cpu \\(it has tiny\\)"),
     ("train", [*TOY, "--arch=smallest", "--init={standalone}", "--out_dir={out}"], "holds a standalone model"),
+    ("train", [*TOY, "--init={good}", "--out_dir={out}"], "--init=.* without --arch: finetuning extracts"),
     ("train", [*TOY, "--translate={tmp}/nope.txt", "--init={good}"], "cannot read --translate=.*nope.txt"),
     ("train", [*TOY, "--translate={latin1}", "--init={good}"], "cannot read --translate=.*utf-8"),
     ("train", [*TOY, "--eval_only=True", "--init={good}", "--data=multi30k", "--data_dir={corpus}"],
