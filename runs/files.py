@@ -60,7 +60,7 @@ def write_lines(path, lines):
 def read_lines(path, what: str) -> list:
     """The lines of a UTF-8 text file ('-': standard input), or a one-line error naming the setting `what`."""
     try:
-        return (sys.stdin if path == "-" else open(path, encoding="utf-8")).read().splitlines()
+        return (sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")).splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise SystemExit(f"error: cannot read {what}={path} ({e}); give a UTF-8 text file or -")
 
