@@ -27,7 +27,6 @@ Settings are the LatencyConfig fields, changed with --key=value as in train.py; 
 experiments/latency_checks.py adds side-by-side re-measurement and the benchmark on HAT's published latencies.
 """
 import csv
-import json
 import random
 import time
 from dataclasses import dataclass, replace
@@ -40,7 +39,7 @@ from tqdm import tqdm
 
 import mos
 from mos import EOS, FEATURE_NAMES, SPACES, ArchConfig, Transformer
-from runs.files import append_jsonl, releases_locks
+from runs.files import append_jsonl, json_key, releases_locks
 from runs.latency_files import claim_outputs, read_dataset, read_predictor, resume_dataset, write_predictor
 from runs.machine import synchronizer
 from runs.plots import plot_predictor
@@ -217,7 +216,7 @@ def cmd_dataset(cfg: LatencyConfig):
         writer = csv.writer(f)
         for arch in tqdm(archs[done:], initial=done, total=cfg.n, desc="latency dataset"):
             r = measure_latency(make(arch), **protocol_args(cfg))
-            writer.writerow([space.name, json.dumps(arch.to_dict(), separators=(",", ":")),
+            writer.writerow([space.name, json_key(arch),
                              *[round(float(v), 6) for v in mos.arch_features(arch, space)],
                              *[round(r[k], 3) for k in ("median_ms", "trimmed_mean_ms", "iqr_ms", "encoder_ms")],
                              *settings.values()])

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python data/prepare.py` can import data.*
 from data.batching import EOS, SPECIALS, UNK  # noqa: E402
 from data.corpus import Vocab, load_corpus, make_toy_corpus, remove_bpe  # noqa: E402
-from runs.files import atomic_open, brief, releases_locks  # noqa: E402
+from runs.files import atomic_open, brief, releases_locks, write_lines  # noqa: E402
 from runs.folders import check_target, claim_folder  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -267,16 +267,14 @@ def write_outputs(out, name, bpe_splits, refs, settings, dropped, t0):
     for split, sides in bpe_splits.items():
         tokens[split], unk_rate[split] = {}, {}
         for lang, lines in zip((SRC, TGT), sides):
-            with atomic_open(out / f"{split}.bpe.{lang}") as f:
-                f.writelines(line + "\n" for line in lines)
+            write_lines(out / f"{split}.bpe.{lang}", lines)
             ids = [vocabs[lang].encode(line) + [EOS] for line in lines]  # every sentence ends with EOS
             flat = np.fromiter((i for s in ids for i in s), dtype=dtype)
             arrays[f"{split}.{lang}.ids"] = flat
             arrays[f"{split}.{lang}.offsets"] = np.cumsum([0] + [len(s) for s in ids], dtype=np.int64)
             tokens[split][lang] = len(flat) - len(lines)  # BPE tokens, EOS not counted
             unk_rate[split][lang] = round(float((flat == UNK).sum()) / max(tokens[split][lang], 1), 5)
-        with atomic_open(out / f"{split}.tok.{TGT}") as f:  # references for BLEU: tokenised, before BPE
-            f.writelines(line + "\n" for line in refs[split])
+        write_lines(out / f"{split}.tok.{TGT}", refs[split])  # references for BLEU: tokenised, before BPE
     for lang, vocab in vocabs.items():
         vocab.save(out / f"vocab.{lang}.txt")
     with atomic_open(out / "corpus.npz", "wb") as f:

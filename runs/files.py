@@ -216,15 +216,15 @@ class Cache:
         with atomic_open(self.path) as f:
             f.write(json.dumps({"tag": self.tag, "values": self.data, "sessions": self.sessions}))
 
-    def wrap(self, kind, fn, key=None):
-        """fn(x) -> float, computed once per key(x) (a string; default json_key) and stored under `kind`."""
-        key = key or json_key
+    def wrap(self, kind, fn):
+        """fn(x) -> float, computed once per x (an ArchConfig, keyed by json_key) and stored under `kind`."""
         table = self.data.setdefault(kind, {})
 
         def cached(x):
             """fn(x), computed and written to disk only the first time."""
-            if key(x) not in table:
-                table[key(x)] = fn(x)
+            key = json_key(x)
+            if key not in table:
+                table[key] = fn(x)
                 self.save()
-            return table[key(x)]
+            return table[key]
         return cached

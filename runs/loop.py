@@ -29,15 +29,16 @@ def settings_of_run(cfg, passed: dict, master: bool, device, checks: tuple, runt
     how often, never what is trained. load(path) reads the checkpoint (train.load_checkpoint). bf16=None is decided
     later (faster_precision)."""
     check_settings(cfg, *checks)
-    if (cfg.eval_only or cfg.translate) and not cfg.init:
+    evaluates = cfg.eval_only or cfg.translate  # scores or translates --init; trains nothing, writes no out_dir
+    if evaluates and not cfg.init:
         raise SystemExit("error: --eval_only/--translate need --init=CHECKPOINT")
-    if cfg.init and not cfg.arch and not (cfg.eval_only or cfg.translate):  # --init alone would train from scratch
+    if cfg.init and not cfg.arch and not evaluates:  # --init alone would train from scratch
         raise SystemExit(f"error: --init={cfg.init} without --arch: finetuning extracts the subnet --arch from that "
                          f"supernet; give --arch=FILE|largest|smallest|middle (a run continues with --resume=True)")
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     if cfg.resume and cfg.overwrite:
         raise SystemExit("error: --resume=True continues the run in out_dir, --overwrite=True deletes it; pass one")
-    if not (cfg.eval_only or cfg.translate):  # a run writes out_dir: never an impossible target or an input
+    if not evaluates:  # a run writes out_dir: never an impossible target or an input
         check_target(cfg.out_dir, "--out_dir", reads=reads)
     if master and cfg.resume:  # one writer per run folder, taken before reading the checkpoint it continues
         lock_folder(cfg.out_dir, create=False)
@@ -50,7 +51,7 @@ def settings_of_run(cfg, passed: dict, master: bool, device, checks: tuple, runt
         if cfg.max_steps < resumed["step"]:
             raise SystemExit(f"error: --max_steps={cfg.max_steps} is below the step of checkpoint {ckpt_path} "
                              f"({resumed['step']}); give --max_steps={resumed['step']} or more")
-    if cfg.router == "none" and cfg.num_experts != 1 and not (cfg.eval_only or cfg.translate):  # (those: --init's)
+    if cfg.router == "none" and cfg.num_experts != 1 and not evaluates:  # (an evaluation takes --init's)
         raise SystemExit("error: --router=none is plain weight sharing with one expert: add --num_experts=1")
     if cfg.bf16 and not fast_bf16(device):
         print("warning: --bf16=True where bf16 is not native (a CPU without AVX-512 BF16/AMX, or such a GPU): emulated "
